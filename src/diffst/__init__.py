@@ -1,0 +1,15 @@
+"""diffst: image-guided super-resolution of spatial transcriptomics with cross-modal diffusion (Diff-ST)."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from . import datasets, pp
+from ._settings import settings
+
+try:
+    __version__ = version("diffst")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["__version__", "datasets", "pp", "settings"]

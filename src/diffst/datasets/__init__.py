@@ -1,0 +1,1 @@
+"""Built-in datasets: seeded synthetic tissues in the layouts of spatialdata-io, and small public real datasets."""

@@ -1,0 +1,1 @@
+"""diffst.model."""

@@ -1,0 +1,1 @@
+"""Preprocessing: turn a SpatialData into training-ready gene rasters."""
