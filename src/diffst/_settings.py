@@ -31,6 +31,7 @@ class _Settings:
         Defaults to ``$DIFFST_DATA_DIR``.
     verbosity
         0 silent, 1 progress and short summaries (default), 2 details.
+
     """
 
     cachedir: Path = field(default_factory=lambda: _env_path("DIFFST_CACHE_DIR") or Path(pooch.os_cache("diffst")))

@@ -1,1 +1,3 @@
 """Built-in datasets: seeded synthetic tissues in the layouts of spatialdata-io, and small public real datasets."""
+
+from ._real import cosmx_lung, her2st, merfish_mouse_brain

@@ -1,0 +1,99 @@
+"""Add elements to a SpatialData (and its zarr store) all-or-nothing, never replacing anything unasked."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from . import _logging as log
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+_KINDS = ("images", "labels", "points", "shapes", "tables")
+
+
+def element_names(key: str) -> dict[str, str]:
+    """Names of the elements ``dst.pp.prepare`` writes under ``key``."""
+    return {
+        "lr": f"{key}_lr",
+        "lr_mask": f"{key}_lr_mask",
+        "hr": f"{key}_hr",
+        "tissue": f"{key}_tissue",
+        "tiles": f"{key}_tiles",
+        "spots": f"{key}_spots",
+    }
+
+
+def _in_memory(sdata: SpatialData, name: str) -> bool:
+    return any(name in getattr(sdata, kind) for kind in _KINDS)
+
+
+def _on_disk(sdata: SpatialData) -> set[str]:
+    if sdata.path is None or not sdata.path.exists():
+        return set()
+    return {p.split("/", 1)[1] for p in sdata.elements_paths_on_disk()}
+
+
+class ElementWriter:
+    """Write new elements and attrs into a SpatialData in one step.
+
+    Nothing is touched until :meth:`commit`, which adds everything in memory and, for a zarr-backed object, on disk;
+    if anything fails on the way, what was added is removed again and ``attrs`` restored, so the SpatialData is as it
+    was (elements that ``overwrite=True`` replaced cannot be brought back).
+    """
+
+    def __init__(self, sdata: SpatialData, *, overwrite: bool) -> None:
+        self.sdata = sdata
+        self.overwrite = overwrite
+
+    def check_free(self, names: Iterable[str], *, attrs_key: str | None = None) -> None:
+        """Raise before any work if a name is taken (in memory, on disk or in attrs) and ``overwrite`` is off."""
+        if self.overwrite:
+            return
+        disk = _on_disk(self.sdata)
+        taken = [n for n in names if _in_memory(self.sdata, n) or n in disk]
+        if attrs_key is not None and attrs_key in self.sdata.attrs:
+            taken.append(f"attrs[{attrs_key!r}]")
+        if taken:
+            msg = f"{', '.join(taken)} already exist in this SpatialData. Pass `overwrite=True` to replace them, or choose another `key_added`."
+            raise ValueError(msg)
+
+    def commit(self, elements: dict[str, tuple[str, Any]], *, attrs: dict[str, Any], stale: Iterable[str] = ()) -> None:
+        """Add ``{name: (kind, element)}`` and ``attrs``; ``stale`` names are removed (when overwriting)."""
+        sdata = self.sdata
+        backed = sdata.path is not None and sdata.path.exists()
+        disk = _on_disk(sdata)
+        old_attrs = copy.deepcopy(dict(sdata.attrs))
+        added: list[str] = []
+        try:
+            for name in list(elements) + [n for n in stale if n not in elements]:
+                if _in_memory(sdata, name):
+                    del sdata[name]
+                if name in disk:
+                    sdata.delete_element_from_disk(name)
+            for name, (kind, element) in elements.items():
+                getattr(sdata, kind)[name] = element
+                added.append(name)
+                if backed:
+                    sdata.write_element(name)
+            sdata.attrs.update(copy.deepcopy(attrs))
+            if backed:
+                sdata.write_attrs()
+        except BaseException:
+            for name in added:
+                if _in_memory(sdata, name):
+                    del sdata[name]
+                if backed and name in _on_disk(sdata):
+                    sdata.delete_element_from_disk(name)
+            sdata.attrs.clear()
+            sdata.attrs.update(old_attrs)
+            if backed:
+                try:
+                    sdata.write_attrs()
+                except Exception as e:  # noqa: BLE001 - the original error matters more
+                    log.warn(f"could not restore attrs on disk: {e}")
+            raise
+        if backed:
+            log.info(f"wrote {', '.join(elements)} to {sdata.path}")

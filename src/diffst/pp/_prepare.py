@@ -1,0 +1,495 @@
+"""``dst.pp.prepare``: from a user's SpatialData to aligned LR/HR gene rasters, tiles and a split."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import shapely
+from spatialdata.models import Image2DModel, Labels2DModel, ShapesModel
+from spatialdata.transformations import Scale
+
+from diffst import _logging as log
+from diffst._degradation import (
+    VISIUM_SPOT_DIAMETER_UM,
+    VISIUM_SPOT_PITCH_UM,
+    BinDegradation,
+    SpotDegradation,
+    hex_lattice,
+)
+from diffst._grid import Grid
+from diffst._image import image_spec
+from diffst._store import ElementWriter, element_names
+
+from ._genes import GeneSelection, coexpression_intensity, robust_scale, select_genes
+from ._inputs import CONTROL_PATTERN, Measurement, image_kind, read_measurement, resolve_inputs
+from ._tiles import make_tiles, tissue_from_counts
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+_MAX_COEXPR_PIXELS = 200_000
+
+
+def prepare(
+    sdata: SpatialData,
+    *,
+    genes: int | Sequence[str] = 25,
+    scale: int = 10,
+    lr_um: float = 100.0,
+    degradation: Literal["bin", "visium"] = "bin",
+    image_key: str | None = None,
+    points_key: str | None = None,
+    table_key: str | None = None,
+    coordinate_system: str | None = None,
+    tile_um: float = 400.0,
+    min_tissue: float = 0.25,
+    split: Sequence[float] = (0.7, 0.15, 0.15),
+    split_block_um: float | None = None,
+    gene_selection: GeneSelection = "spatially_variable",
+    layer: str | None = None,
+    bin_size: int | None = None,
+    um_per_px: float | None = None,
+    spot_diameter_um: float | None = None,
+    spot_pitch_um: float | None = None,
+    seed: int = 0,
+    key_added: str = "diffst",
+    overwrite: bool = False,
+) -> None:
+    """Build training-ready low- and high-resolution gene rasters aligned to the tissue image.
+
+    Works on transcripts (Xenium, MERFISH/MERSCOPE, CosMx), spots (Visium, ST) and Visium HD bins, with an H&E or
+    fluorescence image. All sizes are physical (µm); the rasters carry transformations to the source coordinate
+    system so they overlay the image exactly.
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData with an image and one ST measurement.
+    genes
+        How many genes to select (top-N by ``gene_selection``, control probes excluded) or an explicit list of names.
+    scale
+        Super-resolution factor: HR pixels are ``lr_um / scale`` µm (10 → 10 µm from 100 µm).
+    lr_um
+        LR pixel size in µm (100 for Visium-scale spots).
+    degradation
+        How LR arises from HR for data that have HR (transcripts, bins): ``"bin"`` sums ``scale × scale`` HR pixels
+        (the paper's setting); ``"visium"`` is what a Visium slide measures: discs of ``spot_diameter_um``
+        (default 0.55 · pitch, i.e. 55 µm) on a hexagonal lattice of ``spot_pitch_um`` (default ``lr_um``), each
+        spot's counts laid on the LR pixel holding its centre, with the observed fraction of each LR pixel as mask.
+        Spot data (Visium, ST) have no HR: their LR comes from the measured spots and this is ignored.
+    image_key
+        The tissue image; needed when there are several (the finest of Visium's full/hires/lowres is picked).
+    points_key
+        Transcripts (points with a gene column); needed when there are several points elements.
+    table_key
+        Spot or bin counts table (Visium: ``"table"``; Visium HD: ``"square_002um"`` …). Setting it chooses spots/bins
+        over transcripts.
+    coordinate_system
+        Coordinate system shared by the image and the measurement; by default the only shared one (``"global"``
+        preferred, ``*_downscaled_*`` avoided).
+    tile_um
+        Tile side in µm (a multiple of ``lr_um``); training and evaluation use these tiles.
+    min_tissue
+        Minimum tissue fraction of a kept tile.
+    split
+        Shares of tiles for train, validation and test.
+    split_block_um
+        Side of the square blocks of tiles that go whole to one split (default ``2 · tile_um``).
+    gene_selection
+        ``"spatially_variable"`` (Moran's I of log1p LR maps, default) or ``"highly_expressed"`` (total counts);
+        genes must be detected in at least 5 % of tissue LR pixels.
+    layer
+        Table layer with raw counts (spots/bins), when ``X`` is not raw.
+    bin_size
+        Visium HD bin size in µm to build HR from (default: the largest one dividing ``lr_um / scale``).
+    um_per_px
+        µm per unit of the coordinate system, overriding what is derived from the data (which is reported).
+    spot_diameter_um
+        Spot diameter for spot data (default: ``table.uns['spot_diameter_um']`` or 55 µm, Visium) and for
+        ``degradation="visium"``.
+    spot_pitch_um
+        Lattice pitch for ``degradation="visium"`` (default ``lr_um``).
+    seed
+        Seed of the split.
+    key_added
+        Prefix of the new elements and key of ``sdata.attrs``.
+    overwrite
+        Replace existing elements of the same names; otherwise an existing key is an error.
+
+    Returns
+    -------
+    Nothing; adds to ``sdata`` (and writes to its zarr store when it is backed):
+
+    - ``images['{key_added}_lr']``: LR counts per LR pixel, channels = genes;
+    - ``images['{key_added}_lr_mask']``: observed fraction of each LR pixel (channel ``observed``);
+    - ``images['{key_added}_hr']``: HR counts per HR pixel (transcripts and bins only);
+    - ``labels['{key_added}_tissue']``: tissue mask on the LR grid;
+    - ``shapes['{key_added}_tiles']``: tile squares with ``split`` in {train, val, test};
+    - ``shapes['{key_added}_spots']``: the simulated spots for ``degradation="visium"``;
+    - ``sdata.attrs[key_added]``: units, grid, genes, normalisation, co-expression, image and element names.
+
+    """
+    t_start = time.perf_counter()
+    names = element_names(key_added)
+    _check_arguments(genes, scale, lr_um, degradation, tile_um, min_tissue, split, key_added)
+    writer = ElementWriter(sdata, overwrite=overwrite)
+    writer.check_free([names[k] for k in ("lr", "lr_mask", "hr", "tissue", "tiles", "spots")], attrs_key=key_added)
+
+    hr_um = lr_um / scale
+    inputs = resolve_inputs(
+        sdata,
+        image_key=image_key,
+        points_key=points_key,
+        table_key=table_key,
+        coordinate_system=coordinate_system,
+        um_per_px=um_per_px,
+        spot_diameter_um=spot_diameter_um,
+        bin_size=bin_size,
+        hr_um=hr_um,
+    )
+    log.info(
+        f"{inputs.kind} from {inputs.points_key or inputs.table_key!r}, image {inputs.image_key!r} "
+        f"({inputs.image_um_per_px:.4g} µm/px) in coordinate system {inputs.cs!r}; "
+        f"{inputs.um_per_px:.6g} µm per unit, from the {inputs.um_per_px_source}"
+    )
+    meas = read_measurement(sdata, inputs, layer=layer)
+    _check_not_empty(meas)
+
+    grid = _make_grid(meas, inputs, lr_um, scale, tile_um)
+    tile_lr = int(round(tile_um / lr_um))
+
+    # LR counts of all genes: the basis of tissue detection and gene selection
+    if meas.kind == "spots" and degradation == "visium":
+        log.info("spot data: LR comes from the measured spots; `degradation` does not apply")
+    all_lr, coverage = _lr_all_genes(meas, grid)
+    real_genes = np.array([not CONTROL_PATTERN.match(g) for g in meas.gene_names])
+    total = all_lr[real_genes].sum(axis=0)
+    tissue = tissue_from_counts(total, coverage, spots=meas.kind == "spots")
+    if not tissue.any():
+        msg = (
+            f"No tissue found: no LR pixel of {lr_um:g} µm has enough counts (the measurement has "
+            f"{int(all_lr.sum())} counts in total over the image area). Check that the image and measurement overlap "
+            "and that the counts are not empty."
+        )
+        raise ValueError(msg)
+    _check_tile_fits(tissue, tile_lr, tile_um)
+
+    rows, cols = np.nonzero(np.ones(grid.lr_shape, dtype=bool))
+    xy = np.column_stack(grid.pixel_centre_um(rows, cols, level="lr"))
+    flat_all = all_lr.reshape(len(meas.gene_names), -1)
+    density_all = flat_all / np.maximum(coverage.reshape(-1), 1e-9)[None]
+    chosen, selection_info = select_genes(
+        genes,
+        names=meas.gene_names,
+        lr_counts=flat_all,
+        lr_density=density_all,
+        tissue=tissue.reshape(-1),
+        xy_um=xy,
+        criterion=gene_selection,
+    )
+    gene_idx = np.array([meas.gene_names.index(g) for g in chosen])
+    log.info(
+        f"{len(chosen)} genes ({selection_info['method']}): {', '.join(chosen[:8])}{' …' if len(chosen) > 8 else ''}"
+    )
+
+    # HR rasters and the degradation
+    hr = None
+    op = None
+    spot_centres = None
+    spot_d = None
+    if meas.kind == "spots":
+        lr = all_lr[gene_idx].astype(np.float32)
+        deg_name = "spots"
+        spot_d = meas.spot_diameter_um
+    else:
+        hr = _hr_raster(meas, grid, gene_idx)
+        if degradation == "bin":
+            op = BinDegradation(scale)
+            coverage = op.coverage(grid.lr_shape)
+        else:
+            pitch = float(spot_pitch_um) if spot_pitch_um is not None else float(lr_um)
+            spot_d = (
+                float(spot_diameter_um)
+                if spot_diameter_um is not None
+                else pitch * VISIUM_SPOT_DIAMETER_UM / VISIUM_SPOT_PITCH_UM
+            )
+            if spot_d >= pitch:
+                msg = f"spot_diameter_um={spot_d:g} must be smaller than the lattice pitch {pitch:g} µm (spots may not overlap)."
+                raise ValueError(msg)
+            spot_centres = hex_lattice(grid, pitch)
+            op = SpotDegradation(grid, spot_centres, spot_d)
+            coverage = op.coverage()
+        lr = op.degrade(hr).astype(np.float32)
+        deg_name = degradation
+
+    # tiles, split
+    block = split_block_um if split_block_um is not None else 2 * tile_um
+    block_tiles = max(1, int(round(block / tile_um)))
+    tiles = make_tiles(
+        grid, tissue, tile_lr=tile_lr, min_tissue=min_tissue, split=split, block_tiles=block_tiles, seed=seed
+    )
+    if tiles.empty:
+        msg = (
+            f"No {tile_um:g} µm tile has at least {min_tissue:.0%} tissue. Use smaller tiles (`tile_um`) or a lower "
+            "`min_tissue`."
+        )
+        raise ValueError(msg)
+    counts_per_split = tiles["split"].value_counts().reindex(["train", "val", "test"]).fillna(0).astype(int)
+    if counts_per_split["train"] == 0:
+        msg = f"No training tile: only {len(tiles)} tiles fit. Use smaller `tile_um` or `split_block_um`."
+        raise ValueError(msg)
+    for s in ("val", "test"):
+        if counts_per_split[s] == 0 and split[["train", "val", "test"].index(s)] > 0:
+            log.warn(
+                f"no {s} tile: only {len(tiles)} tiles in {tiles['split'].size} — use smaller tiles for a real split"
+            )
+
+    # normalisation and co-expression from the training tiles only
+    train_lr = _tile_mask(grid.lr_shape, tiles[tiles["split"] == "train"], tile_lr) & tissue
+    density = lr / np.maximum(coverage * scale * scale, 1e-9)[None]
+    observed_train = train_lr & (coverage > 0)
+    lr_scale = robust_scale(density[:, observed_train], floor=1e-2)
+    if hr is not None:
+        train_hr = np.kron(train_lr, np.ones((scale, scale), dtype=bool))
+        hr_train_px = hr[:, train_hr]
+        hr_scale = robust_scale(hr_train_px, floor=1.0)
+        pick = _subsample(hr_train_px.shape[1], _MAX_COEXPR_PIXELS, seed)
+        coexpr = coexpression_intensity(hr_train_px[:, pick])
+        reference = "hr"
+    else:
+        hr_scale = None
+        coexpr = coexpression_intensity(lr[:, observed_train])
+        reference = "lr"
+
+    kind = image_kind(sdata, inputs.image_key)
+    spec = image_spec(
+        sdata.images[inputs.image_key], key=inputs.image_key, cs=inputs.cs, um_per_px=inputs.um_per_px, kind=kind
+    )
+
+    # elements
+    cs = inputs.cs
+    u = inputs.um_per_px
+    elements: dict[str, tuple[str, Any]] = {}
+    elements[names["lr"]] = ("images", _image(lr, chosen, grid.transform(u, "lr"), cs))
+    elements[names["lr_mask"]] = ("images", _image(coverage[None], ["observed"], grid.transform(u, "lr"), cs))
+    if hr is not None:
+        elements[names["hr"]] = ("images", _image(hr, chosen, grid.transform(u, "hr"), cs))
+    elements[names["tissue"]] = (
+        "labels",
+        Labels2DModel.parse(tissue.astype(np.uint8), dims=("y", "x"), transformations={cs: grid.transform(u, "lr")}),
+    )
+    elements[names["tiles"]] = ("shapes", _tiles_shapes(tiles, grid, tile_lr, cs, u))
+    if spot_centres is not None:
+        elements[names["spots"]] = ("shapes", _spots_shapes(spot_centres, spot_d, grid, cs, u))
+
+    params = {
+        "diffst_version": _version(),
+        "coordinate_system": cs,
+        "um_per_px": u,
+        "um_per_px_source": inputs.um_per_px_source,
+        "measurement": meas.kind,
+        "sources": {**meas.source, "image_key": inputs.image_key},
+        "grid": grid.to_dict(),
+        "lr_um": float(lr_um),
+        "hr_um": float(hr_um),
+        "scale": int(scale),
+        "degradation": {
+            "name": deg_name,
+            "spot_diameter_um": float(spot_d) if spot_d is not None else None,
+            "spot_pitch_um": (float(spot_pitch_um or lr_um) if deg_name == "visium" else None),
+        },
+        "genes": list(chosen),
+        "gene_selection": selection_info,
+        "normalisation": {
+            "method": "log1p_quantile",
+            "quantile": 0.99,
+            "description": "x = 2·log1p(counts per HR pixel)/scale_g − 1; LR is first divided by the observed HR-pixel area",
+            "hr_scale": None if hr_scale is None else [float(v) for v in hr_scale],
+            "lr_scale": [float(v) for v in lr_scale],
+            "reference": reference,
+        },
+        "coexpression": {
+            "definition": "I_ij = (p(i|j) + p(j|i))/2, p(i|j) = share of gene j's counts in pixels where gene i is detected",
+            "pixels": "HR pixels of training tiles" if reference == "hr" else "observed LR pixels of training tiles",
+            "matrix": [[float(v) for v in row] for row in coexpr],
+        },
+        "image": spec.to_dict() | {"image_um_per_px": inputs.image_um_per_px},
+        "tile_um": float(tile_um),
+        "min_tissue": float(min_tissue),
+        "split": {"shares": [float(s) for s in split], "block_um": float(block), "seed": int(seed)}
+        | {k: int(v) for k, v in counts_per_split.items()},
+        "elements": {k: v for k, v in names.items() if v in elements},
+    }
+    writer.commit(elements, attrs={key_added: params}, stale=names.values())
+    log.info(
+        f"prepared {len(chosen)} genes on {grid.lr_shape[0]}×{grid.lr_shape[1]} LR / "
+        f"{grid.hr_shape[0]}×{grid.hr_shape[1]} HR pixels ({lr_um:g} → {hr_um:g} µm), {len(tiles)} tiles "
+        f"(train {counts_per_split['train']}, val {counts_per_split['val']}, test {counts_per_split['test']}) "
+        f"in {time.perf_counter() - t_start:.1f} s → sdata.attrs[{key_added!r}]"
+    )
+
+
+def _version() -> str:
+    from diffst import __version__
+
+    return __version__
+
+
+def _check_arguments(genes, scale, lr_um, degradation, tile_um, min_tissue, split, key_added) -> None:
+    if not isinstance(scale, int | np.integer) or scale < 1:
+        msg = f"`scale` must be a positive integer (HR pixels per LR pixel along an axis); got {scale!r}."
+        raise ValueError(msg)
+    if not np.isfinite(lr_um) or lr_um <= 0:
+        msg = f"`lr_um` must be a positive size in µm; got {lr_um!r}."
+        raise ValueError(msg)
+    if degradation not in ("bin", "visium"):
+        msg = f"`degradation` must be 'bin' or 'visium'; got {degradation!r}."
+        raise ValueError(msg)
+    ratio = tile_um / lr_um
+    if tile_um <= 0 or abs(ratio - round(ratio)) > 1e-6 or round(ratio) < 1:
+        msg = f"`tile_um`={tile_um:g} must be a positive multiple of `lr_um`={lr_um:g}."
+        raise ValueError(msg)
+    if not 0 <= min_tissue <= 1:
+        msg = f"`min_tissue` must be a fraction in [0, 1]; got {min_tissue!r}."
+        raise ValueError(msg)
+    if len(split) != 3 or any(s < 0 for s in split) or sum(split) <= 0:
+        msg = f"`split` must be three non-negative shares (train, val, test); got {split!r}."
+        raise ValueError(msg)
+    if not isinstance(key_added, str) or not key_added:
+        msg = f"`key_added` must be a non-empty string; got {key_added!r}."
+        raise ValueError(msg)
+    if isinstance(genes, int | np.integer) and genes < 1:
+        msg = f"`genes` must be a positive number of genes or a list of names; got {genes}."
+        raise ValueError(msg)
+
+
+def _check_not_empty(meas: Measurement) -> None:
+    n = len(meas.x_um) if meas.kind == "transcripts" else meas.counts.shape[0]
+    if n == 0:
+        what = "transcripts" if meas.kind == "transcripts" else meas.kind
+        msg = f"The measurement has no {what}; there is nothing to prepare."
+        raise ValueError(msg)
+
+
+def _make_grid(meas: Measurement, inputs, lr_um: float, scale: int, tile_um: float) -> Grid:
+    dx0, dy0, dx1, dy1 = meas.extent_um()
+    ix0, iy0, ix1, iy1 = inputs.image_extent_um
+    ext = (max(dx0, ix0), max(dy0, iy0), min(dx1, ix1), min(dy1, iy1))
+    if ext[0] >= ext[2] or ext[1] >= ext[3]:
+        msg = (
+            f"The image {inputs.image_key!r} and the {meas.kind} do not overlap in coordinate system {inputs.cs!r}: "
+            f"image spans x {ix0:.1f}–{ix1:.1f}, y {iy0:.1f}–{iy1:.1f} µm, the {meas.kind} x {dx0:.1f}–{dx1:.1f}, "
+            f"y {dy0:.1f}–{dy1:.1f} µm. Check the transformations (or `um_per_px`)."
+        )
+        raise ValueError(msg)
+    anchor = meas.bin_anchor_um or (0.0, 0.0)
+    grid = Grid.covering(ext, lr_um, scale, anchor_um=anchor)
+    # whole tiles: round the LR grid up to a multiple of the tile
+    t = int(round(tile_um / lr_um))
+    h, w = grid.lr_shape
+    return Grid(grid.origin_um, grid.lr_um, grid.scale, (int(np.ceil(h / t) * t), int(np.ceil(w / t) * t)))
+
+
+def _lr_all_genes(meas: Measurement, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """LR counts of every gene and the observed fraction per LR pixel (1 for transcripts/bins)."""
+    h, w = grid.lr_shape
+    n_genes = len(meas.gene_names)
+    if meas.kind == "transcripts":
+        r, c = grid.pixel_index(meas.x_um, meas.y_um, level="lr")
+        ok = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+        lin = meas.codes[ok] * (h * w) + r[ok] * w + c[ok]
+        out = np.bincount(lin, minlength=n_genes * h * w).reshape(n_genes, h, w).astype(np.float64)
+        return out, np.ones((h, w), dtype=np.float32)
+    r, c = grid.pixel_index(meas.centres_um[:, 0], meas.centres_um[:, 1], level="lr")
+    ok = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+    coo = meas.counts[np.flatnonzero(ok)].tocoo()
+    pix = (r[ok] * w + c[ok])[coo.row]
+    out = np.bincount(coo.col * (h * w) + pix, weights=coo.data, minlength=n_genes * h * w).reshape(n_genes, h, w)
+    if meas.kind == "bins":
+        return out, np.ones((h, w), dtype=np.float32)
+    area = np.pi * (meas.spot_diameter_um / 2.0) ** 2 / grid.lr_um**2
+    coverage = np.bincount(r[ok] * w + c[ok], minlength=h * w).reshape(h, w) * area
+    return out, coverage.astype(np.float32)
+
+
+def _hr_raster(meas: Measurement, grid: Grid, gene_idx: np.ndarray) -> np.ndarray:
+    """HR counts ``(genes, H, W)`` float32 of the selected genes."""
+    hh, ww = grid.hr_shape
+    n = len(gene_idx)
+    remap = np.full(len(meas.gene_names), -1, dtype=np.int64)
+    remap[gene_idx] = np.arange(n)
+    if meas.kind == "transcripts":
+        g = remap[meas.codes]
+        r, c = grid.pixel_index(meas.x_um, meas.y_um, level="hr")
+        ok = (g >= 0) & (r >= 0) & (r < hh) & (c >= 0) & (c < ww)
+        lin = g[ok] * (hh * ww) + r[ok] * ww + c[ok]
+        weights = None
+    else:
+        r, c = grid.pixel_index(meas.centres_um[:, 0], meas.centres_um[:, 1], level="hr")
+        ok_bins = (r >= 0) & (r < hh) & (c >= 0) & (c < ww)
+        coo = meas.counts[np.flatnonzero(ok_bins)][:, gene_idx].tocoo()
+        pix = (r[ok_bins] * ww + c[ok_bins])[coo.row]
+        lin = coo.col.astype(np.int64) * (hh * ww) + pix
+        weights = coo.data
+    counts = np.bincount(lin, weights=weights, minlength=n * hh * ww)
+    return counts.astype(np.float32).reshape(n, hh, ww)
+
+
+def _check_tile_fits(tissue: np.ndarray, tile_lr: int, tile_um: float) -> None:
+    rows, cols = np.nonzero(tissue)
+    span_r = rows.max() - rows.min() + 1
+    span_c = cols.max() - cols.min() + 1
+    if tile_lr > span_r and tile_lr > span_c:
+        lr_um = tile_um / tile_lr
+        msg = (
+            f"Tiles of {tile_um:g} µm are larger than the tissue ({span_c * lr_um:g} × {span_r * lr_um:g} µm). "
+            "Use a smaller `tile_um`."
+        )
+        raise ValueError(msg)
+
+
+def _tile_mask(lr_shape: tuple[int, int], tiles: pd.DataFrame, tile_lr: int) -> np.ndarray:
+    mask = np.zeros(lr_shape, dtype=bool)
+    for r0, c0 in zip(tiles["lr_row0"], tiles["lr_col0"], strict=True):
+        mask[r0 : r0 + tile_lr, c0 : c0 + tile_lr] = True
+    return mask
+
+
+def _subsample(n: int, k: int, seed: int) -> np.ndarray:
+    if n <= k:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+
+
+def _image(data: np.ndarray, channels: list[str], transform, cs: str):
+    return Image2DModel.parse(
+        data.astype(np.float32),
+        dims=("c", "y", "x"),
+        c_coords=list(channels),
+        transformations={cs: transform},
+        chunks=(min(len(channels), 32), 1024, 1024),
+    )
+
+
+def _tiles_shapes(tiles: pd.DataFrame, grid: Grid, tile_lr: int, cs: str, u: float):
+    x0 = grid.origin_um[0] + tiles["lr_col0"].to_numpy() * grid.lr_um
+    y0 = grid.origin_um[1] + tiles["lr_row0"].to_numpy() * grid.lr_um
+    side = tile_lr * grid.lr_um
+    geoms = shapely.box(x0, y0, x0 + side, y0 + side)
+    gdf = gpd.GeoDataFrame(tiles.reset_index(drop=True), geometry=geoms)
+    gdf.index.name = "tile_id"
+    return ShapesModel.parse(gdf, transformations={cs: Scale([1 / u, 1 / u], axes=("x", "y"))})
+
+
+def _spots_shapes(centres: np.ndarray, diameter: float, grid: Grid, cs: str, u: float):
+    lr_row, lr_col = grid.pixel_index(centres[:, 0], centres[:, 1], level="lr")
+    gdf = gpd.GeoDataFrame(
+        {"radius": np.full(len(centres), diameter / 2.0), "lr_row": lr_row, "lr_col": lr_col},
+        geometry=gpd.points_from_xy(centres[:, 0], centres[:, 1]),
+    )
+    return ShapesModel.parse(gdf, transformations={cs: Scale([1 / u, 1 / u], axes=("x", "y"))})
