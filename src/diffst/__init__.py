@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import datasets, pp
+from . import datasets, pp, tl
 from ._settings import settings
+from .tl import DiffST
 
 try:
     __version__ = version("diffst")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__", "datasets", "pp", "settings"]
+__all__ = ["DiffST", "__version__", "datasets", "pp", "settings", "tl"]

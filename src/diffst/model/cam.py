@@ -34,6 +34,7 @@ def disentangling_loss(s_y: Tensor, s_h: Tensor, u_y: Tensor, u_h: Tensor, eps: 
     Returns
     -------
     Scalar loss.
+
     """
     num = (s_y - s_h).flatten(1).norm(dim=1)
     den = (u_y - u_h).flatten(1).norm(dim=1)

@@ -48,6 +48,7 @@ class Diffusion:
     config
         The model config (diffusion fields: ``num_train_timesteps``, ``beta_*``, ``prediction_type``,
         ``residual``, ``x0_range``, ``sampler``, ``sample_steps``, ``dis_weight``).
+
     """
 
     def __init__(self, config: DiffSTConfig):
@@ -100,6 +101,7 @@ class Diffusion:
         Returns
         -------
         ``{"loss": total, "mse": denoising MSE, "dis": L_dis, "kept_fraction": share of cell patches kept}``.
+
         """
         b = x0.shape[0]
         target_x0 = x0 - self.baseline(lr, mask)
@@ -183,6 +185,7 @@ class Diffusion:
         Returns
         -------
         ``(B, G, scale h, scale w)`` x0 estimate in normalised units.
+
         """
         sampler = sampler or self.config.sampler
         if steps is None:

@@ -34,6 +34,7 @@ def coexpression_intensity(counts: Any) -> np.ndarray:
     Returns
     -------
     ``(N, N)`` float64 matrix ``I``.
+
     """
     if isinstance(counts, Tensor):
         counts = counts.detach().cpu().numpy()
@@ -87,6 +88,7 @@ class CIGCGraph(nn.Module):
     coexpr
         ``(N, N)`` co-expression intensity ``I`` (:func:`coexpression_intensity`), kept as the buffer
         ``coexpr`` so it is saved with the weights; ``None`` uses the identity (no sharing between genes).
+
     """
 
     def __init__(self, n_genes: int, grid: int, node_channels: int, alpha: float, coexpr: Tensor | None = None):

@@ -42,6 +42,7 @@ def patch_entropy(patches: Tensor, bins: int = 32) -> Tensor:
     Returns
     -------
     ``(...)`` entropies in bits.
+
     """
     with torch.no_grad():
         grey = patches.float().mean(dim=-3).flatten(-2).clamp(0.0, 1.0)  # (..., P*P)
@@ -73,6 +74,7 @@ def extract_patches(image: Tensor, patch: int, grid: int) -> Tensor:
     Returns
     -------
     ``(B, M, C, patch, patch)`` patches, row-major over the grid.
+
     """
     b, c, h, w = image.shape
     patch = min(patch, h, w)
@@ -111,6 +113,7 @@ def select_patches(entropy: Tensor, q: float) -> Tensor:
     Returns
     -------
     ``(B, M)`` boolean keep mask with the same number of kept patches in every tile.
+
     """
     k = n_kept(entropy.shape[-1], q)
     order = torch.argsort(entropy, dim=-1, descending=True, stable=True)
@@ -218,16 +221,28 @@ class HierarchicalImageEncoder(nn.Module):
         Returns
         -------
         ``(F_h, kept_fraction)``: ``(B, d_t, H, W)`` features and the share of cell patches kept.
+
         """
         f_tissue = self.tissue(image)
         if not self.config.hierarchical:
             return f_tissue, 0.0
-        cfg = self.config
-        grid = cfg.cell_grid
-        patches = extract_patches(image, cfg.cell_patch_px, grid)  # (B, M, C, P, P)
+        patches, _, keep = self.curriculum(image, progress)
         b, m = patches.shape[:2]
-        q = curriculum_quantile(progress, cfg.curriculum_start, cfg.curriculum_end)
-        keep = select_patches(patch_entropy(patches), q)
         # Dropped patches are masked in attention; encoding all keeps shapes static (no per-sample loops).
         f_cell = self.cell(patches.flatten(0, 1)).reshape(b, m, -1)
+        q = curriculum_quantile(progress, self.config.curriculum_start, self.config.curriculum_end)
         return self.attention(f_tissue, f_cell, keep), n_kept(m, q) / m
+
+    def curriculum(self, image: Tensor, progress: float) -> tuple[Tensor, Tensor, Tensor]:
+        """Cell-level patches, their entropies and the curriculum's keep mask at training ``progress``.
+
+        Returns
+        -------
+        ``(patches, entropy, keep)``: ``(B, M, C, P, P)``, ``(B, M)`` in bits and ``(B, M)`` boolean.
+
+        """
+        cfg = self.config
+        patches = extract_patches(image, cfg.cell_patch_px, cfg.cell_grid)
+        entropy = patch_entropy(patches)
+        keep = select_patches(entropy, curriculum_quantile(progress, cfg.curriculum_start, cfg.curriculum_end))
+        return patches, entropy, keep

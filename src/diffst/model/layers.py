@@ -38,6 +38,7 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     Returns
     -------
     ``(B, dim)`` embedding ``[cos(t f), sin(t f)]``.
+
     """
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
@@ -63,6 +64,7 @@ class ResBlock(nn.Module):
         Size of the timestep embedding, or ``None`` for an unconditional block (image encoders).
     dropout
         Dropout before the second conv.
+
     """
 
     def __init__(self, in_channels: int, out_channels: int, emb_dim: int | None = None, dropout: float = 0.0):

@@ -31,6 +31,7 @@ class DiffSTOutput:
         Scalar disentangling loss L_dis (0 when ``cam=False``).
     kept_fraction
         Share of cell-level patches kept by the curriculum (0 when ``hierarchical=False``), for logging.
+
     """
 
     sample: Tensor
@@ -56,6 +57,7 @@ class DiffSTNet(nn.Module):
     coexpr
         ``(G, G)`` co-expression intensity ``I`` (:func:`~diffst.model.coexpression_intensity`), stored
         as the buffer ``graph.coexpr``. ``None`` (or ``cigc_graph=False``) means no co-expression prior.
+
     """
 
     def __init__(self, config: DiffSTConfig, coexpr: Tensor | None = None):
@@ -109,6 +111,7 @@ class DiffSTNet(nn.Module):
         Returns
         -------
         :class:`DiffSTOutput` with the prediction, L_dis and the kept share of cell patches.
+
         """
         self._check_inputs(x_t, lr, mask, image)
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])

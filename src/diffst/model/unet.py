@@ -31,6 +31,7 @@ class UNet(nn.Module):
         Self-attention in the middle block.
     dropout
         Dropout inside the ResBlocks.
+
     """
 
     def __init__(
@@ -63,7 +64,11 @@ class UNet(nn.Module):
                 skips.append(ch)
 
         self.middle = nn.ModuleList(
-            [ResBlock(ch, ch, emb, dropout), AttentionBlock(ch) if attention else nn.Identity(), ResBlock(ch, ch, emb, dropout)]
+            [
+                ResBlock(ch, ch, emb, dropout),
+                AttentionBlock(ch) if attention else nn.Identity(),
+                ResBlock(ch, ch, emb, dropout),
+            ]
         )
 
         self.up = nn.ModuleList()

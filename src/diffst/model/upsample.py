@@ -27,6 +27,7 @@ def fill_unobserved(lr: Tensor, mask: Tensor, *, iterations: int = 3, fill_value
         Number of 3x3 dilation steps.
     fill_value
         Value of pixels still empty after the last step.
+
     """
     weight = mask.clamp(0.0, 1.0)
     value = torch.where(weight > 0, lr, torch.zeros_like(lr))
@@ -60,5 +61,6 @@ def upsample_lr(lr: Tensor, mask: Tensor, scale: int, *, mode: str = "bicubic") 
     Returns
     -------
     ``(B, G, scale h, scale w)`` maps.
+
     """
     return F.interpolate(fill_unobserved(lr, mask), scale_factor=scale, mode=mode, align_corners=False)

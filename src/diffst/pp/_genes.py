@@ -126,18 +126,3 @@ def robust_scale(values: np.ndarray, floor: float) -> np.ndarray:
         return np.full(values.shape[0], float(np.log1p(floor)))
     q = np.quantile(values, NORM_QUANTILE, axis=1)
     return np.log1p(np.maximum(q, floor))
-
-
-def coexpression_intensity(counts: np.ndarray) -> np.ndarray:
-    """Co-expression intensity ``I_ij = ½(p(i|j) + p(j|i))`` from ``(genes, pixels)`` counts.
-
-    ``p(i|j)`` is the share of gene ``j``'s counts that lie in pixels where gene ``i`` is detected
-    (``Σ_q c_j[q]·[c_i[q] > 0] / Σ_q c_j[q]``), so ``I`` is symmetric with a unit diagonal (for expressed genes)
-    and entries in [0, 1]. A gene without counts has ``p(·|j) = 0``.
-    """
-    c = np.asarray(counts, dtype=np.float64)
-    detected = (c > 0).astype(np.float64)
-    joint = detected @ c.T  # joint[i, j] = Σ_q [c_i > 0] c_j
-    total = c.sum(axis=1)
-    p = np.divide(joint, total[None, :], out=np.zeros_like(joint), where=total[None, :] > 0)  # p[i, j] = p(i|j)
-    return 0.5 * (p + p.T)

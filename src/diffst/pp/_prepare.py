@@ -25,14 +25,15 @@ from diffst._grid import Grid
 from diffst._image import image_spec
 from diffst._store import ElementWriter, element_names
 
-from ._genes import GeneSelection, coexpression_intensity, robust_scale, select_genes
+from ..model.graph import coexpression_intensity
+from ._genes import GeneSelection, robust_scale, select_genes
 from ._inputs import CONTROL_PATTERN, Measurement, image_kind, read_measurement, resolve_inputs
 from ._tiles import make_tiles, tissue_from_counts
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
 
-_MAX_COEXPR_PIXELS = 200_000
+_MAX_COEXPR_PIXELS = 50_000
 
 
 def prepare(

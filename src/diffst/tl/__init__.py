@@ -1,1 +1,6 @@
-"""diffst.tl."""
+"""Tools: train Diff-ST, super-resolve, evaluate."""
+
+from ._model import DiffST
+from ._train import train
+
+__all__ = ["DiffST", "train"]

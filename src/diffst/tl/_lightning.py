@@ -1,0 +1,138 @@
+"""The Lightning side of training: the module (objective, EMA, validation) and a history callback."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from ..model import DiffSTConfig, DiffSTNet, Diffusion
+
+VAL_SEED = 12345  # validation noise and timesteps are the same every epoch, so val_loss is comparable
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """One of the 8 rotations/flips of the last two axes (``k`` in 0..7)."""
+    if k >= 4:
+        x = x.flip(-1)
+    return torch.rot90(x, k % 4, dims=(-2, -1))
+
+
+def pearson_per_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson r of each ``(sample, gene)`` map over pixels; maps without variance give NaN."""
+    a = a.flatten(2).double()
+    b = b.flatten(2).double()
+    a = a - a.mean(-1, keepdim=True)
+    b = b - b.mean(-1, keepdim=True)
+    den = (a.square().sum(-1) * b.square().sum(-1)).sqrt()
+    return torch.where(den > 0, (a * b).sum(-1) / den.clamp_min(1e-30), torch.full_like(den, float("nan")))
+
+
+class DiffSTModule(L.LightningModule):
+    """Diff-ST training: AdamW on the denoising objective, an EMA copy for sampling, validation loss and PCC.
+
+    Parameters
+    ----------
+    config
+        :meth:`DiffSTConfig.to_dict` output.
+    coexpr
+        ``(G, G)`` co-expression intensity.
+    val_steps
+        Fast-sampler steps for the validation PCC.
+    augment
+        Random rotations/flips of training tiles.
+
+    """
+
+    def __init__(self, config: dict[str, Any], coexpr: list[list[float]], val_steps: int = 10, augment: bool = True):
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = DiffSTConfig.from_dict(config)
+        self.net = DiffSTNet(self.config, coexpr=torch.tensor(np.asarray(coexpr, dtype=np.float32)))
+        self.ema = copy.deepcopy(self.net).requires_grad_(False)
+        self.diffusion = Diffusion(self.config)
+        self._val_pcc: list[torch.Tensor] = []
+        self._val_pcc_base: list[torch.Tensor] = []
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        c = self.config
+        return torch.optim.AdamW(
+            self.net.parameters(), lr=c.learning_rate, betas=c.adam_betas, eps=c.adam_eps, weight_decay=c.weight_decay
+        )
+
+    def _progress(self) -> float:
+        total = self.trainer.estimated_stepping_batches if self.trainer is not None else 0
+        if not total or not np.isfinite(total):
+            return 1.0
+        return float(min(1.0, self.global_step / max(1.0, float(total))))
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.hparams.augment:
+            ks = torch.randint(0, 8, (batch["x0"].shape[0],), device="cpu").tolist()
+            batch = {k: torch.stack([dihedral(v[i], ks[i]) for i in range(len(ks))]) for k, v in batch.items()}
+        losses = self.diffusion.training_losses(
+            self.net, batch["x0"], batch["lr"], batch["mask"], batch["image"], progress=self._progress()
+        )
+        bs = batch["x0"].shape[0]
+        self.log("train_loss", losses["loss"], prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
+        self.log("train_dis", losses["dis"], on_step=False, on_epoch=True, batch_size=bs)
+        self.log("kept_fraction", losses["kept_fraction"].float(), on_step=False, on_epoch=True, batch_size=bs)
+        return losses["loss"]
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # EMA with a warm-up, so short trainings are not dominated by the random initial weights
+        step = self.global_step
+        decay = min(self.config.ema_decay, (1.0 + step) / (10.0 + step))
+        with torch.no_grad():
+            for p_ema, p in zip(self.ema.parameters(), self.net.parameters(), strict=True):
+                p_ema.lerp_(p.detach(), 1.0 - decay)
+            for b_ema, b in zip(self.ema.buffers(), self.net.buffers(), strict=True):
+                b_ema.copy_(b)
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        self._val_gen = torch.Generator(device="cpu").manual_seed(VAL_SEED)
+        self._val_pcc, self._val_pcc_base = [], []
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        x0, lr, mask, image = batch["x0"], batch["lr"], batch["mask"], batch["image"]
+        losses = self.diffusion.training_losses(self.ema, x0, lr, mask, image, progress=1.0, generator=self._val_gen)
+        self.log("val_loss", losses["mse"], prog_bar=True, on_epoch=True, batch_size=x0.shape[0], sync_dist=True)
+        sample = self.diffusion.sample(
+            self.ema, lr, mask, image, sampler="ddim", steps=self.hparams.val_steps, generator=self._val_gen
+        )
+        self._val_pcc.append(pearson_per_map(sample, x0).cpu())
+        self._val_pcc_base.append(pearson_per_map(self.diffusion.baseline(lr, mask), x0).cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_pcc:
+            return
+        pcc = torch.nanmean(torch.cat(self._val_pcc).flatten())
+        base = torch.nanmean(torch.cat(self._val_pcc_base).flatten())
+        self.log("val_pcc", pcc.float(), prog_bar=True, sync_dist=True)
+        self.log("val_pcc_bicubic", base.float(), sync_dist=True)
+
+
+class History(L.Callback):
+    """Collect per-epoch metrics (``train_loss``, ``val_loss``, ``val_pcc`` …) in a list of dicts."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        row = {"epoch": int(trainer.current_epoch), "step": int(trainer.global_step)}
+        for k, v in trainer.callback_metrics.items():
+            if k.endswith("_step"):
+                continue
+            row[k.removesuffix("_epoch")] = float(v)
+        self.rows.append(row)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = list(state_dict.get("rows", []))

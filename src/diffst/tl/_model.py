@@ -1,0 +1,190 @@
+"""``dst.DiffST``: a trained Diff-ST model with everything needed to apply it to data safely."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ..model import DiffSTConfig, DiffSTNet, Diffusion
+
+if TYPE_CHECKING:
+    from ._data import Prepared
+
+_FORMAT = "diffst-model/1"
+
+
+@dataclass
+class DiffST:
+    """A trained Diff-ST model: network weights (the EMA average used for sampling) plus its data contract.
+
+    Attributes
+    ----------
+    config
+        The network and diffusion configuration (:class:`diffst.model.DiffSTConfig`).
+    net
+        The network (:class:`diffst.model.DiffSTNet`) holding the EMA weights.
+    genes
+        Gene names, in channel order.
+    gene_scale
+        Per-gene scale of the model units on the training data (log1p of the 99th percentile of HR counts).
+    lr_scale
+        The same statistic of the training data's LR counts per HR pixel; used to normalise another slide
+        (``gene_scale · lr_scale_new / lr_scale``) when the model is transferred.
+    units
+        ``hr_um``, ``lr_um``, ``scale``, ``image_um``, the image ``kind`` ("rgb" or "fluorescence") and channel names,
+        and the degradation and measurement of the training data.
+    history
+        Per-epoch training metrics.
+    info
+        How it was trained (preset, seed, steps, time, checkpoint).
+    path
+        Where it was saved, if it was.
+
+    """
+
+    config: DiffSTConfig
+    net: DiffSTNet
+    genes: list[str]
+    gene_scale: np.ndarray
+    lr_scale: np.ndarray
+    units: dict[str, Any]
+    history: list[dict[str, float]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.net.eval()
+        self.diffusion = Diffusion(self.config)
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.net.parameters())
+        where = f", saved at {self.path}" if self.path else ""
+        return (
+            f"DiffST({len(self.genes)} genes, {self.units['lr_um']:g} → {self.units['hr_um']:g} µm, "
+            f"{self.units['kind']} image at {self.config.image_um:g} µm/px, {n / 1e6:.2f} M parameters{where})"
+        )
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the weights."""
+        return next(self.net.parameters()).device
+
+    def to(self, device: str | torch.device) -> DiffST:
+        """Move the weights to a device (returns ``self``)."""
+        self.net.to(device)
+        return self
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> Path:
+        """Save weights, config, genes, normalisation and units to one file (``.pt``); returns the path."""
+        path = Path(path)
+        if path.suffix != ".pt":
+            path = path / "model.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "format": _FORMAT,
+            "config": self.config.to_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+            "genes": list(self.genes),
+            "gene_scale": [float(v) for v in self.gene_scale],
+            "lr_scale": [float(v) for v in self.lr_scale],
+            "units": copy.deepcopy(self.units),
+            "history": copy.deepcopy(self.history),
+            "info": copy.deepcopy(self.info),
+        }
+        tmp = path.with_suffix(".pt.tmp")
+        torch.save(payload, tmp)
+        tmp.replace(path)  # never leave a half-written model under the real name
+        self.path = path
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, *, map_location: str | torch.device = "cpu") -> DiffST:
+        """Load a model saved with :meth:`save` (a ``.pt`` file, or the folder holding ``model.pt``)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "model.pt"
+        if not path.exists():
+            msg = f"No diffst model at {path}."
+            raise FileNotFoundError(msg)
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+        if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+            msg = f"{path} is not a diffst model file (expected format {_FORMAT!r})."
+            raise ValueError(msg)
+        config = DiffSTConfig.from_dict(payload["config"])
+        net = DiffSTNet(config)
+        net.load_state_dict(payload["state_dict"])
+        return cls(
+            config=config,
+            net=net,
+            genes=list(payload["genes"]),
+            gene_scale=np.asarray(payload["gene_scale"], dtype=np.float32),
+            lr_scale=np.asarray(payload["lr_scale"], dtype=np.float32),
+            units=dict(payload["units"]),
+            history=list(payload["history"]),
+            info=dict(payload["info"]),
+            path=path,
+        )
+
+    # ------------------------------------------------------------------ data contract
+    def check_compatible(self, prep: Prepared, *, genes: list[str] | None = None) -> None:
+        """Refuse data whose genes, units or image type differ from the training data (clear error)."""
+        problems = []
+        want = list(self.genes) if genes is None else list(genes)
+        unknown = [g for g in want if g not in self.genes]
+        if unknown:
+            problems.append(f"the model does not know genes {unknown[:10]} (it was trained on {self.genes})")
+        missing = [g for g in self.genes if g not in prep.genes]
+        if missing:
+            problems.append(
+                f"the prepared data lack the model's genes {missing[:10]}; prepare it with `genes=model.genes`"
+            )
+        if not np.isclose(prep.grid.hr_um, self.units["hr_um"], rtol=1e-6) or prep.grid.scale != self.units["scale"]:
+            problems.append(
+                f"the data are prepared at {prep.grid.lr_um:g} → {prep.grid.hr_um:g} µm (scale {prep.grid.scale}), "
+                f"the model was trained at {self.units['lr_um']:g} → {self.units['hr_um']:g} µm (scale {self.units['scale']})"
+            )
+        if prep.image.kind != self.units["kind"]:
+            problems.append(
+                f"the data's image is {prep.image.kind}, the model was trained on {self.units['kind']} images"
+            )
+        elif len(prep.image.channels) != self.config.image_channels:
+            problems.append(
+                f"the data's image has {len(prep.image.channels)} channels {list(prep.image.channels)}, the model "
+                f"expects {self.config.image_channels} ({self.units['channels']})"
+            )
+        if problems:
+            msg = "This model cannot be applied to these data: " + "; ".join(problems) + "."
+            raise ValueError(msg)
+
+    def gene_scale_for(self, prep: Prepared) -> np.ndarray:
+        """Per-gene scale of the model units on ``prep``'s slide, in the model's gene order.
+
+        On the training slide (same HR statistics) it is the training scale. On another slide, the HR scale is
+        estimated from that slide's LR counts: ``gene_scale · lr_scale_slide / lr_scale_train`` — expression
+        levels may differ between slides (depth, capture efficiency), their HR/LR shape is assumed not to.
+        """
+        idx = [prep.genes.index(g) for g in self.genes]
+        if self.info.get("prepared_fingerprint") == fingerprint(prep):
+            return self.gene_scale
+        ratio = prep.lr_scale[idx] / np.maximum(self.lr_scale, 1e-6)
+        return (self.gene_scale * ratio).astype(np.float32)
+
+
+def fingerprint(prep: Prepared) -> str:
+    """A short stable identifier of a prepared dataset (grid, genes, sources, normalisation)."""
+    import hashlib
+    import json
+
+    a = prep.attrs
+    key = json.dumps(
+        {k: a.get(k) for k in ("grid", "genes", "sources", "coordinate_system", "normalisation", "measurement")},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(key.encode()).hexdigest()[:12]

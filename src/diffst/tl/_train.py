@@ -1,0 +1,306 @@
+"""``dst.tl.train``: train Diff-ST on prepared tiles with Lightning."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from .. import _logging as log
+from .._settings import settings
+from ..model import DiffSTConfig, DiffSTNet
+from ._data import Prepared, TileDataset
+from ._lightning import DiffSTModule, History
+from ._model import DiffST, fingerprint
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+Preset = Literal["default", "paper", "tiny"]
+
+#: Optimiser steps the ``default`` preset aims for when ``max_epochs`` is not given (a few minutes on 2 CPU cores).
+DEFAULT_STEPS = {"default": 1200, "tiny": 60}
+PAPER_EPOCHS = 200
+
+
+def train(
+    sdata: SpatialData,
+    *,
+    key: str = "diffst",
+    preset: Preset = "default",
+    max_epochs: int | None = None,
+    batch_size: int | None = None,
+    accelerator: str = "auto",
+    devices: int | str | list[int] = "auto",
+    seed: int = 0,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = True,
+    overwrite: bool = False,
+    config: dict[str, Any] | None = None,
+    patience: int = 20,
+    val_steps: int = 10,
+    num_workers: int = 0,
+    **trainer_kwargs: Any,
+) -> DiffST:
+    """Train a Diff-ST model on the tiles that :func:`diffst.pp.prepare` made.
+
+    Training streams tiles (image crop at the model's µm per pixel, LR, mask and HR truth) from the prepared elements,
+    optimises the paper's objective with AdamW, keeps an exponential moving average (EMA) of the weights for
+    sampling, reports the validation loss and the validation PCC of fast-sampled maps (beside bicubic up-sampling)
+    every epoch, stops early when the validation loss stops improving, and checkpoints so that an interrupted run
+    continues where it stopped.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData prepared with :func:`diffst.pp.prepare` (it needs HR truth: transcripts or Visium HD bins).
+    key
+        The ``key_added`` used in ``prepare``.
+    preset
+        Model size: ``"default"`` (small, trains on a laptop CPU in minutes), ``"paper"`` (the paper's Table 3;
+        GPU) or ``"tiny"`` (tests).
+    max_epochs
+        Number of epochs; by default about 1200 optimiser steps for ``"default"``, 200 epochs for ``"paper"``.
+    batch_size
+        Tiles per step (default: the preset's).
+    accelerator, devices
+        Lightning's: ``"auto"`` uses a GPU (CUDA, then MPS) when there is one. Several devices train with DDP
+        (``strategy="ddp"`` in a script, ``"ddp_notebook"`` in Jupyter).
+    seed
+        Seed of weights, batches, noise and augmentation: same seed on the same device, same model.
+    checkpoint_dir
+        Where checkpoints and the final model go. Default: beside a zarr-backed SpatialData
+        (``<store>.diffst/<key>-<config hash>/``), else ``dst.settings.cachedir/models/…``.
+    resume
+        Continue from the last checkpoint in ``checkpoint_dir`` if there is one.
+    overwrite
+        Start afresh even if ``checkpoint_dir`` holds an earlier run (replacing it).
+    config
+        Overrides of the preset's :class:`diffst.model.DiffSTConfig` fields (e.g. ``{"cam": False}`` for an
+        ablation, ``{"learning_rate": 5e-4}``).
+    patience
+        Epochs without validation-loss improvement before stopping.
+    val_steps
+        Fast-sampler steps for the per-epoch validation PCC.
+    num_workers
+        DataLoader worker processes (tiles are cached in memory after the first epoch).
+    trainer_kwargs
+        Passed to :class:`lightning.Trainer` (e.g. ``strategy="ddp"``, ``max_time="00:00:05:00"``,
+        ``precision="bf16-mixed"``).
+
+    Returns
+    -------
+    The trained :class:`diffst.DiffST` (EMA weights). Its path is recorded in ``sdata.attrs[key]['model']`` (and written
+    to the zarr store when backed), so :func:`diffst.tl.super_resolve` finds it.
+
+    """
+    prep = Prepared.from_sdata(sdata, key)
+    if not prep.has_hr:
+        msg = (
+            f"The data under {key!r} have no HR truth ({prep.attrs['measurement']} measure only LR), so there is "
+            "nothing to learn super-resolution from. Train on a slide with transcripts or Visium HD bins (prepared "
+            "with `degradation='visium'` to mimic Visium) and apply the model to this one with `dst.tl.super_resolve`."
+        )
+        raise ValueError(msg)
+    n_train = len(prep.tiles(sdata, "train"))
+    n_val = len(prep.tiles(sdata, "val"))
+    if n_train == 0:
+        msg = f"No training tiles under {key!r}; prepare with smaller `tile_um` or a larger train share in `split`."
+        raise ValueError(msg)
+    if max_epochs is not None and max_epochs < 1:
+        msg = f"`max_epochs` must be at least 1; got {max_epochs}."
+        raise ValueError(msg)
+
+    cfg = _config(prep, preset, batch_size, config)
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    if max_epochs is None:
+        max_epochs = (
+            PAPER_EPOCHS if preset == "paper" else max(5, min(1000, math.ceil(DEFAULT_STEPS[preset] / steps_per_epoch)))
+        )
+    gene_scale = prep.hr_scale
+    run_dir = Path(checkpoint_dir) if checkpoint_dir is not None else _default_dir(sdata, prep, key, cfg, seed)
+    ckpt_dir = run_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    ckpt_path = _resume_from(last, run_dir, cfg, resume=resume, overwrite=overwrite)
+
+    L.seed_everything(seed, workers=True, verbose=False)
+    train_ds = TileDataset(sdata, prep, "train", image_um=cfg.image_um, gene_scale=gene_scale)
+    val_ds = TileDataset(sdata, prep, "val", image_um=cfg.image_um, gene_scale=gene_scale)
+    loader_gen = torch.Generator().manual_seed(seed)
+    train_dl = DataLoader(
+        train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=num_workers, generator=loader_gen
+    )
+    val_dl = DataLoader(val_ds, batch_size=cfg.batch_size, num_workers=num_workers) if n_val else None
+    module = DiffSTModule(cfg.to_dict(), prep.coexpression.tolist(), val_steps=val_steps)
+
+    history = History()
+    callbacks: list[L.Callback] = [history]
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="best",
+        monitor="val_loss" if n_val else None,
+        save_last=True,
+        save_top_k=1,
+        enable_version_counter=False,
+    )
+    callbacks.append(checkpoint)
+    if n_val:
+        callbacks.append(L.pytorch.callbacks.EarlyStopping(monitor="val_loss", patience=patience, mode="min"))
+    on_gpu = _uses_gpu(accelerator)
+    trainer_args: dict[str, Any] = {
+        "max_epochs": max_epochs,
+        "accelerator": accelerator,
+        "devices": devices,
+        "callbacks": callbacks,
+        "logger": L.pytorch.loggers.CSVLogger(run_dir, name="logs"),
+        "enable_progress_bar": settings.verbosity >= 1,
+        "enable_model_summary": settings.verbosity >= 2,
+        "deterministic": not on_gpu,
+        "precision": ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if on_gpu else "32-true",
+        "log_every_n_steps": max(1, min(50, steps_per_epoch)),
+        "num_sanity_val_steps": 0,
+    }
+    trainer_args.update(trainer_kwargs)
+    trainer = L.Trainer(**trainer_args)
+    log.info(
+        f"training preset {preset!r} on {n_train} train / {n_val} val tiles, {max_epochs} epochs × {steps_per_epoch} "
+        f"steps, batch {cfg.batch_size}; checkpoints in {ckpt_dir}"
+        + (f" (resuming from {ckpt_path.name})" if ckpt_path else "")
+    )
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        trainer.fit(module, train_dl, val_dl, ckpt_path=ckpt_path)
+    seconds = time.perf_counter() - t0
+
+    best = checkpoint.best_model_path if n_val and checkpoint.best_model_path else None
+    if best:
+        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+        ema_state = {k.removeprefix("ema."): v for k, v in state.items() if k.startswith("ema.")}
+    else:
+        ema_state = {k: v.detach().cpu() for k, v in module.ema.state_dict().items()}
+    net = DiffSTNet(cfg, coexpr=torch.tensor(prep.coexpression))
+    net.load_state_dict(ema_state)
+    model = DiffST(
+        config=cfg,
+        net=net,
+        genes=list(prep.genes),
+        gene_scale=gene_scale,
+        lr_scale=prep.lr_scale,
+        units={
+            "hr_um": prep.grid.hr_um,
+            "lr_um": prep.grid.lr_um,
+            "scale": prep.grid.scale,
+            "image_um": cfg.image_um,
+            "kind": prep.image.kind,
+            "channels": list(prep.image.channels),
+            "degradation": prep.attrs["degradation"]["name"],
+            "measurement": prep.attrs["measurement"],
+        },
+        history=list(history.rows),
+        info={
+            "preset": preset,
+            "seed": seed,
+            "epochs": int(trainer.current_epoch),
+            "steps": int(trainer.global_step),
+            "seconds": seconds,
+            "best_checkpoint": str(best) if best else None,
+            "best_val_loss": float(checkpoint.best_model_score) if best else None,
+            "prepared_fingerprint": fingerprint(prep),
+            "key": key,
+        },
+    )
+    if trainer.is_global_zero:
+        model.save(run_dir / "model.pt")
+        _record(sdata, key, model)
+        last_row = model.history[-1] if model.history else {}
+        summary = ", ".join(
+            f"{k} {last_row[k]:.3f}" for k in ("val_loss", "val_pcc", "val_pcc_bicubic") if k in last_row
+        )
+        log.info(f"trained {model.info['steps']} steps in {seconds:.0f} s ({summary}); model saved to {model.path}")
+    return model
+
+
+def _config(prep: Prepared, preset: str, batch_size: int | None, overrides: dict[str, Any] | None) -> DiffSTConfig:
+    data = {
+        "n_genes": len(prep.genes),
+        "image_channels": len(prep.image.channels),
+        "hr_um": prep.grid.hr_um,
+        "scale": prep.grid.scale,
+        "tile_um": float(prep.attrs["tile_um"]),
+    }
+    base = DiffSTConfig.preset(preset)
+    if base.tile_um != data["tile_um"]:
+        log.info(
+            f"preset {preset!r} is designed for {base.tile_um:g} µm tiles; the data have {data['tile_um']:g} µm tiles "
+            f"(prepare with `tile_um={base.tile_um:g}` to match)"
+        )
+    extra = dict(overrides or {})
+    clash = sorted(set(extra) & set(data))
+    if clash:
+        msg = f"`config` may not override {clash}: they come from the prepared data (set them in `dst.pp.prepare`)."
+        raise ValueError(msg)
+    if batch_size is not None:
+        extra["batch_size"] = int(batch_size)
+    return DiffSTConfig.preset(preset, **data, **extra)
+
+
+def _uses_gpu(accelerator: str) -> bool:
+    if accelerator in ("gpu", "cuda"):
+        return True
+    return accelerator == "auto" and torch.cuda.is_available()
+
+
+def _default_dir(sdata: SpatialData, prep: Prepared, key: str, cfg: DiffSTConfig, seed: int) -> Path:
+    h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode() + f"{seed}".encode()).hexdigest()[:8]
+    name = f"{key}-{fingerprint(prep)}-{h}"
+    if sdata.path is not None:
+        store = Path(sdata.path)
+        return store.parent / f"{store.name}.diffst" / name
+    return Path(settings.cachedir) / "models" / name
+
+
+def _resume_from(last: Path, run_dir: Path, cfg: DiffSTConfig, *, resume: bool, overwrite: bool) -> Path | None:
+    earlier = last.exists() or (run_dir / "model.pt").exists()
+    if not earlier:
+        return None
+    if overwrite:
+        for p in [last, last.parent / "best.ckpt", run_dir / "model.pt"]:
+            p.unlink(missing_ok=True)
+        return None
+    if not resume:
+        msg = (
+            f"{run_dir} holds an earlier training run. Pass `resume=True` to continue it, `overwrite=True` to start "
+            "afresh there, or another `checkpoint_dir`."
+        )
+        raise ValueError(msg)
+    if not last.exists():
+        return None
+    stored = torch.load(last, map_location="cpu", weights_only=False).get("hyper_parameters", {}).get("config")
+    if stored is not None and stored != cfg.to_dict():
+        diff = sorted(k for k in cfg.to_dict() if stored.get(k) != cfg.to_dict()[k])
+        msg = f"The checkpoint in {last.parent} was trained with a different configuration ({diff}); use another `checkpoint_dir` or `overwrite=True`."
+        raise ValueError(msg)
+    return last
+
+
+def _record(sdata: SpatialData, key: str, model: DiffST) -> None:
+    entry = {
+        "path": str(model.path),
+        "preset": model.info["preset"],
+        "seed": model.info["seed"],
+        "steps": model.info["steps"],
+        "best_val_loss": model.info["best_val_loss"],
+    }
+    sdata.attrs[key]["model"] = entry
+    if sdata.path is not None and Path(sdata.path).exists():
+        sdata.write_attrs()
