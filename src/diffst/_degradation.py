@@ -214,3 +214,14 @@ def hex_lattice(grid: Grid, pitch_um: float) -> np.ndarray:
     c = np.concatenate(centres) if centres else np.zeros((0, 2))
     keep = (c[:, 0] < x1) & (c[:, 1] < y1)
     return c[keep]
+
+
+def degradation_for(sdata, attrs: dict) -> BinDegradation | SpotDegradation:
+    """The degradation operator of data prepared by ``dst.pp.prepare`` (its ``sdata.attrs[key]``)."""
+    grid = Grid.from_dict(attrs["grid"])
+    deg = attrs["degradation"]
+    if deg["name"] == "bin":
+        return BinDegradation(grid.scale)
+    spots = sdata[attrs["elements"]["spots"]]
+    centres = np.column_stack([spots.geometry.x.to_numpy(), spots.geometry.y.to_numpy()])
+    return SpotDegradation(grid, centres, float(deg["spot_diameter_um"]))

@@ -11,15 +11,21 @@ from __future__ import annotations
 import numpy as np
 
 
+def _per_gene(scale_g: np.ndarray, ndim: int) -> np.ndarray:
+    """Shape the per-gene scale to broadcast over ``(genes, …)`` arrays, or ``(…, genes, H, W)`` when 4-D+."""
+    trailing = 2 if ndim >= 4 else ndim - 1
+    return np.asarray(scale_g, dtype=np.float32).reshape((-1,) + (1,) * trailing)
+
+
 def to_model_units(counts: np.ndarray, scale_g: np.ndarray) -> np.ndarray:
-    """Counts per HR pixel ``(genes, …)`` → model units."""
-    s = np.asarray(scale_g, dtype=np.float32).reshape((-1,) + (1,) * (counts.ndim - 1))
+    """Counts per HR pixel ``(genes, …)`` (or ``(batch, genes, H, W)``) → model units."""
+    s = _per_gene(scale_g, np.ndim(counts))
     return (2.0 * np.log1p(np.clip(counts, 0, None)) / s - 1.0).astype(np.float32)
 
 
 def to_counts(x: np.ndarray, scale_g: np.ndarray) -> np.ndarray:
     """Model units → expected counts per HR pixel (inverse of :func:`to_model_units`; negatives clip to 0)."""
-    s = np.asarray(scale_g, dtype=np.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+    s = _per_gene(scale_g, np.ndim(x))
     return np.clip(np.expm1((np.asarray(x, dtype=np.float32) + 1.0) * 0.5 * s), 0.0, None)
 
 

@@ -81,6 +81,7 @@ class ElementWriter:
             sdata.attrs.update(copy.deepcopy(attrs))
             if backed:
                 sdata.write_attrs()
+                _reload(sdata, elements)
         except BaseException:
             for name in added:
                 if _in_memory(sdata, name):
@@ -97,3 +98,16 @@ class ElementWriter:
             raise
         if backed:
             log.info(f"wrote {', '.join(elements)} to {sdata.path}")
+
+
+def _reload(sdata: SpatialData, elements: dict[str, tuple[str, Any]]) -> None:
+    """Point the in-memory elements at what was just written, so they do not depend on temporary data."""
+    from spatialdata import read_zarr
+
+    kinds = tuple(sorted({kind for kind, _ in elements.values()} - {"tables"}))
+    if not kinds:
+        return
+    fresh = read_zarr(sdata.path, selection=kinds)
+    for name, (kind, _) in elements.items():
+        if kind in kinds:
+            getattr(sdata, kind)[name] = fresh[name]

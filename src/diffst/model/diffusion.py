@@ -162,6 +162,7 @@ class Diffusion:
         sampler: Sampler | None = None,
         steps: int | None = None,
         generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
         progress_bar: bool = False,
     ) -> Tensor:
         """Draw HR gene maps given the LR maps and the image (reverse process, paper Eq. 2).
@@ -179,6 +180,10 @@ class Diffusion:
             Number of denoising steps; ``None`` uses ``config.sample_steps``, or all training steps for ``"ddpm"``.
         generator
             Source of the initial noise (and of DDPM's per-step noise): same generator state, same samples.
+        noise
+            The initial noise ``x_T`` ``(B, G, H, W)`` (standard normal), instead of drawing it from ``generator``;
+            lets each tile of a slide have its own seed whatever batch it is sampled in (DDIM and DPM-Solver++ are
+            deterministic given ``x_T``).
         progress_bar
             Show a tqdm bar over the steps.
 
@@ -194,7 +199,12 @@ class Diffusion:
         scheduler.set_timesteps(steps, device=lr.device)
         base = self.baseline(lr, mask)
         lo, hi = self.config.x0_range
-        x = _randn(tuple(base.shape), generator, base) * scheduler.init_noise_sigma
+        if noise is None:
+            noise = _randn(tuple(base.shape), generator, base)
+        elif noise.shape != base.shape:
+            msg = f"noise has shape {tuple(noise.shape)}, expected {tuple(base.shape)}."
+            raise ValueError(msg)
+        x = noise.to(base) * scheduler.init_noise_sigma
         for t in tqdm(scheduler.timesteps, disable=not progress_bar, desc=f"{sampler} sampling"):
             t_batch = t.reshape(1).expand(x.shape[0])
             out = net(scheduler.scale_model_input(x, t), t_batch, lr, mask, image, progress=1.0).sample

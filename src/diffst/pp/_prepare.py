@@ -131,7 +131,8 @@ def prepare(
     - ``images['{key_added}_hr']``: HR counts per HR pixel (transcripts and bins only);
     - ``labels['{key_added}_tissue']``: tissue mask on the LR grid;
     - ``shapes['{key_added}_tiles']``: tile squares with ``split`` in {train, val, test};
-    - ``shapes['{key_added}_spots']``: the simulated spots for ``degradation="visium"``;
+    - ``shapes['{key_added}_spots']``: the spots that define the LR pixels (measured spots, or the simulated ones of
+      ``degradation="visium"``), in µm with their LR pixel;
     - ``sdata.attrs[key_added]``: units, grid, genes, normalisation, co-expression, image and element names.
 
     """
@@ -207,6 +208,9 @@ def prepare(
         lr = all_lr[gene_idx].astype(np.float32)
         deg_name = "spots"
         spot_d = meas.spot_diameter_um
+        x0, y0, x1, y1 = grid.extent_um
+        c = meas.centres_um
+        spot_centres = c[(c[:, 0] >= x0) & (c[:, 0] < x1) & (c[:, 1] >= y0) & (c[:, 1] < y1)]
     else:
         hr = _hr_raster(meas, grid, gene_idx)
         if degradation == "bin":

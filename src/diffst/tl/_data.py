@@ -92,48 +92,80 @@ class Prepared:
         return tiles if split is None else tiles[tiles["split"] == split]
 
 
-def read_sample(
-    sdata: SpatialData,
-    prep: Prepared,
-    lr_row0: int,
-    lr_col0: int,
-    size_lr: int,
-    image_um: float,
-    gene_scale: np.ndarray,
-    *,
-    with_hr: bool = True,
-) -> dict[str, np.ndarray]:
-    """One model input window whose top-left LR pixel is ``(lr_row0, lr_col0)``, ``size_lr`` LR pixels wide.
+@dataclass
+class TileSource:
+    """Everything needed to cut model inputs out of a prepared slide, without holding the SpatialData.
 
-    Returns model-unit arrays ``lr`` ``(G, h, w)``, ``mask`` ``(1, h, w)``, ``image`` ``(C, Hi, Wi)`` and, when
-    available and asked for, ``x0`` ``(G, H, W)``. Windows reaching past the grid are zero-padded (unobserved).
+    ``lr`` and ``hr`` may be dask arrays (read lazily) or numpy arrays; ``gene_index`` picks and orders the channels
+    (the model's gene order). Picklable, so tasks on a dask cluster can carry it.
     """
-    g = prep.grid
-    s = g.scale
-    h, w = g.lr_shape
-    r1, c1 = lr_row0 + size_lr, lr_col0 + size_lr
-    rr0, cc0, rr1, cc1 = max(lr_row0, 0), max(lr_col0, 0), min(r1, h), min(c1, w)
-    lr = np.zeros((len(prep.genes), size_lr, size_lr), dtype=np.float32)
-    cov = np.zeros((size_lr, size_lr), dtype=np.float32)
-    dst_r, dst_c = slice(rr0 - lr_row0, rr1 - lr_row0), slice(cc0 - lr_col0, cc1 - lr_col0)
-    if rr1 > rr0 and cc1 > cc0:
-        lr[:, dst_r, dst_c] = np.asarray(sdata[prep.elements["lr"]].data[:, rr0:rr1, cc0:cc1])
-        cov[dst_r, dst_c] = prep.coverage[rr0:rr1, cc0:cc1]
-    out = {
-        "lr": lr_to_model_units(lr, cov, s, gene_scale),
-        "mask": np.clip(cov, 0.0, 1.0)[None],
-    }
-    x0, y0 = g.origin_um[0] + lr_col0 * g.lr_um, g.origin_um[1] + lr_row0 * g.lr_um
-    bbox = (x0, y0, x0 + size_lr * g.lr_um, y0 + size_lr * g.lr_um)
-    out["image"] = read_tile(sdata.images[prep.image.key], prep.image, bbox, image_um)
-    if with_hr and prep.has_hr:
-        hr = np.zeros((len(prep.genes), size_lr * s, size_lr * s), dtype=np.float32)
-        if rr1 > rr0 and cc1 > cc0:
-            hr[:, dst_r.start * s : dst_r.stop * s, dst_c.start * s : dst_c.stop * s] = np.asarray(
-                sdata[prep.elements["hr"]].data[:, rr0 * s : rr1 * s, cc0 * s : cc1 * s]
-            )
-        out["x0"] = to_model_units(hr, gene_scale)
-    return out
+
+    grid: Grid
+    image_element: Any
+    image: ImageSpec
+    lr: Any
+    coverage: np.ndarray
+    hr: Any | None = None
+    gene_index: np.ndarray | None = None
+
+    @classmethod
+    def from_sdata(cls, sdata: SpatialData, prep: Prepared, genes: list[str] | None = None) -> TileSource:
+        """Source of the prepared elements, channels in the order of ``genes`` (default: the prepared order)."""
+        index = None if genes is None else np.array([prep.genes.index(g) for g in genes])
+        return cls(
+            grid=prep.grid,
+            image_element=sdata.images[prep.image.key],
+            image=prep.image,
+            lr=sdata[prep.elements["lr"]].data,
+            coverage=prep.coverage,
+            hr=sdata[prep.elements["hr"]].data if prep.has_hr else None,
+            gene_index=index,
+        )
+
+    def _channels(self, array: Any, rows: slice, cols: slice) -> np.ndarray:
+        block = np.asarray(array[:, rows, cols], dtype=np.float32)
+        return block if self.gene_index is None else block[self.gene_index]
+
+    def read(
+        self,
+        lr_row0: int,
+        lr_col0: int,
+        size_lr: int,
+        image_um: float,
+        gene_scale: np.ndarray,
+        *,
+        with_hr: bool = True,
+    ) -> dict[str, np.ndarray]:
+        """One model input window whose top-left LR pixel is ``(lr_row0, lr_col0)``, ``size_lr`` LR pixels wide.
+
+        Returns model-unit arrays ``lr`` ``(G, h, w)``, ``mask`` ``(1, h, w)``, ``image`` ``(C, Hi, Wi)`` and, when
+        available and asked for, ``x0`` ``(G, H, W)``. Windows reaching past the grid are padded as unobserved.
+        """
+        g = self.grid
+        s = g.scale
+        h, w = g.lr_shape
+        n_genes = self.lr.shape[0] if self.gene_index is None else len(self.gene_index)
+        rr0, cc0 = max(lr_row0, 0), max(lr_col0, 0)
+        rr1, cc1 = min(lr_row0 + size_lr, h), min(lr_col0 + size_lr, w)
+        lr = np.zeros((n_genes, size_lr, size_lr), dtype=np.float32)
+        cov = np.zeros((size_lr, size_lr), dtype=np.float32)
+        dr, dc = slice(rr0 - lr_row0, rr1 - lr_row0), slice(cc0 - lr_col0, cc1 - lr_col0)
+        inside = rr1 > rr0 and cc1 > cc0
+        if inside:
+            lr[:, dr, dc] = self._channels(self.lr, slice(rr0, rr1), slice(cc0, cc1))
+            cov[dr, dc] = self.coverage[rr0:rr1, cc0:cc1]
+        out = {"lr": lr_to_model_units(lr, cov, s, gene_scale), "mask": np.clip(cov, 0.0, 1.0)[None]}
+        x0, y0 = g.origin_um[0] + lr_col0 * g.lr_um, g.origin_um[1] + lr_row0 * g.lr_um
+        bbox = (x0, y0, x0 + size_lr * g.lr_um, y0 + size_lr * g.lr_um)
+        out["image"] = read_tile(self.image_element, self.image, bbox, image_um)
+        if with_hr and self.hr is not None:
+            hr = np.zeros((n_genes, size_lr * s, size_lr * s), dtype=np.float32)
+            if inside:
+                hr[:, dr.start * s : dr.stop * s, dc.start * s : dc.stop * s] = self._channels(
+                    self.hr, slice(rr0 * s, rr1 * s), slice(cc0 * s, cc1 * s)
+                )
+            out["x0"] = to_model_units(hr, gene_scale)
+        return out
 
 
 class TileDataset(Dataset):
@@ -166,8 +198,8 @@ class TileDataset(Dataset):
         gene_scale: np.ndarray,
         cache: bool = True,
     ) -> None:
-        self.sdata = sdata
-        self.prep = prep
+        self.source = TileSource.from_sdata(sdata, prep)
+        self.tile_lr = prep.tile_lr
         tiles = prep.tiles(sdata, split)
         self.origins = list(zip(tiles["lr_row0"].astype(int), tiles["lr_col0"].astype(int), strict=True))
         self.image_um = image_um
@@ -181,7 +213,7 @@ class TileDataset(Dataset):
         if self._cache is not None and i in self._cache:
             return self._cache[i]
         r0, c0 = self.origins[i]
-        arrays = read_sample(self.sdata, self.prep, r0, c0, self.prep.tile_lr, self.image_um, self.gene_scale)
+        arrays = self.source.read(r0, c0, self.tile_lr, self.image_um, self.gene_scale)
         item = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
         if self._cache is not None:
             self._cache[i] = item

@@ -1,0 +1,310 @@
+"""Baselines in the same harness as Diff-ST: same prepared data, same grid, written with the same SR writer."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from typing import TYPE_CHECKING, Literal
+from unittest import mock
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import _logging as log
+from .._normalise import lr_per_hr_pixel, lr_to_model_units, to_counts
+from ..model.upsample import fill_unobserved, upsample_lr
+from ._data import Prepared
+from ._output import Units, check_sr_free, write_sr
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+UpsampleMethod = Literal["bicubic", "nearest"]
+
+
+def upsample(
+    sdata: SpatialData,
+    *,
+    key: str = "diffst",
+    method: UpsampleMethod = "bicubic",
+    key_added: str | None = None,
+    units: Units = "counts",
+    overwrite: bool = False,
+) -> None:
+    """Up-sample the LR gene maps to the HR grid: the interpolation baselines of Diff-ST.
+
+    ``"bicubic"``
+        Exactly the up-sampling Diff-ST conditions on and adds its residual to
+        (:func:`diffst.model.upsample_lr`): LR counts per observed HR pixel in model units
+        ``2·log1p(c)/s_g − 1``, unobserved LR pixels filled from observed neighbours, bicubic interpolation
+        (``align_corners=False``), then back to expected counts per HR pixel (negative counts clip to 0).
+    ``"nearest"``
+        Each LR pixel's counts spread evenly over its ``scale × scale`` HR pixels (counts per observed HR pixel);
+        unobserved LR pixels take the value :func:`diffst.model.upsample.fill_unobserved` gives them in model units.
+        Under ``bin`` degradation this reproduces the LR counts exactly when re-binned.
+
+    ``s_g`` is the prepared ``hr_scale`` (what Diff-ST uses), or ``lr_scale`` for spot data, which have no HR.
+    The whole slide is done at once: memory is about ``3 × genes × HR pixels × 4`` bytes (25 genes on a
+    2000 × 2000 HR grid: 1.2 GB).
+
+    Parameters
+    ----------
+    sdata
+        SpatialData prepared with ``dst.pp.prepare``.
+    key
+        The prepared key.
+    method
+        ``"bicubic"`` or ``"nearest"``.
+    key_added
+        Name of the SR result (default ``f"{method}_sr"``).
+    units
+        ``"counts"`` (expected counts per HR pixel) or ``"log1p"`` of them.
+    overwrite
+        Replace an existing result under ``key_added``.
+
+    Returns
+    -------
+    Nothing; writes ``sdata.images[key_added]`` (channels = the prepared genes, on the HR grid with its
+    transformation) and ``sdata.attrs[key_added]`` (``method`` = ``method``), ready for ``dst.tl.evaluate``.
+
+    """
+    if method not in ("bicubic", "nearest"):
+        msg = f"`method` must be 'bicubic' or 'nearest'; got {method!r}."
+        raise ValueError(msg)
+    if units not in ("counts", "log1p"):
+        msg = f"`units` must be 'counts' or 'log1p'; got {units!r}."
+        raise ValueError(msg)
+    key_added = f"{method}_sr" if key_added is None else key_added
+    prep = Prepared.from_sdata(sdata, key)
+    check_sr_free(sdata, key_added, overwrite=overwrite)
+
+    s = prep.grid.scale
+    gene_scale = prep.hr_scale if prep.hr_scale is not None else prep.lr_scale
+    lr = np.asarray(sdata[prep.elements["lr"]].values, dtype=np.float32)
+    coverage = prep.coverage
+    x_lr = torch.from_numpy(lr_to_model_units(lr, coverage, s, gene_scale))[None]
+    mask = torch.from_numpy(np.clip(coverage, 0.0, 1.0)[None, None])
+    with torch.no_grad():
+        if method == "bicubic":
+            counts = to_counts(upsample_lr(x_lr, mask, s)[0].numpy(), gene_scale)
+        else:
+            filled = to_counts(fill_unobserved(x_lr, mask)[0].numpy(), gene_scale)
+            # observed pixels keep their exact counts (no log/exp round trip), so re-binning gives LR back
+            per_px = np.where(coverage[None] > 0, lr_per_hr_pixel(lr, coverage, s), filled)
+            counts = np.repeat(np.repeat(per_px, s, axis=1), s, axis=2)
+    data = counts.astype(np.float32) if units == "counts" else np.log1p(counts).astype(np.float32)
+    write_sr(
+        sdata,
+        prep,
+        key_added=key_added,
+        mean=data,
+        std=None,
+        genes=list(prep.genes),
+        units=units,
+        method=method,
+        params={"baseline": True, "gene_scale": "hr_scale" if prep.hr_scale is not None else "lr_scale"},
+        overwrite=overwrite,
+    )
+    log.info(f"{method} up-sampling of {len(prep.genes)} genes ×{s} → sdata.images[{key_added!r}]")
+
+
+TESLA_INSTALL = "pip install --no-deps teslaforst && pip install opencv-python-headless scanpy"
+
+
+class _TeslaOutput:
+    """What TESLA's ``imputation`` builds its result in, instead of an AnnData.
+
+    teslaforst 1.2.2 looks its superpixels up by their integer index after storing them as ``AnnData.obs``; current
+    anndata turns that index into strings, and the look-up fails. This holder keeps ``X``, ``obs`` and ``var`` as
+    given, which is all ``imputation`` uses (TESLA's computation is unchanged).
+    """
+
+    def __init__(self, X: np.ndarray) -> None:
+        self.X = X
+        self.obs = pd.DataFrame(index=pd.RangeIndex(X.shape[0]))
+        self.var = pd.DataFrame(index=pd.RangeIndex(X.shape[1]))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.X.shape
+
+
+def _tesla_imputation():
+    """TESLA's ``imputation`` function (run with :class:`_TeslaOutput`), or an ImportError that says how to install it."""
+    try:
+        import importlib
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # its anndata imports are deprecated, not broken
+            module = importlib.import_module("TESLA.imputation")
+    except ImportError as e:
+        msg = (
+            f"`dst.tl.tesla` needs the optional TESLA package (module `TESLA`, PyPI `teslaforst`), which failed to "
+            f"import: {e}. Install it with `{TESLA_INSTALL}`: `--no-deps` because teslaforst declares the withdrawn "
+            "`sklearn` package; it imports opencv (cv2) without declaring it, and scanpy."
+        )
+        raise ImportError(msg) from e
+
+    def run(*args, **kwargs):
+        with mock.patch.object(module, "AnnData", _TeslaOutput):
+            return module.imputation(*args, **kwargs)
+
+    return run
+
+
+def tesla(
+    sdata: SpatialData,
+    *,
+    key: str = "diffst",
+    split: str | None = "test",
+    key_added: str = "tesla_sr",
+    image_px_per_hr: int = 8,
+    margin_lr: int = 1,
+    num_nbs: int = 10,
+    k: int = 2,
+    s: float = 1.0,
+    units: Units = "counts",
+    overwrite: bool = False,
+) -> None:
+    """TESLA's gene-expression imputation (Hu et al., ``teslaforst``) on the prepared tiles: an image-guided baseline.
+
+    TESLA places "superpixels" on a regular grid over the histology and gives each the inverse-distance-weighted
+    mean (power ``k``) of its ``num_nbs`` nearest measured spots, distance taken in 3-D: image rows and columns
+    plus the superpixel's colour z-score scaled by ``s ·`` the larger spatial standard deviation of the points.
+    Here, per tile:
+
+    - superpixels are the HR pixel centres (the image crop starts half an HR pixel before the tile so TESLA's grid
+      ``res, 2·res, …`` lands on them, ``res = image_px_per_hr``, and colour is averaged over one HR pixel);
+    - measured spots are the observed LR pixel centres of the tile and ``margin_lr`` LR pixels around it, with
+      ``log1p`` of the LR counts per observed HR pixel (TESLA interpolates log expression, as in its tutorial);
+    - the result is turned back to expected counts per HR pixel (``expm1``).
+
+    TESLA computes distances in a Python double loop (superpixels × spots), so it runs per tile and only on the
+    tiles of ``split`` by default; pixels outside the processed tiles are NaN. The colour scale depends on the
+    crop's extent, so tile-wise runs differ slightly from one whole-slide run, and a crop with no colour variation
+    gives NaN (TESLA's z-score is undefined).
+
+    Parameters
+    ----------
+    sdata
+        SpatialData prepared with ``dst.pp.prepare``.
+    key
+        The prepared key.
+    split
+        Tiles to process (``"test"``, ``"val"``, ``"train"``), or ``None`` for all tiles.
+    key_added
+        Name of the SR result.
+    image_px_per_hr
+        Image pixels per HR pixel side in the crops TESLA reads (its ``res``).
+    margin_lr
+        LR pixels around each tile whose measurements TESLA may use.
+    num_nbs, k, s
+        TESLA's ``imputation`` parameters (neighbours, distance power, colour weight), its defaults.
+    units
+        ``"counts"`` or ``"log1p"``.
+    overwrite
+        Replace an existing result under ``key_added``.
+
+    Returns
+    -------
+    Nothing; writes ``sdata.images[key_added]`` and ``sdata.attrs[key_added]`` (``method="tesla"``).
+
+    Raises
+    ------
+    ImportError
+        When TESLA (module ``TESLA`` with opencv and scanpy) is not installed; the message has the install command.
+
+    """
+    imputation = _tesla_imputation()
+    if units not in ("counts", "log1p"):
+        msg = f"`units` must be 'counts' or 'log1p'; got {units!r}."
+        raise ValueError(msg)
+    if image_px_per_hr < 2 or margin_lr < 0:
+        msg = f"`image_px_per_hr` must be ≥ 2 and `margin_lr` ≥ 0; got {image_px_per_hr} and {margin_lr}."
+        raise ValueError(msg)
+    prep = Prepared.from_sdata(sdata, key)
+    check_sr_free(sdata, key_added, overwrite=overwrite)
+    tiles = prep.tiles(sdata, split)
+    if len(tiles) == 0:
+        msg = f"No {split!r} tiles under {key!r} to run TESLA on; pass another `split` (or None for all tiles)."
+        raise ValueError(msg)
+
+    import anndata as ad
+
+    from .._image import read_tile
+
+    grid = prep.grid
+    sc = grid.scale
+    t = prep.tile_lr
+    h, w = grid.lr_shape
+    genes = list(prep.genes)
+    lr = np.asarray(sdata[prep.elements["lr"]].values, dtype=np.float32)
+    log_lr = np.log1p(lr_per_hr_pixel(lr, prep.coverage, sc))
+    image = sdata.images[prep.image.key]
+    res = int(image_px_per_hr)
+    out = np.full((len(genes), *grid.hr_shape), np.nan, dtype=np.float32)
+    n_nan = 0
+    for r0, c0 in zip(tiles["lr_row0"].astype(int), tiles["lr_col0"].astype(int), strict=True):
+        ra, ca = max(r0 - margin_lr, 0), max(c0 - margin_lr, 0)
+        rb, cb = min(r0 + t + margin_lr, h), min(c0 + t + margin_lr, w)
+        ii, jj = np.nonzero(prep.coverage[ra:rb, ca:cb] > 0)
+        if len(ii) == 0:
+            continue
+        hh, ww = (rb - ra) * sc, (cb - ca) * sc
+        half = grid.hr_um / 2.0
+        x0 = grid.origin_um[0] + ca * grid.lr_um - half
+        y0 = grid.origin_um[1] + ra * grid.lr_um - half
+        bbox = (x0, y0, x0 + (ww + 1) * grid.hr_um, y0 + (hh + 1) * grid.hr_um)
+        crop = read_tile(image, prep.image, bbox, grid.hr_um / res)
+        img = _rgb_uint8(crop)
+        known = ad.AnnData(
+            X=log_lr[:, ra + ii, ca + jj].T.astype(np.float64),
+            obs=pd.DataFrame(
+                {"pixel_x": ((ii + 0.5) * sc + 0.5) * res, "pixel_y": ((jj + 0.5) * sc + 0.5) * res},
+                index=[f"lr_{a}_{b}" for a, b in zip(ra + ii, ca + jj, strict=True)],
+            ),
+            var=pd.DataFrame(index=genes),
+        )
+        rows, cols = img.shape[:2]
+        contour = np.array([[[0, 0]], [[cols - 1, 0]], [[cols - 1, rows - 1]], [[0, rows - 1]]], dtype=np.int32)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            result = imputation(img, known, contour, genes, res=res, s=s, k=k, num_nbs=min(num_nbs, len(ii)))
+        hr_r = (result.obs["x"].to_numpy() // res - 1).astype(int)
+        hr_c = (result.obs["y"].to_numpy() // res - 1).astype(int)
+        values = np.full((len(genes), hh, ww), np.nan, dtype=np.float32)
+        order = [list(result.var.index).index(g) for g in genes]
+        values[:, hr_r, hr_c] = np.asarray(result.X, dtype=np.float32)[:, order].T
+        tr, tc = (r0 - ra) * sc, (c0 - ca) * sc
+        tile_vals = values[:, tr : tr + t * sc, tc : tc + t * sc]
+        n_nan += int(np.isnan(tile_vals).any())
+        out[:, r0 * sc : (r0 + t) * sc, c0 * sc : (c0 + t) * sc] = tile_vals
+    if n_nan:
+        log.warn(f"TESLA left NaN in {n_nan} tiles (no colour variation in the image crop or no spot nearby)")
+    counts = np.expm1(out)
+    data = counts if units == "counts" else out
+    write_sr(
+        sdata,
+        prep,
+        key_added=key_added,
+        mean=data.astype(np.float32),
+        std=None,
+        genes=genes,
+        units=units,
+        method="tesla",
+        params={
+            "baseline": True,
+            "split": split,
+            "tesla": {"res": res, "num_nbs": num_nbs, "k": k, "s": s, "margin_lr": margin_lr},
+        },
+        overwrite=overwrite,
+    )
+    log.info(f"TESLA imputation of {len(genes)} genes on {len(tiles)} tiles → sdata.images[{key_added!r}]")
+
+
+def _rgb_uint8(crop: np.ndarray) -> np.ndarray:
+    """An image crop ``(C, H, W)`` in [0, 1] as the ``(H, W, 3)`` uint8 array TESLA reads (one channel repeated)."""
+    c = crop[:3] if crop.shape[0] >= 3 else np.repeat(crop[:1], 3, axis=0)
+    return np.ascontiguousarray(np.round(np.clip(c, 0.0, 1.0) * 255).astype(np.uint8).transpose(1, 2, 0))

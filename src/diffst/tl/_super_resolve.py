@@ -1,0 +1,515 @@
+"""``dst.tl.super_resolve``: whole-slide super-resolution, tiled with dask, written back to the SpatialData."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import dask
+import dask.array as da
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .. import _logging as log
+from .._degradation import BinDegradation, SpotDegradation, degradation_for
+from .._grid import Grid
+from .._normalise import to_counts
+from .._settings import settings
+from .._spatial import suggest
+from ._data import Prepared, TileSource
+from ._model import DiffST, fingerprint
+from ._output import Units, check_sr_free, sr_image, write_sr
+
+if TYPE_CHECKING:
+    import xarray as xr
+    from spatialdata import SpatialData
+
+SamplerName = Literal["fast", "ddpm", "ddim", "dpmsolver"]
+
+#: Output chunk side in LR pixels (each chunk is computed from the windows that reach it).
+DEFAULT_BLOCK_LR = 48
+
+
+def super_resolve(
+    sdata: SpatialData,
+    model: DiffST | str | Path | None = None,
+    *,
+    genes: str | list[str] | None = None,
+    key: str = "diffst",
+    sampler: SamplerName = "fast",
+    steps: int | None = None,
+    n_samples: int = 1,
+    consistency: bool = True,
+    tile_overlap: float = 0.25,
+    batch_size: int = 16,
+    seed: int = 0,
+    units: Units = "counts",
+    key_added: str = "diffst_sr",
+    overwrite: bool = False,
+    inplace: bool = True,
+    block_lr: int = DEFAULT_BLOCK_LR,
+) -> dict[str, xr.DataArray] | None:
+    """Super-resolve gene maps over the whole tissue and write them into the SpatialData.
+
+    The tissue is covered by overlapping model windows; each window is sampled with its own seed (so the result does
+    not depend on how the work is split up), windows are blended with weights that fall to zero at their borders (no
+    visible seams), and several samples give a mean and a per-pixel standard deviation. With ``consistency``, each
+    sample is rescaled so that degrading it with the data's operator (sum-pooling or Visium spots) gives back the
+    observed LR counts exactly. The work runs lazily over chunks of the slide with dask, so memory does not grow with
+    slide size and a ``dask.distributed`` cluster can run it (create a ``Client`` first).
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData: prepared with :func:`diffst.pp.prepare`, or raw (then it is prepared under ``key`` with the
+        model's genes and units; a Visium slide with only spots works).
+    model
+        A :class:`diffst.DiffST`, a path to a saved one, or ``None``: the model :func:`diffst.tl.train` recorded in
+        ``sdata.attrs[key]['model']``; if there is none, one is trained with the defaults first (you are told).
+    genes
+        Genes to write (default: all the model's genes). The model always predicts its genes jointly.
+    key
+        Key of the prepared data.
+    sampler
+        ``"fast"`` (the model's fast sampler, DPM-Solver++), ``"ddim"``, ``"dpmsolver"`` or ``"ddpm"`` (1000 ancestral
+        steps, as in the paper; slow).
+    steps
+        Sampler steps (default: the model's, 20 for the fast samplers).
+    n_samples
+        Samples per pixel; more than one adds ``images[key_added + '_std']``.
+    consistency
+        Enforce that the map, re-degraded, reproduces the observed LR counts exactly (non-negative).
+    tile_overlap
+        Overlap of neighbouring windows as a fraction of the window (``0 ≤ tile_overlap < 1``).
+    batch_size
+        Windows per network call.
+    seed
+        Same seed, same map (on the same device).
+    units
+        ``"counts"``: expected counts per HR pixel (re-binning compares with LR counts); ``"log1p"``: log1p of them.
+    key_added
+        Name of the result.
+    overwrite
+        Replace an existing result of that name.
+    inplace
+        Write into ``sdata`` (``True``) or return the maps without touching it.
+    block_lr
+        Output chunk side in LR pixels (memory per chunk grows with its square).
+
+    Returns
+    -------
+    ``None`` when ``inplace`` (writes ``images[key_added]``, ``images[key_added + '_std']`` when ``n_samples > 1``,
+    ``sdata.attrs[key_added]``; on disk too for a zarr-backed SpatialData); else ``{"mean": DataArray, "std": DataArray
+    or None}``.
+
+    """
+    t_start = time.perf_counter()
+    _check_arguments(sampler, steps, n_samples, tile_overlap, batch_size, units, block_lr)
+    if inplace:
+        check_sr_free(sdata, key_added, overwrite=overwrite)
+    model = _resolve_model(sdata, model, key)
+    if key not in sdata.attrs:
+        _prepare_for(sdata, model, key)
+    prep = Prepared.from_sdata(sdata, key)
+    want = _resolve_genes(genes, model)
+    model.check_compatible(prep, genes=want)
+    if "image" not in prep.attrs or prep.image.key not in sdata.images:
+        msg = "The SpatialData has no tissue image for this model; diffst needs the image the data were prepared with."
+        raise ValueError(msg)
+    transferred = model.info.get("prepared_fingerprint") != fingerprint(prep)
+    if transferred:
+        log.info("the model was trained on another slide: per-gene scales are adapted from this slide's LR counts")
+
+    job = _Job.build(sdata, prep, model, want, sampler=sampler, steps=steps, n_samples=n_samples,
+                     consistency=consistency, tile_overlap=tile_overlap, batch_size=batch_size, seed=seed,
+                     units=units, block_lr=block_lr)  # fmt: skip
+    log.info(
+        f"super-resolving {len(want)} genes over {len(job.windows)} windows of {model.config.tile_um:g} µm "
+        f"({job.sampler}, {job.steps} steps, {n_samples} sample{'s' if n_samples > 1 else ''}) in "
+        f"{len(job.blocks)} chunks"
+    )
+    stack = job.dask_array()
+    params = {
+        "model_path": str(model.path) if model.path else None,
+        "sampler": job.sampler,
+        "steps": job.steps,
+        "n_samples": int(n_samples),
+        "consistency": bool(consistency),
+        "tile_overlap": float(tile_overlap),
+        "seed": int(seed),
+        "transferred": bool(transferred),
+        "gene_scale": [float(v) for v in job.gene_scale[job.out_index]],
+    }
+    with _scratch(sdata if inplace else None) as scratch:
+        stack = _compute(stack, scratch)
+        mean = stack[0]
+        std = stack[1] if n_samples > 1 else None
+        if not inplace:
+            out = {"mean": _level0(sr_image(np.asarray(mean), want, prep))}
+            out["std"] = _level0(sr_image(np.asarray(std), want, prep)) if std is not None else None
+            log.info(f"done in {time.perf_counter() - t_start:.1f} s")
+            return out
+        write_sr(sdata, prep, key_added=key_added, mean=mean, std=std, genes=want, units=units, method="diffst",
+                 params=params, overwrite=overwrite)  # fmt: skip
+    log.info(f"wrote images[{key_added!r}] in {time.perf_counter() - t_start:.1f} s")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_arguments(sampler, steps, n_samples, tile_overlap, batch_size, units, block_lr) -> None:
+    if sampler not in ("fast", "ddpm", "ddim", "dpmsolver"):
+        msg = f"`sampler` must be 'fast', 'ddim', 'dpmsolver' or 'ddpm'; got {sampler!r}."
+        raise ValueError(msg)
+    if steps is not None and (not isinstance(steps, int | np.integer) or steps < 1):
+        msg = f"`steps` must be a positive integer; got {steps!r}."
+        raise ValueError(msg)
+    if not isinstance(n_samples, int | np.integer) or n_samples < 1:
+        msg = f"`n_samples` must be an integer ≥ 1 (samples per pixel); got {n_samples!r}."
+        raise ValueError(msg)
+    if not 0 <= tile_overlap < 1:
+        msg = f"`tile_overlap` must be a fraction of the window in [0, 1); got {tile_overlap!r}."
+        raise ValueError(msg)
+    if batch_size < 1:
+        msg = f"`batch_size` must be ≥ 1; got {batch_size!r}."
+        raise ValueError(msg)
+    if units not in ("counts", "log1p"):
+        msg = f"`units` must be 'counts' or 'log1p'; got {units!r}."
+        raise ValueError(msg)
+    if block_lr < 1:
+        msg = f"`block_lr` must be ≥ 1; got {block_lr!r}."
+        raise ValueError(msg)
+
+
+def _resolve_model(sdata: SpatialData, model: DiffST | str | Path | None, key: str) -> DiffST:
+    if isinstance(model, DiffST):
+        return model
+    if model is not None:
+        return DiffST.load(model)
+    recorded = sdata.attrs.get(key, {}).get("model") if isinstance(sdata.attrs.get(key), dict) else None
+    if recorded and Path(recorded["path"]).exists():
+        log.info(f"using the model trained for this SpatialData: {recorded['path']}")
+        return DiffST.load(recorded["path"])
+    if recorded:
+        log.warn(f"the recorded model {recorded['path']} is gone; training a new one")
+    from ..pp import prepare
+    from ._train import train
+
+    if key not in sdata.attrs:
+        log.info(f"no prepared data under {key!r}: preparing with the defaults (dst.pp.prepare)")
+        prepare(sdata, key_added=key)
+    log.info("no trained model for this SpatialData: training one with the defaults (dst.tl.train)")
+    return train(sdata, key=key)
+
+
+def _prepare_for(sdata: SpatialData, model: DiffST, key: str) -> None:
+    from ..pp import prepare
+
+    u = model.units
+    degradation = u["degradation"] if u["degradation"] in ("bin", "visium") else "bin"
+    log.info(f"preparing the data under {key!r} with the model's {len(model.genes)} genes and units")
+    prepare(
+        sdata,
+        genes=model.genes,
+        lr_um=u["lr_um"],
+        scale=u["scale"],
+        degradation=degradation,
+        tile_um=model.config.tile_um,
+        key_added=key,
+    )
+
+
+def _resolve_genes(genes: str | list[str] | None, model: DiffST) -> list[str]:
+    if genes is None:
+        return list(model.genes)
+    want = [genes] if isinstance(genes, str) else list(genes)
+    unknown = [g for g in want if g not in model.genes]
+    if unknown:
+        hints = "".join(f"\n  {g!r}:{suggest(g, model.genes) or ' no close match'}" for g in unknown[:10])
+        msg = f"The model does not know {len(unknown)} of the requested genes (it predicts {len(model.genes)}):{hints}"
+        raise ValueError(msg)
+    if not want:
+        msg = "`genes` is empty; pass gene names or None for all the model's genes."
+        raise ValueError(msg)
+    return want
+
+
+def blend_weights(size: int, overlap: int) -> np.ndarray:
+    """1-D window weights: a linear ramp over ``overlap`` pixels at each end (tiny but > 0 at the border)."""
+    w = np.ones(size, dtype=np.float32)
+    if overlap > 0:
+        ramp = (np.arange(overlap, dtype=np.float32) + 0.5) / overlap
+        w[:overlap] = ramp
+        w[-overlap:] = ramp[::-1]
+    return w
+
+
+def _level0(element: Any) -> Any:
+    from .._spatial import image_levels
+
+    return image_levels(element)[0]
+
+
+@dataclass
+class _Job:
+    """A picklable description of the whole super-resolution; ``run_block`` computes one output chunk."""
+
+    source: TileSource
+    net: Any
+    diffusion: Any
+    grid: Grid
+    windows: np.ndarray  # (n, 2) LR origins
+    blocks: list[tuple[int, int]]
+    block_lr: int
+    window_lr: int
+    overlap_hr: int
+    halo_lr: int
+    operator: BinDegradation | SpotDegradation | None
+    lr_counts: np.ndarray  # (G_model, h, w) observed LR counts in the model's gene order
+    observed: np.ndarray
+    gene_scale: np.ndarray
+    out_index: np.ndarray
+    image_um: float
+    sampler: str
+    steps: int
+    n_samples: int
+    consistency: bool
+    batch_size: int
+    seed: int
+    units: str
+
+    @classmethod
+    def build(cls, sdata, prep: Prepared, model: DiffST, want: list[str], *, sampler, steps, n_samples, consistency,
+              tile_overlap, batch_size, seed, units, block_lr) -> _Job:  # fmt: skip
+        cfg = model.config
+        grid = prep.grid
+        window_lr = cfg.lr_px
+        stride = max(1, int(round(window_lr * (1 - tile_overlap))))
+        overlap_hr = (window_lr - stride) * grid.scale
+        h, w = grid.lr_shape
+        tissue = np.asarray(sdata[prep.elements["tissue"]].values, dtype=bool)
+        reach = ndimage.binary_dilation(tissue, iterations=1) if tissue.any() else tissue
+        rows = _starts(h, window_lr, stride)
+        cols = _starts(w, window_lr, stride)
+        windows = [
+            (r, c) for r in rows for c in cols if reach[max(r, 0) : r + window_lr, max(c, 0) : c + window_lr].any()
+        ]
+        blocks = [(r, c) for r in range(0, h, block_lr) for c in range(0, w, block_lr)]
+        op = degradation_for(sdata, prep.attrs) if consistency else None
+        halo = 0
+        if isinstance(op, SpotDegradation):
+            halo = int(np.ceil(op.diameter_um / grid.lr_um)) + 2
+        lr_all = np.asarray(sdata[prep.elements["lr"]].values, dtype=np.float32)
+        model_index = np.array([prep.genes.index(g) for g in model.genes])
+        resolved = cfg.sampler if sampler == "fast" else sampler
+        if resolved == "ddpm" and sampler == "fast":
+            resolved = "dpmsolver"
+        n_steps = steps or (cfg.num_train_timesteps if resolved == "ddpm" else cfg.sample_steps)
+        source = TileSource.from_sdata(sdata, prep, genes=model.genes)
+        source.lr = lr_all  # small: keep it in the task instead of re-reading the store
+        source.hr = None
+        net = model.net.eval()
+        return cls(
+            source=source,
+            net=net,
+            diffusion=model.diffusion,
+            grid=grid,
+            windows=np.array(windows, dtype=np.int64).reshape(-1, 2),
+            blocks=blocks,
+            block_lr=block_lr,
+            window_lr=window_lr,
+            overlap_hr=overlap_hr,
+            halo_lr=halo,
+            operator=op,
+            lr_counts=lr_all[model_index],
+            observed=prep.coverage > 0,
+            gene_scale=model.gene_scale_for(prep),
+            out_index=np.array([model.genes.index(g) for g in want]),
+            image_um=cfg.image_um,
+            sampler=resolved,
+            steps=int(n_steps),
+            n_samples=int(n_samples),
+            consistency=bool(consistency),
+            batch_size=int(batch_size),
+            seed=int(seed),
+            units=units,
+        )
+
+    # -------------------------------------------------------------- one chunk
+    def dask_array(self) -> da.Array:
+        """``(2, genes, H, W)`` lazy array: mean and standard deviation over samples."""
+        s = self.grid.scale
+        hh, ww = self.grid.hr_shape
+        b = self.block_lr * s
+        chunks = ((2,), (len(self.out_index),), _chunks(hh, b), _chunks(ww, b))
+        ctx = dask.delayed(self, pure=True, traverse=False)
+        return da.map_blocks(
+            _run_block, dtype=np.float32, chunks=chunks, ctx=ctx, meta=np.zeros((0, 0, 0, 0), np.float32)
+        )
+
+    def run_block(self, hr_rows: tuple[int, int], hr_cols: tuple[int, int]) -> np.ndarray:
+        """Mean and std over samples of the HR pixels ``[rows) × [cols)``: ``(2, genes, rows, cols)``."""
+        s = self.grid.scale
+        r0, c0 = hr_rows[0] // s - self.halo_lr, hr_cols[0] // s - self.halo_lr
+        r1, c1 = -(-hr_rows[1] // s) + self.halo_lr, -(-hr_cols[1] // s) + self.halo_lr
+        acc, wsum = self._blend(r0, c0, r1, c1)
+        samples = acc / np.maximum(wsum, 1e-12)[None, None]
+        if self.consistency and self.operator is not None:
+            samples = np.stack([self._project(x, r0, c0, r1, c1) for x in samples])
+        if self.units == "log1p":
+            samples = np.log1p(samples)
+        cut = samples[
+            :, self.out_index, hr_rows[0] - r0 * s : hr_rows[1] - r0 * s, hr_cols[0] - c0 * s : hr_cols[1] - c0 * s
+        ]
+        mean = cut.mean(axis=0)
+        std = cut.std(axis=0) if self.n_samples > 1 else np.zeros_like(mean)
+        return np.stack([mean, std]).astype(np.float32)
+
+    def _blend(self, r0: int, c0: int, r1: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
+        s = self.grid.scale
+        n_genes = len(self.gene_scale)
+        size = self.window_lr * s
+        acc = np.zeros((self.n_samples, n_genes, (r1 - r0) * s, (c1 - c0) * s), dtype=np.float64)
+        wsum = np.zeros(acc.shape[2:], dtype=np.float64)
+        if len(self.windows) == 0:
+            return acc, wsum
+        wr, wc = self.windows[:, 0], self.windows[:, 1]
+        hit = (wr < r1) & (wr + self.window_lr > r0) & (wc < c1) & (wc + self.window_lr > c0)
+        todo = self.windows[hit]
+        w1 = blend_weights(size, self.overlap_hr)
+        weight = np.outer(w1, w1)
+        per_batch = 1 if self.sampler == "ddpm" else max(1, self.batch_size // self.n_samples)
+        for i in range(0, len(todo), per_batch):
+            group = todo[i : i + per_batch]
+            out = self._sample_windows(group)  # (len(group), n_samples, G, size, size) counts
+            for (wr0, wc0), x in zip(group, out, strict=True):
+                # window rows/cols relative to the block, clipped to it
+                ar0, ac0 = (wr0 - r0) * s, (wc0 - c0) * s
+                sr0, sc0 = max(0, -ar0), max(0, -ac0)
+                er, ec = min(size, acc.shape[2] - ar0), min(size, acc.shape[3] - ac0)
+                tgt = (slice(ar0 + sr0, ar0 + er), slice(ac0 + sc0, ac0 + ec))
+                wpart = weight[sr0:er, sc0:ec]
+                acc[(slice(None), slice(None), *tgt)] += x[:, :, sr0:er, sc0:ec] * wpart
+                wsum[tgt] += wpart
+        return acc, wsum
+
+    def _sample_windows(self, group: np.ndarray) -> np.ndarray:
+        items = [
+            self.source.read(int(r), int(c), self.window_lr, self.image_um, self.gene_scale, with_hr=False)
+            for r, c in group
+        ]
+        k = self.n_samples
+        device = next(self.net.parameters()).device
+        lr = torch.from_numpy(np.stack([it["lr"] for it in items])).repeat_interleave(k, 0).to(device)
+        mask = torch.from_numpy(np.stack([it["mask"] for it in items])).repeat_interleave(k, 0).to(device)
+        image = torch.from_numpy(np.stack([it["image"] for it in items])).repeat_interleave(k, 0).to(device)
+        size = self.window_lr * self.grid.scale
+        noise = []
+        for r, c in group:
+            gen = torch.Generator().manual_seed(_window_seed(self.seed, int(r), int(c)))
+            noise.append(torch.randn((k, len(self.gene_scale), size, size), generator=gen))
+        noise = torch.cat(noise).to(device)
+        gen = torch.Generator().manual_seed(_window_seed(self.seed, int(group[0][0]), int(group[0][1])) + 1)
+        with torch.inference_mode():
+            x = self.diffusion.sample(
+                self.net, lr, mask, image, sampler=self.sampler, steps=self.steps, noise=noise, generator=gen
+            )
+        counts = to_counts(x.float().cpu().numpy(), self.gene_scale)
+        return counts.reshape(len(group), k, *x.shape[1:])
+
+    def _project(self, x: np.ndarray, r0: int, c0: int, r1: int, c1: int) -> np.ndarray:
+        """LR-consistency on the region ``[r0, r1) × [c0, c1)`` of LR pixels (zero-padded outside the grid)."""
+        h, w = self.grid.lr_shape
+        rr0, cc0, rr1, cc1 = max(r0, 0), max(c0, 0), min(r1, h), min(c1, w)
+        lr = np.zeros((x.shape[0], r1 - r0, c1 - c0), dtype=np.float64)
+        obs = np.zeros((r1 - r0, c1 - c0), dtype=bool)
+        lr[:, rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0] = self.lr_counts[:, rr0:rr1, cc0:cc1]
+        obs[rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0] = self.observed[rr0:rr1, cc0:cc1]
+        if isinstance(self.operator, BinDegradation):
+            return self.operator.project(x, lr, obs)
+        # spots: work on the part of the region inside the grid (HR pixels beyond it do not exist)
+        g = self.grid
+        s = g.scale
+        x = x.copy()
+        inner = (slice(None), slice((rr0 - r0) * s, (rr1 - r0) * s), slice((cc0 - c0) * s, (cc1 - c0) * s))
+        sub = Grid((g.origin_um[0] + cc0 * g.lr_um, g.origin_um[1] + rr0 * g.lr_um), g.lr_um, s, (rr1 - rr0, cc1 - cc0))
+        centres = self.operator.centres_um
+        lr_row, lr_col = g.pixel_index(centres[:, 0], centres[:, 1], level="lr")
+        inside = np.flatnonzero((lr_row >= rr0) & (lr_row < rr1) & (lr_col >= cc0) & (lr_col < cc1))
+        op = SpotDegradation(sub, centres[inside], self.operator.diameter_um)
+        # an LR pixel can be made exact here only if none of its spots' discs is cut by the region's border; the
+        # halo is wide enough that every spot reaching the chunk itself is whole, so neighbouring chunks agree
+        whole = np.isclose(op.weights.sum(axis=(1, 2)), self.operator.weights[inside].sum(axis=(1, 2)))
+        sub_obs = obs[rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0]
+        cut = np.bincount(op.lr_index, weights=~whole, minlength=sub_obs.size).reshape(sub_obs.shape) > 0
+        x[inner] = op.project(x[inner], lr[:, rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0], sub_obs & ~cut)
+        return x
+
+
+def _run_block(block_info: dict | None = None, ctx: _Job | None = None) -> np.ndarray:
+    loc = block_info[None]["array-location"]
+    # tasks may read lazily-loaded image chunks: do it in this thread, never through a nested scheduler
+    with dask.config.set(scheduler="synchronous"):
+        return ctx.run_block(loc[2], loc[3])
+
+
+def _window_seed(seed: int, row: int, col: int) -> int:
+    return int(np.random.SeedSequence([seed, row + 2**20, col + 2**20]).generate_state(1)[0])
+
+
+def _starts(n: int, size: int, stride: int) -> list[int]:
+    """Window origins covering ``[0, n)``: every ``stride``, the last one ending at or after ``n``."""
+    starts = list(range(0, max(n - size, 0) + 1, stride))
+    if starts[-1] + size < n:
+        starts.append(starts[-1] + stride)
+    return starts
+
+
+def _chunks(n: int, b: int) -> tuple[int, ...]:
+    return tuple([b] * (n // b) + ([n % b] if n % b else []))
+
+
+@contextlib.contextmanager
+def _scratch(sdata: SpatialData | None):
+    """A temporary folder beside a zarr-backed SpatialData (same disk), else None."""
+    if sdata is None or sdata.path is None or not Path(sdata.path).exists():
+        yield None
+        return
+    path = Path(tempfile.mkdtemp(prefix=".diffst-tmp-", dir=Path(sdata.path).parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _compute(stack: da.Array, scratch: Path | None) -> Any:
+    """Run the graph: into a scratch zarr store (bounded memory, for zarr-backed data) or into memory.
+
+    Without a ``dask.distributed`` client the chunks run one after the other (torch already uses every core).
+    """
+    try:
+        from distributed import get_client
+
+        get_client()
+        distributed = True
+    except (ImportError, ValueError):
+        distributed = False
+    progress: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if not distributed and settings.verbosity >= 1:
+        from dask.diagnostics import ProgressBar
+
+        progress = ProgressBar(minimum=2.0)
+    local = contextlib.nullcontext() if distributed else dask.config.set(scheduler="threads", num_workers=1)
+    with progress, local:
+        if scratch is not None:
+            target = str(scratch / "sr.zarr")
+            stack.to_zarr(target)
+            return da.from_zarr(target)
+        return np.asarray(stack.compute())
