@@ -216,3 +216,27 @@ def test_fill_unobserved_by_hand():
     torch.testing.assert_close(filled[observed.expand_as(lr)], lr[observed.expand_as(lr)])
     # nothing observed anywhere: no counts
     assert (fill_unobserved(lr, torch.zeros_like(mask)) == -1).all()
+
+
+def test_regression_objective_is_a_one_step_mse_model():
+    import torch
+
+    from diffst.model import DiffSTConfig, DiffSTNet, Diffusion
+
+    cfg = DiffSTConfig.preset("tiny", objective="regression")
+    net, diffusion = DiffSTNet(cfg), Diffusion(cfg)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand((2, cfg.n_genes, cfg.hr_px, cfg.hr_px), generator=g) * 2 - 1
+    lr = torch.nn.functional.avg_pool2d(x0, cfg.scale)
+    mask = torch.ones((2, 1, cfg.lr_px, cfg.lr_px))
+    image = torch.rand((2, cfg.image_channels, cfg.image_px, cfg.image_px), generator=g)
+    losses = diffusion.training_losses(net, x0, lr, mask, image)
+    # untrained (zero-initialised output): the prediction is the bicubic baseline, so the MSE is its residual error
+    base = diffusion.baseline(lr, mask)
+    assert torch.allclose(losses["mse"], ((x0 - base) ** 2).mean(), atol=1e-6)
+    a = diffusion.sample(net, lr, mask, image, generator=torch.Generator().manual_seed(1))
+    b = diffusion.sample(net, lr, mask, image, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)  # deterministic: no noise
+    assert torch.allclose(a, base.clamp(*cfg.x0_range))
+    with pytest.raises(ValueError, match="objective"):
+        DiffSTConfig.preset("tiny", objective="gan")

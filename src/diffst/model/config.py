@@ -52,6 +52,9 @@ class DiffSTConfig:
     num_train_timesteps, beta_schedule, beta_start, beta_end, prediction_type
         The diffusion (diffusers scheduler arguments). ``prediction_type="sample"`` (the default
         outside the paper preset) predicts the clean residual; see :class:`~diffst.model.Diffusion`.
+    objective
+        ``"diffusion"`` (Diff-ST) or ``"regression"``: the same network and conditioning trained with plain MSE to
+        predict x0 in one step (no noise, ``t = 0``) — the deterministic regression baseline.
     residual
         Diffuse ``x0 - up(lr)`` instead of ``x0`` (SR3/SRDiff style) and add ``up(lr)`` back after sampling.
     x0_range
@@ -111,6 +114,7 @@ class DiffSTConfig:
     beta_end: float = 0.02
     prediction_type: str = "sample"
     residual: bool = True
+    objective: str = "diffusion"
     x0_range: tuple[float, float] = (-1.0, 3.0)
     sampler: str = "dpmsolver"
     sample_steps: int = 20
@@ -281,6 +285,9 @@ class DiffSTConfig:
             raise ValueError(msg)
         if self.n_cell_patches is not None and math.isqrt(self.n_cell_patches) ** 2 != self.n_cell_patches:
             msg = f"n_cell_patches must be a square number (patches on a k x k grid), got {self.n_cell_patches}."
+            raise ValueError(msg)
+        if self.objective not in ("diffusion", "regression"):
+            msg = f"objective must be 'diffusion' or 'regression', got {self.objective!r}."
             raise ValueError(msg)
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             msg = f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {self.prediction_type!r}."

@@ -105,6 +105,24 @@ class Diffusion:
         """
         b = x0.shape[0]
         target_x0 = x0 - self.baseline(lr, mask)
+        if self.config.objective == "regression":
+            # the baseline network: same inputs with an empty x_t at t = 0, trained to output x0 directly
+            out = net(
+                torch.zeros_like(x0),
+                torch.zeros(b, dtype=torch.long, device=x0.device),
+                lr,
+                mask,
+                image,
+                progress=progress,
+            )
+            mse = F.mse_loss(out.sample.float(), target_x0.float())
+            dis = out.dis_loss.float()
+            return {
+                "loss": mse + self.config.dis_weight * dis,
+                "mse": mse,
+                "dis": dis,
+                "kept_fraction": torch.tensor(out.kept_fraction),
+            }
         noise = _randn(tuple(x0.shape), generator, x0)
         t_device = generator.device if generator is not None else x0.device
         t = torch.randint(0, self.config.num_train_timesteps, (b,), generator=generator, device=t_device)
@@ -192,6 +210,14 @@ class Diffusion:
         ``(B, G, scale h, scale w)`` x0 estimate in normalised units.
 
         """
+        if self.config.objective == "regression":
+            base = self.baseline(lr, mask)
+            b = base.shape[0]
+            out = net(
+                torch.zeros_like(base), torch.zeros(b, dtype=torch.long, device=base.device), lr, mask, image
+            ).sample
+            lo, hi = self.config.x0_range
+            return (out + base).clamp(lo, hi)
         sampler = sampler or self.config.sampler
         if steps is None:
             steps = self.config.num_train_timesteps if sampler == "ddpm" else self.config.sample_steps

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 _MAX_COEXPR_PIXELS = 50_000
+_GENE_CHUNK = 16  # genes rasterised at once (an int64 count array of this many genes at a time)
 
 
 def prepare(
@@ -261,10 +262,12 @@ def prepare(
     lr_scale = robust_scale(density[:, observed_train], floor=1e-2)
     if hr is not None:
         train_hr = np.kron(train_lr, np.ones((scale, scale), dtype=bool))
-        hr_train_px = hr[:, train_hr]
-        hr_scale = robust_scale(hr_train_px, floor=1.0)
-        pick = _subsample(hr_train_px.shape[1], _MAX_COEXPR_PIXELS, seed)
-        coexpr = coexpression_intensity(hr_train_px[:, pick])
+        hr_scale = np.concatenate(
+            [robust_scale(hr[g0 : g0 + _GENE_CHUNK][:, train_hr], floor=1.0) for g0 in range(0, len(hr), _GENE_CHUNK)]
+        )
+        rows_px, cols_px = np.nonzero(train_hr)
+        pick = _subsample(len(rows_px), _MAX_COEXPR_PIXELS, seed)
+        coexpr = coexpression_intensity(hr[:, rows_px[pick], cols_px[pick]])
         reference = "hr"
     else:
         hr_scale = None
@@ -423,7 +426,7 @@ def _lr_all_genes(meas: Measurement, grid: Grid) -> tuple[np.ndarray, np.ndarray
 
 
 def _hr_raster(meas: Measurement, grid: Grid, gene_idx: np.ndarray) -> np.ndarray:
-    """HR counts ``(genes, H, W)`` float32 of the selected genes."""
+    """HR counts ``(genes, H, W)`` float32 of the selected genes, built a few genes at a time to bound memory."""
     hh, ww = grid.hr_shape
     n = len(gene_idx)
     remap = np.full(len(meas.gene_names), -1, dtype=np.int64)
@@ -432,17 +435,22 @@ def _hr_raster(meas: Measurement, grid: Grid, gene_idx: np.ndarray) -> np.ndarra
         g = remap[meas.codes]
         r, c = grid.pixel_index(meas.x_um, meas.y_um, level="hr")
         ok = (g >= 0) & (r >= 0) & (r < hh) & (c >= 0) & (c < ww)
-        lin = g[ok] * (hh * ww) + r[ok] * ww + c[ok]
-        weights = None
+        gene, pix, weights = g[ok], r[ok] * ww + c[ok], None
     else:
         r, c = grid.pixel_index(meas.centres_um[:, 0], meas.centres_um[:, 1], level="hr")
         ok_bins = (r >= 0) & (r < hh) & (c >= 0) & (c < ww)
         coo = meas.counts[np.flatnonzero(ok_bins)][:, gene_idx].tocoo()
-        pix = (r[ok_bins] * ww + c[ok_bins])[coo.row]
-        lin = coo.col.astype(np.int64) * (hh * ww) + pix
-        weights = coo.data
-    counts = np.bincount(lin, weights=weights, minlength=n * hh * ww)
-    return counts.astype(np.float32).reshape(n, hh, ww)
+        gene, pix, weights = coo.col.astype(np.int64), (r[ok_bins] * ww + c[ok_bins])[coo.row], coo.data
+    out = np.empty((n, hh, ww), dtype=np.float32)
+    order = np.argsort(gene, kind="stable")
+    bounds = np.searchsorted(gene[order], np.arange(n + 1))
+    for g0 in range(0, n, _GENE_CHUNK):
+        g1 = min(n, g0 + _GENE_CHUNK)
+        sel = order[bounds[g0] : bounds[g1]]
+        lin = (gene[sel] - g0) * (hh * ww) + pix[sel]
+        w = None if weights is None else weights[sel]
+        out[g0:g1] = np.bincount(lin, weights=w, minlength=(g1 - g0) * hh * ww).reshape(g1 - g0, hh, ww)
+    return out
 
 
 def _check_tile_fits(tissue: np.ndarray, tile_lr: int, tile_um: float) -> None:
@@ -473,7 +481,7 @@ def _subsample(n: int, k: int, seed: int) -> np.ndarray:
 
 def _image(data: np.ndarray, channels: list[str], transform, cs: str):
     return Image2DModel.parse(
-        data.astype(np.float32),
+        np.asarray(data, dtype=np.float32),  # no copy when already float32 (the HR raster can be large)
         dims=("c", "y", "x"),
         c_coords=list(channels),
         transformations={cs: transform},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from typing import Any
 
 import lightning as L
@@ -122,9 +123,18 @@ class History(L.Callback):
 
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
+        self._t0: float | None = None
+        self._offset = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # a resumed run continues the clock of the run it resumes
+        self._t0 = time.perf_counter()
+        self._offset = self.rows[-1].get("seconds", 0.0) if self.rows else 0.0
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         row = {"epoch": int(trainer.current_epoch), "step": int(trainer.global_step)}
+        if self._t0 is not None:
+            row["seconds"] = self._offset + time.perf_counter() - self._t0
         for k, v in trainer.callback_metrics.items():
             if k.endswith("_step"):
                 continue

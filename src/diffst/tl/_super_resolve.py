@@ -155,7 +155,8 @@ def super_resolve(
             out["std"] = _level0(sr_image(np.asarray(std), want, prep)) if std is not None else None
             log.info(f"done in {time.perf_counter() - t_start:.1f} s")
             return out
-        write_sr(sdata, prep, key_added=key_added, mean=mean, std=std, genes=want, units=units, method="diffst",
+        write_sr(sdata, prep, key_added=key_added, mean=mean, std=std, genes=want, units=units,
+                 method="regression" if model.config.objective == "regression" else "diffst",
                  params=params, overwrite=overwrite)  # fmt: skip
     log.info(f"wrote images[{key_added!r}] in {time.perf_counter() - t_start:.1f} s")
     return None

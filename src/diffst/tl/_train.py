@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import math
 import time
 import warnings
@@ -169,16 +171,18 @@ def train(
         "num_sanity_val_steps": 0,
     }
     trainer_args.update(trainer_kwargs)
-    trainer = L.Trainer(**trainer_args)
+    with _quiet_lightning():
+        trainer = L.Trainer(**trainer_args)
     log.info(
         f"training preset {preset!r} on {n_train} train / {n_val} val tiles, {max_epochs} epochs × {steps_per_epoch} "
         f"steps, batch {cfg.batch_size}; checkpoints in {ckpt_dir}"
         + (f" (resuming from {ckpt_path.name})" if ckpt_path else "")
     )
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_lightning():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
         trainer.fit(module, train_dl, val_dl, ckpt_path=ckpt_path)
     seconds = time.perf_counter() - t0
 
@@ -251,7 +255,29 @@ def _config(prep: Prepared, preset: str, batch_size: int | None, overrides: dict
         raise ValueError(msg)
     if batch_size is not None:
         extra["batch_size"] = int(batch_size)
+    image_um = float(extra.get("image_um", base.image_um))
+    per_hr = data["hr_um"] / image_um
+    if abs(per_hr - round(per_hr)) > 1e-6:
+        # image pixels must tile HR pixels exactly: take the nearest image resolution that does
+        fitted = data["hr_um"] / max(1, round(per_hr))
+        log.info(f"image_um {image_um:g} does not divide the HR pixel ({data['hr_um']:g} µm); using {fitted:g} µm/px")
+        extra["image_um"] = fitted
     return DiffSTConfig.preset(preset, **data, **extra)
+
+
+@contextlib.contextmanager
+def _quiet_lightning():
+    """Hide Lightning's start-up banners (GPU/TPU availability, tips) unless ``dst.settings.verbosity >= 2``."""
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    levels = [lg.level for lg in loggers]
+    if settings.verbosity < 2:
+        for lg in loggers:
+            lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _uses_gpu(accelerator: str) -> bool:

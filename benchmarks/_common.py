@@ -1,0 +1,50 @@
+"""Shared helpers for the benchmarks: peak-memory sampling and machine description."""
+
+from __future__ import annotations
+
+import os
+import platform
+import threading
+import time
+from contextlib import contextmanager
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process (Linux), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@contextmanager
+def measure():
+    """Wall time and peak RSS (sampled every 20 ms) of a block: yields a dict filled on exit."""
+    out: dict[str, float] = {}
+    stop = threading.Event()
+    peak = [rss_bytes()]
+    base = peak[0]
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    t0 = time.perf_counter()
+    try:
+        yield out
+    finally:
+        out["seconds"] = time.perf_counter() - t0
+        stop.set()
+        thread.join()
+        peak[0] = max(peak[0], rss_bytes())
+        out["peak_rss_gib"] = peak[0] / 2**30
+        out["peak_increase_gib"] = (peak[0] - base) / 2**30
+
+
+def machine() -> str:
+    """One line describing the machine."""
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"

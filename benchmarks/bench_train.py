@@ -1,0 +1,116 @@
+"""Training speed of each preset, and how long the default preset takes to be useful on a CPU.
+
+1. Throughput: optimiser steps (forward + backward + AdamW) on tiles of each preset's own size, in tiles/s, and the
+   time of one epoch over the training tiles of ``synthetic_xenium()`` prepared at that tile size.
+2. Convergence: ``dst.tl.train`` with the default preset on ``synthetic_xenium()`` defaults (25 genes, 10×, H&E),
+   reporting the CPU time until the validation loss plateaus (within 2 % of its best), then test-tile metrics of
+   the trained model (``dst.tl.super_resolve`` + ``dst.tl.evaluate``) beside bicubic up-sampling.
+
+    python benchmarks/bench_train.py            # full
+    python benchmarks/bench_train.py --quick    # tiny settings (CI smoke)
+
+Target (issue 3): the default preset beats bicubic on held-out synthetic tiles within 5 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from _common import machine
+
+import diffst as dst
+from diffst.model import DiffSTConfig, DiffSTNet, Diffusion
+
+
+def throughput(preset: str, steps: int, n_genes: int = 25) -> float:
+    """Tiles per second of training steps with random inputs of the preset's shapes."""
+    cfg = DiffSTConfig.preset(preset, n_genes=n_genes)
+    net, diffusion = DiffSTNet(cfg), Diffusion(cfg)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.learning_rate)
+    g = torch.Generator().manual_seed(0)
+    b = cfg.batch_size
+    x0 = torch.rand((b, n_genes, cfg.hr_px, cfg.hr_px), generator=g) * 2 - 1
+    lr = torch.nn.functional.avg_pool2d(x0, cfg.scale)
+    mask = torch.ones((b, 1, cfg.lr_px, cfg.lr_px))
+    image = torch.rand((b, cfg.image_channels, cfg.image_px, cfg.image_px), generator=g)
+
+    def step() -> None:
+        loss = diffusion.training_losses(net, x0, lr, mask, image, progress=0.5)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    step()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * b / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    dst.settings.verbosity = 0
+    print(f"machine: {machine()}, torch threads {torch.get_num_threads()}")
+
+    sdata = dst.datasets.synthetic_xenium(size_um=1500.0 if args.quick else "default", boundaries=False)
+    presets = [("tiny", 10)] if args.quick else [("tiny", 20), ("default", 10), ("paper", 1)]
+    print("\n| preset | tile | HR px | batch | tiles/s | s/epoch on synthetic_xenium() |")
+    print("|---|---|---|---|---|---|")
+    for preset, steps in presets:
+        cfg = DiffSTConfig.preset(preset)
+        tps = throughput(preset, steps)
+        key = f"tile{int(cfg.tile_um)}"
+        try:
+            dst.pp.prepare(
+                sdata,
+                genes=25,
+                image_key="he_image",
+                tile_um=cfg.tile_um,
+                lr_um=cfg.lr_um,
+                scale=cfg.scale,
+                key_added=key,
+            )
+            n_train = sdata.attrs[key]["split"]["train"]
+            epoch = f"{n_train / tps:.1f} ({n_train} tiles)"
+        except ValueError as e:  # e.g. paper tiles larger than the default slide
+            epoch = f"n/a ({str(e).split('.')[0]})"
+        print(f"| {preset} | {cfg.tile_um:g} µm | {cfg.hr_px} | {cfg.batch_size} | {tps:.2f} | {epoch} |")
+
+    # convergence of the default preset
+    preset = "tiny" if args.quick else "default"
+    key = "bench"
+    dst.pp.prepare(sdata, genes=25, image_key="he_image", key_added=key, tile_um=DiffSTConfig.preset(preset).tile_um)
+    t0 = time.process_time()
+    w0 = time.perf_counter()
+    model = dst.tl.train(
+        sdata,
+        key=key,
+        preset=preset,
+        checkpoint_dir="benchmarks/.cache/bench_train",
+        overwrite=True,
+        enable_progress_bar=False,
+        **({"max_epochs": 3} if args.quick else {}),
+    )
+    cpu, wall = time.process_time() - t0, time.perf_counter() - w0
+    hist = model.history
+    best = min(r["val_loss"] for r in hist)
+    plateau = next(r for r in hist if r["val_loss"] <= best * 1.02)
+    print(f"\ntraining ({preset}): {model.info['steps']} steps, {len(hist)} epochs, wall {wall:.0f} s, CPU {cpu:.0f} s")
+    print(
+        f"validation loss within 2 % of its best ({best:.4f}) at epoch {plateau['epoch']} (step {plateau['step']}), after {plateau['seconds']:.0f} s wall"
+    )
+    print(f"last epoch: val_pcc {hist[-1]['val_pcc']:.3f}, val_pcc_bicubic {hist[-1]['val_pcc_bicubic']:.3f}")
+    dst.tl.super_resolve(sdata, model, key=key, key_added="sr")
+    dst.tl.upsample(sdata, key=key, method="bicubic", key_added="bicubic")
+    for k in ("sr", "bicubic"):
+        m = dst.tl.evaluate(sdata, key=k).loc["mean"]
+        print(f"test tiles, {k:8s}: PCC {m['pcc']:.3f}, RMSE {m['rmse']:.3f}, SSIM {m['ssim']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
