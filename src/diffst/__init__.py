@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import datasets, pl, pp, tl
+from . import datasets, get, pl, pp, tl
 from ._settings import settings
 from .tl import DiffST
 
@@ -13,4 +13,4 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["DiffST", "__version__", "datasets", "pl", "pp", "settings", "tl"]
+__all__ = ["DiffST", "__version__", "datasets", "get", "pl", "pp", "settings", "tl"]

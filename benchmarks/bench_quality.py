@@ -1,0 +1,215 @@
+"""Accuracy of Diff-ST against baselines (paper Table 1), its ablations (Table 2) and its sampling options.
+
+Experiments (each appends rows to ``benchmarks/results/<experiment>.csv`` and skips what is already there, so an
+interrupted run continues; ``--fresh`` starts over):
+
+``quality``
+    methods × {5×, 10×} × datasets {synthetic Xenium, MERFISH mouse brain} × seeds. Methods: Diff-ST (default
+    preset, mean of 4 samples, LR-consistent), the regression network (same backbone and conditioning, MSE, no
+    diffusion), bicubic and nearest up-sampling, TESLA when installed. Strict metrics (signed PCC, RMSE and SSIM on
+    the normalised scale, LR consistency) and the paper-compatible ones, on held-out test tiles.
+``ablation``
+    Diff-ST with each of ``cam``, ``cigc_graph``, ``hierarchical`` switched off, synthetic Xenium, both scales.
+``samples``
+    LR consistency on/off × ``n_samples`` ∈ {1, 4, 8}: PCC/RMSE and the calibration of the std map (share of true
+    counts within mean ± 2 std).
+
+Datasets: synthetic = ``synthetic_xenium(seed=s)`` (3 mm, 50 genes, H&E guide), 25 genes, LR 100 µm, 400 µm tiles;
+MERFISH = the 500 × 450 µm Vizgen crop (DAPI + polyT guide), 25 genes, HR 5 µm from LR 25 µm (5×) or 50 µm (10×),
+100 µm tiles. MERFISH needs ``DIFFST_DATA_DIR`` (e.g. ``../shared/data``) or a download.
+
+    python benchmarks/bench_quality.py quality ablation samples            # full (hours on 2 CPU cores)
+    python benchmarks/bench_quality.py quality --quick                     # smoke: tiny preset, 1 seed
+    python benchmarks/bench_quality.py report                              # tables from the CSVs (markdown)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import diffst as dst
+from _common import machine
+
+RESULTS = Path(__file__).parent / "results"
+CACHE = Path(__file__).parent / ".cache"
+SEEDS = (0, 1, 2)
+METRICS = ["pcc", "rmse", "ssim", "lr_consistency", "paper_pcc", "paper_rmse"]
+
+
+def load(dataset: str, scale: int, seed: int, quick: bool):
+    """A prepared SpatialData for one benchmark cell."""
+    if dataset == "synthetic":
+        size = 1500.0 if quick else "default"
+        sdata = dst.datasets.synthetic_xenium(size_um=size, seed=seed, boundaries=False)
+        dst.pp.prepare(sdata, genes=25, scale=scale, lr_um=100, tile_um=400, image_key="he_image", seed=seed)
+    else:
+        sdata = dst.datasets.merfish_mouse_brain()
+        lr_um = 50 if scale == 10 else 25
+        dst.pp.prepare(sdata, genes=25, scale=scale, lr_um=lr_um, tile_um=100, seed=seed)
+    return sdata
+
+
+def train(sdata, seed: int, quick: bool, tag: str, config: dict | None = None):
+    preset = "tiny" if quick else "default"
+    extra = {"max_epochs": 2} if quick else {}
+    return dst.tl.train(sdata, preset=preset, seed=seed, config=config, checkpoint_dir=CACHE / "runs" / tag,
+                        overwrite=True, enable_progress_bar=False, **extra)  # fmt: skip
+
+
+def score(sdata, key: str, **labels) -> dict:
+    df = dst.tl.evaluate(sdata, key=key)
+    row = df.loc["mean"]
+    return {**labels, **{m: float(row[m]) for m in METRICS if m in row}}
+
+
+def done(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path) if path.exists() else pd.DataFrame()
+
+
+def append(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(path, mode="a", header=not path.exists(), index=False)
+
+
+def quality(args) -> None:
+    path = RESULTS / f"quality{'_quick' if args.quick else ''}.csv"
+    prev = done(path)
+    datasets = ["synthetic"] if args.quick else ["synthetic", "merfish"]
+    for dataset in datasets:
+        for scale in (5, 10):
+            for seed in args.seeds:
+                if not prev.empty and ((prev.dataset == dataset) & (prev.scale == scale) & (prev.seed == seed)).any():
+                    continue
+                t0 = time.perf_counter()
+                sdata = load(dataset, scale, seed, args.quick)
+                labels = {"dataset": dataset, "scale": scale, "seed": seed}
+                rows = []
+                model = train(sdata, seed, args.quick, f"{dataset}{scale}_{seed}")
+                dst.tl.super_resolve(sdata, model, n_samples=4, seed=seed, key_added="diffst_sr")
+                rows.append(score(sdata, "diffst_sr", method="Diff-ST", train_s=model.info["seconds"], **labels))
+                reg = train(sdata, seed, args.quick, f"{dataset}{scale}_{seed}_reg", {"objective": "regression"})
+                dst.tl.super_resolve(sdata, reg, key_added="regression_sr")
+                rows.append(score(sdata, "regression_sr", method="regression", train_s=reg.info["seconds"], **labels))
+                for method in ("bicubic", "nearest"):
+                    dst.tl.upsample(sdata, method=method)
+                    rows.append(score(sdata, f"{method}_sr", method=method, **labels))
+                try:
+                    dst.tl.tesla(sdata)
+                    rows.append(score(sdata, "tesla_sr", method="TESLA", **labels))
+                except ImportError as e:
+                    print(f"TESLA skipped: {e}")
+                append(path, rows)
+                print(f"{dataset} {scale}× seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def ablation(args) -> None:
+    path = RESULTS / f"ablation{'_quick' if args.quick else ''}.csv"
+    prev = done(path)
+    variants = {"Diff-ST": {}, "w/o CAM": {"cam": False}, "w/o CIGC-Graph": {"cigc_graph": False},
+                "w/o hierarchical": {"hierarchical": False}}  # fmt: skip
+    for scale in (5, 10):
+        for seed in args.seeds:
+            for name, cfg in variants.items():
+                if not prev.empty and ((prev.scale == scale) & (prev.seed == seed) & (prev.variant == name)).any():
+                    continue
+                sdata = load("synthetic", scale, seed, args.quick)
+                model = train(sdata, seed, args.quick, f"abl{scale}_{seed}_{name.replace(' ', '').replace('/', '')}", cfg)
+                dst.tl.super_resolve(sdata, model, n_samples=4, seed=seed)
+                n_params = sum(p.numel() for p in model.net.parameters())
+                append(path, [score(sdata, "diffst_sr", variant=name, scale=scale, seed=seed, params=n_params)])
+                print(f"ablation {name} {scale}× seed {seed} done", flush=True)
+
+
+def calibration(sdata, key: str) -> float:
+    """Share of HR pixels of the test tiles whose true count lies within mean ± 2 std."""
+    from diffst._spatial import image_levels
+    from diffst.tl._data import Prepared
+
+    prep = Prepared.from_sdata(sdata, "diffst")
+    attrs = sdata.attrs[key]
+    mean = np.asarray(image_levels(sdata.images[key])[0].values)
+    std = np.asarray(image_levels(sdata.images[attrs["elements"]["std"]])[0].values)
+    truth = np.asarray(sdata[prep.elements["hr"]].values)[[prep.genes.index(g) for g in attrs["genes"]]]
+    s, t = prep.grid.scale, prep.tile_lr
+    inside = []
+    for r0, c0 in zip(*(prep.tiles(sdata, "test")[c] for c in ("lr_row0", "lr_col0")), strict=True):
+        win = (slice(None), slice(r0 * s, (r0 + t) * s), slice(c0 * s, (c0 + t) * s))
+        inside.append((np.abs(truth[win] - mean[win]) <= 2 * std[win]).ravel())
+    return float(np.concatenate(inside).mean())
+
+
+def samples(args) -> None:
+    path = RESULTS / f"samples{'_quick' if args.quick else ''}.csv"
+    prev = done(path)
+    for seed in args.seeds:
+        if not prev.empty and (prev.seed == seed).any():
+            continue
+        sdata = load("synthetic", 10, seed, args.quick)
+        model = train(sdata, seed, args.quick, f"synthetic10_{seed}")
+        rows = []
+        for consistency in (False, True):
+            for n in (1, 4, 8):
+                key = f"sr_{int(consistency)}_{n}"
+                t0 = time.perf_counter()
+                dst.tl.super_resolve(sdata, model, n_samples=n, consistency=consistency, seed=seed, key_added=key)
+                row = score(sdata, key, seed=seed, consistency=consistency, n_samples=n, seconds=time.perf_counter() - t0)
+                row["within_2std"] = calibration(sdata, key) if n > 1 else np.nan
+                rows.append(row)
+        append(path, rows)
+        print(f"samples seed {seed} done", flush=True)
+
+
+def markdown(df: pd.DataFrame) -> str:
+    """A pipe table (no extra dependency)."""
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def report(args) -> None:
+    def table(df: pd.DataFrame, by: list[str], cols: list[str]) -> str:
+        g = df.groupby(by, sort=False)[cols]
+        mean, std, n = g.mean(), g.std(), g.size()
+        out = mean.copy().astype(object)
+        for c in cols:
+            out[c] = [f"{m:.3f} ± {s:.3f}" if np.isfinite(s) else f"{m:.3f}" for m, s in zip(mean[c], std[c], strict=True)]
+        out["seeds"] = n
+        return markdown(out.reset_index())
+
+    suffix = "_quick" if args.quick else ""
+    for name, by, cols in (
+        ("quality", ["dataset", "scale", "method"], METRICS),
+        ("ablation", ["scale", "variant"], ["pcc", "rmse", "ssim", "params"]),
+        ("samples", ["consistency", "n_samples"], ["pcc", "rmse", "lr_consistency", "within_2std", "seconds"]),
+    ):
+        path = RESULTS / f"{name}{suffix}.csv"
+        if path.exists():
+            print(f"\n### {name}\n")
+            print(table(pd.read_csv(path), by, cols))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("experiments", nargs="+", choices=["quality", "ablation", "samples", "report"])
+    parser.add_argument("--quick", action="store_true", help="tiny preset, small slide, one seed")
+    parser.add_argument("--seeds", type=int, nargs="*", default=None)
+    parser.add_argument("--fresh", action="store_true", help="discard earlier results of these experiments")
+    args = parser.parse_args()
+    args.seeds = args.seeds if args.seeds is not None else ([0] if args.quick else list(SEEDS))
+    torch.set_num_threads(2)
+    dst.settings.verbosity = 0
+    print(f"machine: {machine()}")
+    for exp in args.experiments:
+        if args.fresh and exp != "report":
+            (RESULTS / f"{exp}{'_quick' if args.quick else ''}.csv").unlink(missing_ok=True)
+        {"quality": quality, "ablation": ablation, "samples": samples, "report": report}[exp](args)
+
+
+if __name__ == "__main__":
+    main()
