@@ -54,7 +54,7 @@ class ImageSpec:
         )
 
 
-def _level_for(image: Any, cs: str, um_per_px: float, out_um: float) -> tuple[Any, np.ndarray, float]:
+def level_for(image: Any, cs: str, um_per_px: float, out_um: float) -> tuple[Any, np.ndarray, float]:
     """The coarsest pyramid level that is still at least as fine as ``out_um``, its affine and µm per pixel."""
     best = None
     for level in image_levels(image):
@@ -79,7 +79,7 @@ def read_tile(
     x0, y0, x1, y1 = bbox_um
     out_h = int(round((y1 - y0) / out_um))
     out_w = int(round((x1 - x0) / out_um))
-    level, m, level_um = _level_for(image, spec.cs, spec.um_per_px, out_um)
+    level, m, level_um = level_for(image, spec.cs, spec.um_per_px, out_um)
     minv = np.linalg.inv(m)
     u = spec.um_per_px
     # intrinsic (x, y) of the four output corners, to know which part of the level to read

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .._grid import Grid
-from .._image import ImageSpec, read_tile
+from .._image import ImageSpec, level_for, read_tile
 from .._normalise import lr_to_model_units, to_model_units
 
 if TYPE_CHECKING:
@@ -122,6 +122,17 @@ class TileSource:
             gene_index=index,
         )
 
+    def cache_image(self, image_um: float, max_bytes: int = 512 * 2**20) -> TileSource:
+        """Hold in memory the pyramid level that crops at ``image_um`` are read from, when it is small enough.
+
+        Every window re-reads the image; for lazily computed or remote images that repeats work. The level kept is
+        the one :func:`diffst._image.read_tile` would pick, so the crops are identical.
+        """
+        level, _, _ = level_for(self.image_element, self.image.cs, self.image.um_per_px, image_um)
+        if level.nbytes <= max_bytes:
+            self.image_element = level.copy(data=np.asarray(level.data))
+        return self
+
     def _channels(self, array: Any, rows: slice, cols: slice) -> np.ndarray:
         block = np.asarray(array[:, rows, cols], dtype=np.float32)
         return block if self.gene_index is None else block[self.gene_index]
@@ -198,7 +209,7 @@ class TileDataset(Dataset):
         gene_scale: np.ndarray,
         cache: bool = True,
     ) -> None:
-        self.source = TileSource.from_sdata(sdata, prep)
+        self.source = TileSource.from_sdata(sdata, prep).cache_image(image_um)
         self.tile_lr = prep.tile_lr
         tiles = prep.tiles(sdata, split)
         self.origins = list(zip(tiles["lr_row0"].astype(int), tiles["lr_col0"].astype(int), strict=True))

@@ -313,7 +313,7 @@ class _Job:
         if resolved == "ddpm" and sampler == "fast":
             resolved = "dpmsolver"
         n_steps = steps or (cfg.num_train_timesteps if resolved == "ddpm" else cfg.sample_steps)
-        source = TileSource.from_sdata(sdata, prep, genes=model.genes)
+        source = TileSource.from_sdata(sdata, prep, genes=model.genes).cache_image(cfg.image_um)
         source.lr = lr_all  # small: keep it in the task instead of re-reading the store
         source.hr = None
         net = model.net.eval()

@@ -31,6 +31,8 @@ Preset = Literal["default", "paper", "tiny"]
 #: Optimiser steps the ``default`` preset aims for when ``max_epochs`` is not given (a few minutes on 2 CPU cores).
 DEFAULT_STEPS = {"default": 1200, "tiny": 60}
 PAPER_EPOCHS = 200
+#: Validate about this often (in optimiser steps) unless ``check_val_every_n_epoch`` is given.
+VAL_EVERY_STEPS = 50
 
 
 def train(
@@ -47,7 +49,7 @@ def train(
     resume: bool = True,
     overwrite: bool = False,
     config: dict[str, Any] | None = None,
-    patience: int = 20,
+    patience: int = 10,
     val_steps: int = 10,
     num_workers: int = 0,
     **trainer_kwargs: Any,
@@ -89,7 +91,8 @@ def train(
         Overrides of the preset's :class:`diffst.model.DiffSTConfig` fields (e.g. ``{"cam": False}`` for an
         ablation, ``{"learning_rate": 5e-4}``).
     patience
-        Epochs without validation-loss improvement before stopping.
+        Validation checks without validation-loss improvement before stopping (validation runs about every
+        50 optimiser steps, or every ``check_val_every_n_epoch`` epochs if given).
     val_steps
         Fast-sampler steps for the per-epoch validation PCC.
     num_workers
@@ -169,6 +172,7 @@ def train(
         "precision": ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if on_gpu else "32-true",
         "log_every_n_steps": max(1, min(50, steps_per_epoch)),
         "num_sanity_val_steps": 0,
+        "check_val_every_n_epoch": max(1, round(VAL_EVERY_STEPS / steps_per_epoch)),
     }
     trainer_args.update(trainer_kwargs)
     with _quiet_lightning():
