@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from diffst.model import DiffSTConfig, DiffSTNet
 from diffst.tl._data import Prepared
-from diffst.tl._model import DiffST, fingerprint
+from diffst.tl._model import DiffST, data_units, fingerprint
 
 
 def untrained(prep: Prepared, **overrides) -> DiffST:
@@ -24,15 +24,6 @@ def untrained(prep: Prepared, **overrides) -> DiffST:
         genes=list(prep.genes),
         gene_scale=prep.hr_scale if prep.hr_scale is not None else prep.lr_scale,
         lr_scale=prep.lr_scale,
-        units={
-            "hr_um": prep.grid.hr_um,
-            "lr_um": prep.grid.lr_um,
-            "scale": prep.grid.scale,
-            "image_um": cfg.image_um,
-            "kind": prep.image.kind,
-            "channels": list(prep.image.channels),
-            "degradation": prep.attrs["degradation"]["name"],
-            "measurement": prep.attrs["measurement"],
-        },
+        units=data_units(prep, cfg.image_um),
         info={"prepared_fingerprint": fingerprint(prep)},
     )

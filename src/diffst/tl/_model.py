@@ -176,6 +176,20 @@ class DiffST:
         return (self.gene_scale * ratio).astype(np.float32)
 
 
+def data_units(prep: Prepared, image_um: float) -> dict[str, Any]:
+    """The units and image type of prepared data, as a model records them (:attr:`DiffST.units`)."""
+    return {
+        "hr_um": prep.grid.hr_um,
+        "lr_um": prep.grid.lr_um,
+        "scale": prep.grid.scale,
+        "image_um": image_um,
+        "kind": prep.image.kind,
+        "channels": list(prep.image.channels),
+        "degradation": prep.attrs["degradation"]["name"],
+        "measurement": prep.attrs["measurement"],
+    }
+
+
 def fingerprint(prep: Prepared) -> str:
     """A short stable identifier of a prepared dataset (grid, genes, sources, normalisation)."""
     import hashlib

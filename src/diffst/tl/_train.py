@@ -21,7 +21,7 @@ from .._settings import settings
 from ..model import DiffSTConfig, DiffSTNet
 from ._data import Prepared, TileDataset
 from ._lightning import DiffSTModule, History
-from ._model import DiffST, fingerprint
+from ._model import DiffST, data_units, fingerprint
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -204,16 +204,7 @@ def train(
         genes=list(prep.genes),
         gene_scale=gene_scale,
         lr_scale=prep.lr_scale,
-        units={
-            "hr_um": prep.grid.hr_um,
-            "lr_um": prep.grid.lr_um,
-            "scale": prep.grid.scale,
-            "image_um": cfg.image_um,
-            "kind": prep.image.kind,
-            "channels": list(prep.image.channels),
-            "degradation": prep.attrs["degradation"]["name"],
-            "measurement": prep.attrs["measurement"],
-        },
+        units=data_units(prep, cfg.image_um),
         history=list(history.rows),
         info={
             "preset": preset,
