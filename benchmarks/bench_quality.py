@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from _common import machine
 
 import diffst as dst
-from _common import machine
 
 RESULTS = Path(__file__).parent / "results"
 CACHE = Path(__file__).parent / ".cache"
@@ -119,7 +119,9 @@ def ablation(args) -> None:
                 if not prev.empty and ((prev.scale == scale) & (prev.seed == seed) & (prev.variant == name)).any():
                     continue
                 sdata = load("synthetic", scale, seed, args.quick)
-                model = train(sdata, seed, args.quick, f"abl{scale}_{seed}_{name.replace(' ', '').replace('/', '')}", cfg)
+                model = train(
+                    sdata, seed, args.quick, f"abl{scale}_{seed}_{name.replace(' ', '').replace('/', '')}", cfg
+                )
                 dst.tl.super_resolve(sdata, model, n_samples=4, seed=seed)
                 n_params = sum(p.numel() for p in model.net.parameters())
                 append(path, [score(sdata, "diffst_sr", variant=name, scale=scale, seed=seed, params=n_params)])
@@ -158,7 +160,9 @@ def samples(args) -> None:
                 key = f"sr_{int(consistency)}_{n}"
                 t0 = time.perf_counter()
                 dst.tl.super_resolve(sdata, model, n_samples=n, consistency=consistency, seed=seed, key_added=key)
-                row = score(sdata, key, seed=seed, consistency=consistency, n_samples=n, seconds=time.perf_counter() - t0)
+                row = score(
+                    sdata, key, seed=seed, consistency=consistency, n_samples=n, seconds=time.perf_counter() - t0
+                )
                 row["within_2std"] = calibration(sdata, key) if n > 1 else np.nan
                 rows.append(row)
         append(path, rows)
@@ -178,7 +182,9 @@ def report(args) -> None:
         mean, std, n = g.mean(), g.std(), g.size()
         out = mean.copy().astype(object)
         for c in cols:
-            out[c] = [f"{m:.3f} ± {s:.3f}" if np.isfinite(s) else f"{m:.3f}" for m, s in zip(mean[c], std[c], strict=True)]
+            out[c] = [
+                f"{m:.3f} ± {s:.3f}" if np.isfinite(s) else f"{m:.3f}" for m, s in zip(mean[c], std[c], strict=True)
+            ]
         out["seeds"] = n
         return markdown(out.reset_index())
 

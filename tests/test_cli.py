@@ -1,0 +1,179 @@
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import spatialdata as sd
+
+import diffst as dst
+from diffst import cli
+
+from .toy import toy_xenium
+
+PREPARE = ["--genes", "3", "--lr-um", "40", "--scale", "4", "--tile-um", "160"]
+
+
+@pytest.fixture(scope="module")
+def toy_store(tmp_path_factory) -> Path:
+    """A raw toy Xenium store (transcripts + DAPI), written once; tests work on copies."""
+    path = tmp_path_factory.mktemp("toy") / "toy.zarr"
+    toy_xenium(size_um=800, n=60_000, seed=0).write(path)
+    return path
+
+
+@pytest.fixture
+def store(toy_store, tmp_path) -> Path:
+    path = tmp_path / "slide.zarr"
+    shutil.copytree(toy_store, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def prepared_store(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prepared") / "slide.zarr"
+    toy_xenium(size_um=800, n=60_000, seed=0).write(path)
+    assert cli.main(["--quiet", "prepare", str(path), *PREPARE]) == 0
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# help, version, argument parsing
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ("demo", ["--quick", "--out", "default: diffst_demo", "demo.zarr", "metrics.csv"]),
+        ("prepare", ["--lr-um", "default: 100.0", "--tile-um", "default: 400.0", "images['diffst_lr']"]),
+        ("train", ["--preset", "default: default", "--max-epochs", "model.pt", "400 µm"]),
+        ("super-resolve", ["--n-samples", "default: 1", "--no-consistency", "images['diffst_sr']"]),
+        ("evaluate", ["--key", "default: diffst_sr", "--split", "default: test", "--output"]),
+    ],
+)
+def test_help_of_each_command_mentions_units_defaults_and_outputs(command, expected, capsys):
+    assert cli.main([command, "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "µm" in text
+    for word in expected:
+        assert word in text, word
+    assert "(default: None)" not in text
+
+
+def test_top_level_help_and_version(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("demo", "prepare", "train", "super-resolve", "evaluate"):
+        assert command in out
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"diffst {dst.__version__}"
+
+
+def test_usage_errors_exit_2(capsys):
+    assert cli.main([]) == 2
+    assert cli.main(["prepare"]) == 2  # PATH missing
+    assert cli.main(["prepare", "x.zarr", "--scale", "0"]) == 2
+    assert "positive integer" in capsys.readouterr().err
+
+
+def test_genes_take_a_count_or_a_list():
+    assert cli._genes_or_count("12") == 12
+    assert cli._genes_or_count("ERBB2, LUM,") == ["ERBB2", "LUM"]
+    args = cli.build_parser().parse_args(["prepare", "x.zarr", "--genes", "G1,G2", "--split", "0.6,0.2,0.2"])
+    assert args.genes == ["G1", "G2"]
+    assert args.split == (0.6, 0.2, 0.2)
+    assert args.lr_um == 100.0 and args.scale == 10 and args.key_added == "diffst"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# commands on a zarr store
+# --------------------------------------------------------------------------------------------------------------------
+def test_prepare_then_evaluate_round_trip(store, tmp_path, capsys):
+    assert cli.main(["prepare", str(store), *PREPARE]) == 0
+    assert "diffst_lr" in capsys.readouterr().out
+    sdata = sd.read_zarr(store)
+    for name in ("diffst_lr", "diffst_lr_mask", "diffst_hr"):
+        assert name in sdata.images
+    assert "diffst_tiles" in sdata.shapes
+    assert sdata.attrs["diffst"]["lr_um"] == 40.0 and sdata.attrs["diffst"]["scale"] == 4
+    genes = sdata.attrs["diffst"]["genes"]
+    assert len(genes) == 3
+
+    dst.tl.upsample(sdata, method="bicubic")  # a backed SpatialData: written into the store
+    csv = tmp_path / "metrics.csv"
+    assert cli.main(["evaluate", str(store), "--key", "bicubic_sr", "--output", str(csv)]) == 0
+    assert "pcc" in capsys.readouterr().out
+    df = pd.read_csv(csv, index_col="gene")
+    assert list(df.index) == [*genes, "mean"]
+    assert {"pcc", "rmse", "ssim", "lr_consistency", "method"} <= set(df.columns)
+    assert (df["method"] == "bicubic").all()
+    assert pd.notna(df.loc["mean", "pcc"]) and df.loc["mean", "rmse"] > 0
+
+
+def test_data_errors_exit_1_with_a_message_and_no_traceback(store, tmp_path, capsys):
+    assert cli.main(["prepare", str(store), *PREPARE[2:], "--genes", "NOPE,G1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("diffst: error: ") and "NOPE" in err
+    assert "Traceback" not in err
+
+    missing = tmp_path / "missing.zarr"
+    assert cli.main(["evaluate", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("diffst: error: ") and str(missing) in err and "does not exist" in err
+    assert "Traceback" not in err
+
+    # a store without the requested SR result: the library's KeyError, shown as its message (not its repr)
+    assert cli.main(["evaluate", str(store), "--key", "nothing_here"]) == 1
+    err = capsys.readouterr().err
+    assert "No super-resolved result under 'nothing_here'" in err and "\\n" not in err
+
+    not_a_store = tmp_path / "plain"
+    not_a_store.mkdir()
+    assert cli.main(["train", str(not_a_store)]) == 1
+    assert "not a SpatialData zarr store" in capsys.readouterr().err
+
+    assert cli.main(["--verbose", "evaluate", str(missing)]) == 1
+    assert "Traceback" in capsys.readouterr().err
+    assert cli.main(["evaluate", str(missing), "--verbose"]) == 1  # global options after the command too
+    assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_then_super_resolve_writes_the_result(prepared_store, tmp_path, capsys):
+    path = str(prepared_store)
+    ckpt = tmp_path / "run"
+    args = ["--preset", "tiny", "--max-epochs", "1", "--val-steps", "2", "--checkpoint-dir", str(ckpt)]
+    assert cli.main(["--quiet", "train", path, *args]) == 0
+    assert (ckpt / "model.pt").exists()
+    assert str(ckpt / "model.pt") in capsys.readouterr().out
+    assert cli.main(["--quiet", "super-resolve", path, "--n-samples", "2", "--steps", "2"]) == 0
+    assert dst.settings.verbosity == 1  # main restores what it changed
+    sdata = sd.read_zarr(prepared_store)
+    assert {"diffst_sr", "diffst_sr_std"} <= set(sdata.images)
+    assert sdata.attrs["diffst_sr"]["n_samples"] == 2
+    assert sdata.attrs["diffst"]["model"]["path"] == str(ckpt / "model.pt")
+    assert sdata.attrs["diffst_sr"]["genes"] == sdata.attrs["diffst"]["genes"]
+    # the same result again is refused unless --overwrite
+    assert cli.main(["--quiet", "super-resolve", path, "--steps", "2"]) == 1
+    assert "overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_quick_writes_store_figure_metrics_and_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--quick", "--out", str(out)]) == 0
+    summary = capsys.readouterr().out
+    assert "PCC" in summary and "RMSE" in summary and "bicubic" in summary
+    assert (out / "demo.zarr").is_dir()
+    assert (out / "gene_maps.png").stat().st_size > 10_000
+    assert (out / "model" / "model.pt").exists()
+    sdata = sd.read_zarr(out / "demo.zarr")
+    assert {"diffst_lr", "diffst_hr", "diffst_sr", "bicubic_sr", "he_image"} <= set(sdata.images)
+    df = pd.read_csv(out / "metrics.csv")
+    assert set(df["method"]) == {"diffst", "bicubic"}
+    assert (df["gene"] == "mean").sum() == 2
+    assert df["pcc"].notna().all()
+
+    assert cli.main(["demo", "--quick", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "already holds a diffst demo" in err and "--overwrite" in err
