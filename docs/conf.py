@@ -65,7 +65,7 @@ nitpick_ignore_regex = [
         r"py:(class|obj|data)",
         r"(SpatialData|AnnData|DataArray|DataTree|DataFrame|GeoDataFrame|Tensor|Module|Generator|Figure|Axes|Path"
         r"|Sequence|Mapping|Iterable|Literal|Any|Callable|ndarray|dtype|device|Trainer|Callback|Client|Affine|Sequence"
-        r"|Identity|Scale|Translation)",
+        r"|Identity|Scale|Translation|Ellipsis)",
     ),
     # public type aliases (Literal[...]) shown by name in signatures
     (r"py:(class|obj|data)", r"(GeneSelection|Sampler|SamplerName|PresetName|Preset|Units|UpsampleMethod|SizeUm)"),

@@ -1,7 +1,7 @@
 """Metrics of super-resolved gene maps: per gene map, numpy in, number out.
 
 Strict metrics (the headline, what ``dst.tl.evaluate`` reports first) compare a prediction with the truth on the
-**normalised scale** ``x = 2 · log1p(counts) / s_g − 1`` of :mod:`diffst._normalise` (zero counts are −1, typical
+**normalised scale** ``x = 2 · log1p(counts) / s_g − 1`` that :func:`diffst.pp.prepare` stores per gene (zero counts are −1, typical
 expression lies in [−1, 1]):
 
 - :func:`pearson`: signed Pearson correlation;

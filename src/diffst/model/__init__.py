@@ -7,20 +7,29 @@
 >>> sr = diffusion.sample(net, lr, mask, image, sampler="dpmsolver", steps=20)
 """
 
+from .cam import ConcatFusion, DisentangledFusion, disentangling_loss
 from .config import DiffSTConfig
 from .diffusion import Diffusion, Sampler
-from .graph import coexpression_intensity, normalize_coexpression
-from .image_encoder import patch_entropy
+from .graph import CIGCGraph, coexpression_intensity, normalize_coexpression
+from .image_encoder import HierarchicalImageEncoder, patch_entropy
 from .network import DiffSTNet, DiffSTOutput
-from .upsample import upsample_lr
+from .unet import UNet
+from .upsample import fill_unobserved, upsample_lr
 
 __all__ = [
+    "CIGCGraph",
+    "ConcatFusion",
     "DiffSTConfig",
     "DiffSTNet",
     "DiffSTOutput",
     "Diffusion",
+    "DisentangledFusion",
+    "HierarchicalImageEncoder",
     "Sampler",
+    "UNet",
     "coexpression_intensity",
+    "disentangling_loss",
+    "fill_unobserved",
     "normalize_coexpression",
     "patch_entropy",
     "upsample_lr",

@@ -103,7 +103,7 @@ class DisentangledFusion(nn.Module):
     """CAM + disentangling + fusion: the multi-modal condition of the denoiser (paper Fig. 2, Section 2.2).
 
     ``F_y`` and ``F_h`` are projected (1x1 conv + GroupNorm) to ``c = cam_dim`` channels and modulated
-    by :class:`CrossModalModulation`. Unique and shared heads (3x3 conv + GroupNorm) give
+    by ``CrossModalModulation``. Unique and shared heads (3x3 conv + GroupNorm) give
     ``U_y, S_y`` from the modulated ST features and ``U_h, S_h`` from the modulated image features; the
     condition is ``conv3x3(concat(U_y, (S_y + S_h) / 2, U_h))`` and :func:`disentangling_loss` is returned
     for the objective.

@@ -165,7 +165,7 @@ class DiffSTConfig:
 
     @property
     def cell_patch_px(self) -> int:
-        """Cell-level patch side in image pixels (paper: 320 px = 160 µm at 0.5 µm/px)."""
+        """Cell-level patch side in image pixels (320 px = 160 µm at 0.5 µm/px in the paper)."""
         return min(round(self.cell_patch_um / self.image_um), self.image_px)
 
     @property

@@ -189,14 +189,14 @@ class CellToTissueAttention(nn.Module):
 class HierarchicalImageEncoder(nn.Module):
     """Hierarchical cell-to-tissue image features ``F_h`` with the entropy curriculum (paper Section 2.2).
 
-    Tissue level: :class:`TissueEncoder` on the whole tile. Cell level: ``M`` evenly spaced patches of
-    ``cell_patch_um`` encoded by the shared :class:`CellEncoder`. Curriculum: a patch is kept when its
+    Tissue level: ``TissueEncoder`` on the whole tile. Cell level: ``M`` evenly spaced patches of
+    ``cell_patch_um`` encoded by the shared ``CellEncoder``. Curriculum: a patch is kept when its
     grey-level entropy :func:`patch_entropy` exceeds γ, the per-tile ``q``-quantile of the entropies,
     where ``q`` rises linearly from ``curriculum_start`` (progress 0) to ``curriculum_end`` (progress 1;
     also used at inference). So as training progresses fewer, more complex patches are kept, as the paper
     describes ("γ gradually increases, indicating increased complexity of sampled patches"); the released
     code hard-wired the selection off. Kept cell features enter the tissue features by
-    :class:`CellToTissueAttention`. With ``hierarchical=False`` only the tissue level exists.
+    ``CellToTissueAttention``. With ``hierarchical=False`` only the tissue level exists.
     """
 
     def __init__(self, config: DiffSTConfig):

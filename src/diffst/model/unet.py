@@ -15,7 +15,7 @@ class UNet(nn.Module):
     """UNet denoiser ``ε_θ(x_t, t, condition)`` (improved-diffusion's ``UNetModel``, trimmed).
 
     The condition enters by concatenation at the input (improved-diffusion's ``SuperResModel`` / SR3).
-    The sinusoidal timestep embedding goes through an MLP into every :class:`ResBlock` as a
+    The sinusoidal timestep embedding goes through an MLP into every ``ResBlock`` as a
     scale-shift of its normalised activations. Each level after the first halves the resolution;
     self-attention sits at the lowest resolution. The last conv is zero-initialised so the untrained
     network outputs 0 (with residual x0-prediction: exactly the up-sampled LR baseline).

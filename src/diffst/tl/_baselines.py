@@ -42,7 +42,7 @@ def upsample(
         (``align_corners=False``), then back to expected counts per HR pixel (negative counts clip to 0).
     ``"nearest"``
         Each LR pixel's counts spread evenly over its ``scale × scale`` HR pixels (counts per observed HR pixel);
-        unobserved LR pixels take the value :func:`diffst.model.upsample.fill_unobserved` gives them in model units.
+        unobserved LR pixels take the value :func:`diffst.model.fill_unobserved` gives them in model units.
         Under ``bin`` degradation this reproduces the LR counts exactly when re-binned.
 
     ``s_g`` is the prepared ``hr_scale`` (what Diff-ST uses), or ``lr_scale`` for spot data, which have no HR.
