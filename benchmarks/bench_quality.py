@@ -55,10 +55,22 @@ def load(dataset: str, scale: int, seed: int, quick: bool):
     return sdata
 
 
+#: Retrain models even where a run of the same tag finished before (``--fresh``).
+RETRAIN = False
+
+
 def train(sdata, seed: int, quick: bool, tag: str, config: dict | None = None):
+    """Train (or reload) one model; a tag names one data set, scale, seed and configuration.
+
+    The same tag in two experiments is the same model (the quality run's Diff-ST is the ablation's full model and the
+    samples experiment's model), so it is trained once; ``--fresh`` retrains.
+    """
     preset = "tiny" if quick else "default"
+    run = CACHE / "runs" / (f"{tag}_quick" if quick else tag)
+    if (run / "model.pt").exists() and not RETRAIN:
+        return dst.DiffST.load(run / "model.pt")
     extra = {"max_epochs": 2} if quick else {}
-    return dst.tl.train(sdata, preset=preset, seed=seed, config=config, checkpoint_dir=CACHE / "runs" / tag,
+    return dst.tl.train(sdata, preset=preset, seed=seed, config=config, checkpoint_dir=run,
                         overwrite=True, enable_progress_bar=False, **extra)  # fmt: skip
 
 
@@ -119,9 +131,8 @@ def ablation(args) -> None:
                 if not prev.empty and ((prev.scale == scale) & (prev.seed == seed) & (prev.variant == name)).any():
                     continue
                 sdata = load("synthetic", scale, seed, args.quick)
-                model = train(
-                    sdata, seed, args.quick, f"abl{scale}_{seed}_{name.replace(' ', '').replace('/', '')}", cfg
-                )
+                tag = f"synthetic{scale}_{seed}" if not cfg else f"abl{scale}_{seed}_{'_'.join(cfg)}"
+                model = train(sdata, seed, args.quick, tag, cfg)
                 dst.tl.super_resolve(sdata, model, n_samples=4, seed=seed)
                 n_params = sum(p.numel() for p in model.net.parameters())
                 append(path, [score(sdata, "diffst_sr", variant=name, scale=scale, seed=seed, params=n_params)])
@@ -211,6 +222,8 @@ def main() -> None:
     torch.set_num_threads(2)
     dst.settings.verbosity = 0
     print(f"machine: {machine()}")
+    global RETRAIN
+    RETRAIN = args.fresh
     for exp in args.experiments:
         if args.fresh and exp != "report":
             (RESULTS / f"{exp}{'_quick' if args.quick else ''}.csv").unlink(missing_ok=True)

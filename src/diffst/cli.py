@@ -224,7 +224,7 @@ def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
         "demo",
         "Run the whole Diff-ST workflow on built-in data and compare it with bicubic up-sampling.",
         "Prepares 25 genes (100 µm LR → 10 µm HR, 400 µm tiles on the synthetic slide), trains the default preset "
-        "with its default budget (about 1200 steps, capped at 6 minutes of training so that the demo ends within "
+        "with its default budget (about 750 steps, capped at 6 minutes of training so that the demo ends within "
         "about 10 minutes on a 2-core CPU; the best validation checkpoint is kept), super-resolves with 4 samples, "
         "up-samples bicubically and scores both on the held-out test tiles. Writes into --out:\n"
         "  demo.zarr        SpatialData: the image, the transcripts, the prepared elements (diffst_lr, diffst_hr, "

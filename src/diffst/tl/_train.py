@@ -28,8 +28,9 @@ if TYPE_CHECKING:
 
 Preset = Literal["default", "paper", "tiny"]
 
-#: Optimiser steps the ``default`` preset aims for when ``max_epochs`` is not given (a few minutes on 2 CPU cores).
-DEFAULT_STEPS = {"default": 1200, "tiny": 60}
+#: Optimiser steps a preset aims for when ``max_epochs`` is not given. 750 steps of ``default`` take about 5 minutes
+#: on 2 CPU cores, where its validation loss has levelled off (benchmarks/bench_train.py).
+DEFAULT_STEPS = {"default": 750, "tiny": 60}
 PAPER_EPOCHS = 200
 #: Validate about this often (in optimiser steps) unless ``check_val_every_n_epoch`` is given.
 VAL_EVERY_STEPS = 50
@@ -72,7 +73,7 @@ def train(
         Model size: ``"default"`` (small, trains on a laptop CPU in minutes), ``"paper"`` (the paper's Table 3;
         GPU) or ``"tiny"`` (tests).
     max_epochs
-        Number of epochs; by default about 1200 optimiser steps for ``"default"``, 200 epochs for ``"paper"``.
+        Number of epochs; by default about 750 optimiser steps for ``"default"`` (about 5 minutes on 2 CPU cores), 200 epochs for ``"paper"``.
     batch_size
         Tiles per step (default: the preset's).
     accelerator, devices
