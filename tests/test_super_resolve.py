@@ -164,6 +164,45 @@ def test_n_samples_gives_mean_and_std_and_log1p_units(trained):
     assert np.all(logged["mean"].values <= np.log1p(out["mean"].values) + 1e-5)
 
 
+def test_progress_bar_counts_every_window_sampling(monkeypatch):
+    sdata = _prepared()
+    model = untrained(Prepared.from_sdata(sdata, "diffst"))
+    sampled = []
+    original = _super_resolve._Job._sample_windows
+
+    def counting(self, group):
+        sampled.append(len(group))
+        return original(self, group)
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **kw):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n):
+            self.n += n
+
+    monkeypatch.setattr(_super_resolve._Job, "_sample_windows", counting)
+    monkeypatch.setattr("tqdm.auto.tqdm", Bar)
+    dst.settings.verbosity = 1
+    # small chunks: windows near chunk borders are sampled once per chunk they reach, and the bar knows it
+    dst.tl.super_resolve(sdata, model, block_lr=7)
+    assert len(bars) == 1 and bars[0].total == bars[0].n == sum(sampled) > 0
+    assert _super_resolve._progress is None  # removed when done
+    # quiet: no bar
+    dst.settings.verbosity = 0
+    dst.tl.super_resolve(sdata, model, block_lr=7, key_added="again")
+    assert len(bars) == 1
+
+
 def test_same_seed_same_map_different_seed_different(trained):
     sdata, model = trained
     a = dst.tl.super_resolve(sdata, model, seed=3, consistency=False, inplace=False)["mean"].values

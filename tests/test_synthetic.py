@@ -479,7 +479,7 @@ def test_default_sizes_and_transcript_budget():
     ("fn", "kwargs", "match"),
     [
         (dst.datasets.synthetic_xenium, {"size_um": "huge"}, "size_um='huge'"),
-        (dst.datasets.synthetic_xenium, {"size_um": 20}, "between 100 and 10000"),
+        (dst.datasets.synthetic_xenium, {"size_um": 20}, "between 100 and 25000"),
         (dst.datasets.synthetic_xenium, {"size_um": (500, 1e6)}, "out of range"),
         (dst.datasets.synthetic_xenium, {"n_genes": 0}, "n_genes=0"),
         (dst.datasets.synthetic_xenium, {"n_genes": 2.5}, "integer"),

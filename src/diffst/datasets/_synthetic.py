@@ -37,7 +37,7 @@ __all__ = ["synthetic_visium", "synthetic_visium_hd", "synthetic_xenium"]
 SizeUm = float | tuple[float, float] | Literal["default", "slide"]
 
 _SIZES = {"default": (3000.0, 3000.0), "slide": (6500.0, 6500.0)}
-_SIZE_RANGE = (100.0, 10000.0)
+_SIZE_RANGE = (100.0, 25000.0)  # up to a whole Xenium slide (about 12 × 24 mm)
 _MAX_GENES = 5000
 _CHUNK = 1024
 _SCALE_FACTORS = [2, 2, 2, 2]
@@ -315,7 +315,7 @@ def synthetic_xenium(
     ----------
     size_um
         Field size: ``"default"`` (3000 x 3000 µm), ``"slide"`` (6500 x 6500 µm, a Visium capture area), a side
-        length or ``(width, height)`` in µm (100 to 10000 µm).
+        length or ``(width, height)`` in µm (100 to 25000 µm).
     n_genes
         Panel size (1 to 5000). Real marker symbols come first (``EPCAM``, ``KRT8``, ``ERBB2``, ``PTPRC``, ...);
         ``GENE<n>`` names are used beyond the ~350 symbols of the catalogue.

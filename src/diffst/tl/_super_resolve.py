@@ -147,7 +147,7 @@ def super_resolve(
         "gene_scale": [float(v) for v in job.gene_scale[job.out_index]],
     }
     with _scratch(sdata if inplace else None) as scratch:
-        stack = _compute(stack, scratch)
+        stack = _compute(stack, scratch, job.window_runs())
         mean = stack[0]
         std = stack[1] if n_samples > 1 else None
         if not inplace:
@@ -355,11 +355,32 @@ class _Job:
             _run_block, dtype=np.float32, chunks=chunks, ctx=ctx, meta=np.zeros((0, 0, 0, 0), np.float32)
         )
 
-    def run_block(self, hr_rows: tuple[int, int], hr_cols: tuple[int, int]) -> np.ndarray:
-        """Mean and std over samples of the HR pixels ``[rows) × [cols)``: ``(2, genes, rows, cols)``."""
+    def window_runs(self) -> int:
+        """Window samplings over all chunks (a window reaching several chunks is sampled for each)."""
+        s, b = self.grid.scale, self.block_lr
+        h, w = self.grid.lr_shape
+        return sum(
+            len(self._touching(*self._region((r * s, min(r + b, h) * s), (c * s, min(c + b, w) * s))))
+            for r, c in self.blocks
+        )
+
+    def _region(self, hr_rows: tuple[int, int], hr_cols: tuple[int, int]) -> tuple[int, int, int, int]:
+        """LR pixels ``r0, c0, r1, c1`` whose windows a chunk of HR pixels needs (with the spot halo)."""
         s = self.grid.scale
         r0, c0 = hr_rows[0] // s - self.halo_lr, hr_cols[0] // s - self.halo_lr
         r1, c1 = -(-hr_rows[1] // s) + self.halo_lr, -(-hr_cols[1] // s) + self.halo_lr
+        return r0, c0, r1, c1
+
+    def _touching(self, r0: int, c0: int, r1: int, c1: int) -> np.ndarray:
+        """Origins of the windows that overlap LR pixels ``[r0, r1) × [c0, c1)``."""
+        wr, wc = self.windows[:, 0], self.windows[:, 1]
+        hit = (wr < r1) & (wr + self.window_lr > r0) & (wc < c1) & (wc + self.window_lr > c0)
+        return self.windows[hit]
+
+    def run_block(self, hr_rows: tuple[int, int], hr_cols: tuple[int, int]) -> np.ndarray:
+        """Mean and std over samples of the HR pixels ``[rows) × [cols)``: ``(2, genes, rows, cols)``."""
+        s = self.grid.scale
+        r0, c0, r1, c1 = self._region(hr_rows, hr_cols)
         acc, wsum = self._blend(r0, c0, r1, c1)
         samples = acc / np.maximum(wsum, 1e-12)[None, None]
         if self.consistency and self.operator is not None:
@@ -381,9 +402,7 @@ class _Job:
         wsum = np.zeros(acc.shape[2:], dtype=np.float64)
         if len(self.windows) == 0:
             return acc, wsum
-        wr, wc = self.windows[:, 0], self.windows[:, 1]
-        hit = (wr < r1) & (wr + self.window_lr > r0) & (wc < c1) & (wc + self.window_lr > c0)
-        todo = self.windows[hit]
+        todo = self._touching(r0, c0, r1, c1)
         w1 = blend_weights(size, self.overlap_hr)
         weight = np.outer(w1, w1)
         per_batch = 1 if self.sampler == "ddpm" else max(1, self.batch_size // self.n_samples)
@@ -399,6 +418,8 @@ class _Job:
                 wpart = weight[sr0:er, sc0:ec]
                 acc[(slice(None), slice(None), *tgt)] += x[:, :, sr0:er, sc0:ec] * wpart
                 wsum[tgt] += wpart
+            if _progress is not None:  # a local run's bar (workers of a cluster have none)
+                _progress.update(len(group))
         return acc, wsum
 
     def _sample_windows(self, group: np.ndarray) -> np.ndarray:
@@ -454,6 +475,10 @@ class _Job:
         return x
 
 
+#: The progress bar of the super-resolution running in this process, if any (see :func:`_compute`).
+_progress: Any = None
+
+
 def _run_block(block_info: dict | None = None, ctx: _Job | None = None) -> np.ndarray:
     loc = block_info[None]["array-location"]
     # tasks may read lazily-loaded image chunks: do it in this thread, never through a nested scheduler
@@ -478,6 +503,23 @@ def _chunks(n: int, b: int) -> tuple[int, ...]:
 
 
 @contextlib.contextmanager
+def _progress_bar(total: int, show: bool):
+    """Install a tqdm bar over ``total`` window samplings as this process's :data:`_progress` while the block runs."""
+    global _progress
+    if not show:
+        yield
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc="super-resolving", unit="window") as bar:
+        _progress = bar
+        try:
+            yield
+        finally:
+            _progress = None
+
+
+@contextlib.contextmanager
 def _scratch(sdata: SpatialData | None):
     """A temporary folder beside a zarr-backed SpatialData (same disk), else None."""
     if sdata is None or sdata.path is None or not Path(sdata.path).exists():
@@ -490,10 +532,11 @@ def _scratch(sdata: SpatialData | None):
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _compute(stack: da.Array, scratch: Path | None) -> Any:
+def _compute(stack: da.Array, scratch: Path | None, windows: int) -> Any:
     """Run the graph: into a scratch zarr store (bounded memory, for zarr-backed data) or into memory.
 
-    Without a ``dask.distributed`` client the chunks run one after the other (torch already uses every core).
+    Without a ``dask.distributed`` client the chunks run one after the other (torch already uses every core), with a
+    progress bar over the ``windows`` window samplings; on a cluster, its dashboard shows the progress.
     """
     try:
         from distributed import get_client
@@ -502,13 +545,9 @@ def _compute(stack: da.Array, scratch: Path | None) -> Any:
         distributed = True
     except (ImportError, ValueError):
         distributed = False
-    progress: contextlib.AbstractContextManager = contextlib.nullcontext()
-    if not distributed and settings.verbosity >= 1:
-        from dask.diagnostics import ProgressBar
-
-        progress = ProgressBar(minimum=2.0)
+    show = not distributed and settings.verbosity >= 1
     local = contextlib.nullcontext() if distributed else dask.config.set(scheduler="threads", num_workers=1)
-    with progress, local:
+    with _progress_bar(windows, show), local:
         if scratch is not None:
             target = str(scratch / "sr.zarr")
             stack.to_zarr(target)
