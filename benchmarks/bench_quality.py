@@ -21,6 +21,7 @@ MERFISH = the 500 × 450 µm Vizgen crop (DAPI + polyT guide), 25 genes, HR 5 µ
     python benchmarks/bench_quality.py quality ablation samples            # full (hours on 2 CPU cores)
     python benchmarks/bench_quality.py quality --quick                     # smoke: tiny preset, 1 seed
     python benchmarks/bench_quality.py report                              # tables from the CSVs (markdown)
+    python benchmarks/bench_quality.py report --figure docs/_static/benchmark_quality.png
 """
 
 from __future__ import annotations
@@ -209,6 +210,14 @@ def report(args) -> None:
         if path.exists():
             print(f"\n### {name}\n")
             print(table(pd.read_csv(path), by, cols))
+    path = RESULTS / f"quality{suffix}.csv"
+    if args.figure and path.exists():
+        df = pd.read_csv(path)
+        df["setting"] = df["dataset"] + " " + df["scale"].astype(str) + "×"
+        # one dot per method and setting: the mean over seeds, the bar their standard deviation
+        fig = dst.pl.benchmark(df, metrics=["pcc", "rmse", "ssim"], group_col="setting", kind="dot", panel_size=4.0)
+        fig.savefig(args.figure, dpi=110, bbox_inches="tight")
+        print(f"\nfigure: {args.figure}")
 
 
 def main() -> None:
@@ -217,6 +226,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny preset, small slide, one seed")
     parser.add_argument("--seeds", type=int, nargs="*", default=None)
     parser.add_argument("--fresh", action="store_true", help="discard earlier results of these experiments")
+    parser.add_argument("--figure", type=Path, default=None, help="report: also draw the quality table to this PNG")
     args = parser.parse_args()
     args.seeds = args.seeds if args.seeds is not None else ([0] if args.quick else list(SEEDS))
     torch.set_num_threads(2)
