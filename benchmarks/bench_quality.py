@@ -20,6 +20,7 @@ MERFISH = the 500 × 450 µm Vizgen crop (DAPI + polyT guide), 25 genes, HR 5 µ
 
     python benchmarks/bench_quality.py quality ablation samples            # full (hours on 2 CPU cores)
     python benchmarks/bench_quality.py quality --quick                     # smoke: tiny preset, 1 seed
+    python benchmarks/bench_quality.py ablation --scales 10 --seeds 0 1    # a part of one experiment
     python benchmarks/bench_quality.py report                              # tables from the CSVs (markdown)
     python benchmarks/bench_quality.py report --figure docs/_static/benchmark_quality.png
 """
@@ -95,7 +96,7 @@ def quality(args) -> None:
     prev = done(path)
     datasets = ["synthetic"] if args.quick else ["synthetic", "merfish"]
     for dataset in datasets:
-        for scale in (5, 10):
+        for scale in args.scales:
             for seed in args.seeds:
                 if not prev.empty and ((prev.dataset == dataset) & (prev.scale == scale) & (prev.seed == seed)).any():
                     continue
@@ -126,7 +127,7 @@ def ablation(args) -> None:
     prev = done(path)
     variants = {"Diff-ST": {}, "w/o CAM": {"cam": False}, "w/o CIGC-Graph": {"cigc_graph": False},
                 "w/o hierarchical": {"hierarchical": False}}  # fmt: skip
-    for scale in (5, 10):
+    for scale in args.scales:
         for seed in args.seeds:
             for name, cfg in variants.items():
                 if not prev.empty and ((prev.scale == scale) & (prev.seed == seed) & (prev.variant == name)).any():
@@ -188,12 +189,31 @@ def markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def paired(df: pd.DataFrame, *, by: str, keys: list[str], ref: str = "Diff-ST") -> str:
+    """Diff-ST minus every other method (or ablation variant) on the same seed, i.e. the same split and test tiles:
+    mean ± std over seeds and the number of seeds where Diff-ST is better (higher PCC, lower RMSE). The seed-to-seed
+    spread of the split is larger than most differences between methods; pairing removes it."""
+    base = df[df[by] == ref].set_index(keys)[["pcc", "rmse"]]
+    rows = []
+    for labels, other in df[df[by] != ref].groupby([*keys[:-1], by], sort=False):
+        d = (base - other.set_index(keys)[["pcc", "rmse"]]).dropna()
+        rows.append({
+            **dict(zip([*keys[:-1], "vs"], labels, strict=True)),
+            "Δ PCC": f"{d.pcc.mean():+.3f} ± {d.pcc.std():.3f}", "PCC better": f"{int((d.pcc > 0).sum())}/{len(d)}",
+            "Δ RMSE": f"{d.rmse.mean():+.3f} ± {d.rmse.std():.3f}", "RMSE better": f"{int((d.rmse < 0).sum())}/{len(d)}",
+        })  # fmt: skip
+    return markdown(pd.DataFrame(rows))
+
+
 def report(args) -> None:
     def table(df: pd.DataFrame, by: list[str], cols: list[str]) -> str:
         g = df.groupby(by, sort=False)[cols]
         mean, std, n = g.mean(), g.std(), g.size()
         out = mean.copy().astype(object)
         for c in cols:
+            if pd.api.types.is_integer_dtype(df[c]):  # a count such as the number of parameters
+                out[c] = [f"{m:,.0f}" for m in mean[c]]
+                continue
             out[c] = [
                 f"{m:.3f} ± {s:.3f}" if np.isfinite(s) else f"{m:.3f}" for m, s in zip(mean[c], std[c], strict=True)
             ]
@@ -210,12 +230,23 @@ def report(args) -> None:
         if path.exists():
             print(f"\n### {name}\n")
             print(table(pd.read_csv(path), by, cols))
+    for name, by, keys in (
+        ("quality", "method", ["dataset", "scale", "seed"]),
+        ("ablation", "variant", ["scale", "seed"]),
+    ):
+        path = RESULTS / f"{name}{suffix}.csv"
+        if path.exists():
+            print(f"\n### {name}: Diff-ST minus each {by}, paired by seed (same split and tiles)\n")
+            print(paired(pd.read_csv(path), by=by, keys=keys))
     path = RESULTS / f"quality{suffix}.csv"
     if args.figure and path.exists():
         df = pd.read_csv(path)
         df["setting"] = df["dataset"] + " " + df["scale"].astype(str) + "×"
         # one dot per method and setting: the mean over seeds, the bar their standard deviation
-        fig = dst.pl.benchmark(df, metrics=["pcc", "rmse", "ssim"], group_col="setting", kind="dot", panel_size=4.0)
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(3, 1, figsize=(9, 9), layout="constrained")
+        dst.pl.benchmark(df, metrics=["pcc", "rmse", "ssim"], group_col="setting", kind="dot", axes=axes)
         fig.savefig(args.figure, dpi=110, bbox_inches="tight")
         print(f"\nfigure: {args.figure}")
 
@@ -224,7 +255,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("experiments", nargs="+", choices=["quality", "ablation", "samples", "report"])
     parser.add_argument("--quick", action="store_true", help="tiny preset, small slide, one seed")
-    parser.add_argument("--seeds", type=int, nargs="*", default=None)
+    parser.add_argument("--seeds", type=int, nargs="*", default=None, help="default: 0 1 2 (0 with --quick)")
+    parser.add_argument("--scales", type=int, nargs="*", default=[5, 10], help="quality and ablation: default 5 10")
     parser.add_argument("--fresh", action="store_true", help="discard earlier results of these experiments")
     parser.add_argument("--figure", type=Path, default=None, help="report: also draw the quality table to this PNG")
     args = parser.parse_args()
