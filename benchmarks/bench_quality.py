@@ -31,6 +31,7 @@ import argparse
 import time
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
@@ -189,20 +190,30 @@ def markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def paired(df: pd.DataFrame, *, by: str, keys: list[str], ref: str = "Diff-ST") -> str:
-    """Diff-ST minus every other method (or ablation variant) on the same seed, i.e. the same split and test tiles:
-    mean ± std over seeds and the number of seeds where Diff-ST is better (higher PCC, lower RMSE). The seed-to-seed
-    spread of the split is larger than most differences between methods; pairing removes it."""
+def paired(df: pd.DataFrame, *, by: str, within: list[str], ref: str = "Diff-ST") -> str:
+    """Diff-ST minus every other ``by`` (method or ablation variant) on the same seed, i.e. the same split and test
+    tiles, per setting ``within``: mean ± std over seeds and the number of seeds where Diff-ST is better (higher PCC,
+    lower RMSE). The seed-to-seed spread of the split is larger than most differences between methods; pairing
+    removes it."""
+    keys = [*within, "seed"]
     base = df[df[by] == ref].set_index(keys)[["pcc", "rmse"]]
     rows = []
-    for labels, other in df[df[by] != ref].groupby([*keys[:-1], by], sort=False):
+    for labels, other in df[df[by] != ref].groupby([*within, by], sort=False):
         d = (base - other.set_index(keys)[["pcc", "rmse"]]).dropna()
         rows.append({
-            **dict(zip([*keys[:-1], "vs"], labels, strict=True)),
+            **dict(zip([*within, "vs"], labels, strict=True)),
             "Δ PCC": f"{d.pcc.mean():+.3f} ± {d.pcc.std():.3f}", "PCC better": f"{int((d.pcc > 0).sum())}/{len(d)}",
             "Δ RMSE": f"{d.rmse.mean():+.3f} ± {d.rmse.std():.3f}", "RMSE better": f"{int((d.rmse < 0).sum())}/{len(d)}",
         })  # fmt: skip
     return markdown(pd.DataFrame(rows))
+
+
+#: Per experiment: the columns that make one setting, the column naming what is compared in it, the columns reported.
+REPORTS = {
+    "quality": (["dataset", "scale"], "method", METRICS),
+    "ablation": (["scale"], "variant", ["pcc", "rmse", "ssim", "params"]),
+    "samples": (["consistency"], "n_samples", ["pcc", "rmse", "lr_consistency", "within_2std", "seconds"]),
+}
 
 
 def report(args) -> None:
@@ -221,30 +232,20 @@ def report(args) -> None:
         return markdown(out.reset_index())
 
     suffix = "_quick" if args.quick else ""
-    for name, by, cols in (
-        ("quality", ["dataset", "scale", "method"], METRICS),
-        ("ablation", ["scale", "variant"], ["pcc", "rmse", "ssim", "params"]),
-        ("samples", ["consistency", "n_samples"], ["pcc", "rmse", "lr_consistency", "within_2std", "seconds"]),
-    ):
-        path = RESULTS / f"{name}{suffix}.csv"
-        if path.exists():
-            print(f"\n### {name}\n")
-            print(table(pd.read_csv(path), by, cols))
-    for name, by, keys in (
-        ("quality", "method", ["dataset", "scale", "seed"]),
-        ("ablation", "variant", ["scale", "seed"]),
-    ):
-        path = RESULTS / f"{name}{suffix}.csv"
-        if path.exists():
+    paths = {name: RESULTS / f"{name}{suffix}.csv" for name in REPORTS}
+    results = {name: pd.read_csv(path) for name, path in paths.items() if path.exists()}
+    for name, df in results.items():
+        within, by, cols = REPORTS[name]
+        print(f"\n### {name}\n")
+        print(table(df, [*within, by], cols))
+    for name in ("quality", "ablation"):
+        if name in results:
+            within, by, _ = REPORTS[name]
             print(f"\n### {name}: Diff-ST minus each {by}, paired by seed (same split and tiles)\n")
-            print(paired(pd.read_csv(path), by=by, keys=keys))
-    path = RESULTS / f"quality{suffix}.csv"
-    if args.figure and path.exists():
-        df = pd.read_csv(path)
-        df["setting"] = df["dataset"] + " " + df["scale"].astype(str) + "×"
+            print(paired(results[name], by=by, within=within))
+    if args.figure and "quality" in results:
+        df = results["quality"].assign(setting=lambda d: d["dataset"] + " " + d["scale"].astype(str) + "×")
         # one dot per method and setting: the mean over seeds, the bar their standard deviation
-        import matplotlib.pyplot as plt
-
         fig, axes = plt.subplots(3, 1, figsize=(9, 9), layout="constrained")
         dst.pl.benchmark(df, metrics=["pcc", "rmse", "ssim"], group_col="setting", kind="dot", axes=axes)
         fig.savefig(args.figure, dpi=110, bbox_inches="tight")
