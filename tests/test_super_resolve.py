@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import functools
+
 import copy
 
 import numpy as np
@@ -205,14 +207,17 @@ def test_progress_bar_counts_every_window_sampling(monkeypatch):
 
 def test_same_seed_same_map_different_seed_different(trained):
     sdata, model = trained
-    a = dst.tl.super_resolve(sdata, model, seed=3, consistency=False, inplace=False)["mean"].values
-    a2 = dst.tl.super_resolve(sdata, model, seed=3, consistency=False, inplace=False)["mean"].values
-    b = dst.tl.super_resolve(sdata, model, seed=3, consistency=False, inplace=False, block_lr=6)["mean"].values
-    c = dst.tl.super_resolve(sdata, model, seed=4, consistency=False, inplace=False)["mean"].values
-    assert np.array_equal(a, a2)
+    run = functools.partial(dst.tl.super_resolve, sdata, model, consistency=False, inplace=False, n_samples=2)
+    a, a2, b, c = run(seed=3), run(seed=3), run(seed=3, block_lr=6), run(seed=4)
+    assert np.array_equal(a["std"].values, a2["std"].values)
     # each window has its own seed, so chunking changes nothing but float rounding of differently sized batches
-    assert np.allclose(a, b, rtol=0, atol=1e-5)
-    assert not np.allclose(a, c, rtol=0, atol=1e-2)
+    assert np.allclose(a["mean"].values, b["mean"].values, rtol=0, atol=1e-5)
+    # the std of two samples magnifies float rounding through 20 sampler steps; it must still agree closely
+    assert np.corrcoef(a["std"].values.ravel(), b["std"].values.ravel())[0, 1] > 0.9999
+    assert not np.allclose(a["std"].values, c["std"].values, rtol=0, atol=1e-3)
+    # the refiner's map is its deterministic mean head: the seed changes the samples around it, not the map
+    assert model.config.objective == "refiner"
+    assert np.allclose(a["mean"].values, c["mean"].values, rtol=0, atol=1e-5)
 
 
 def test_dask_distributed_cluster_gives_the_same_map(trained):

@@ -157,6 +157,7 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     model = dst.DiffST.load(tmp_path / "run" / "model.pt")
     assert model.info["steps"] > 0
-    # each of the 2 processes saw half of the training tiles per epoch
-    n_train = int(_prepared().attrs["diffst"]["split"]["train"])
+    # an epoch is about one pass over the training area; each of the 2 processes saw half of its windows
+    n_train = int(_prepared().attrs["diffst"]["split"]["train"])  # tiles of 4 × 4 LR pixels = one window each
+    assert model.info["window_lr"] == 4
     assert model.info["steps"] == math.ceil(math.ceil(n_train / 2) / model.config.batch_size)

@@ -53,8 +53,12 @@ class DiffSTConfig:
         The diffusion (diffusers scheduler arguments). ``prediction_type="sample"`` (the default
         outside the paper preset) predicts the clean residual; see :class:`~diffst.model.Diffusion`.
     objective
-        ``"diffusion"`` (Diff-ST) or ``"regression"``: the same network and conditioning trained with plain MSE to
-        predict x0 in one step (no noise, ``t = 0``) — the deterministic regression baseline.
+        ``"refiner"`` (the default): predictor–refiner Diff-ST. The network, called with an empty ``x_t`` at the
+        extra timestep ``t = T``, is a deterministic *mean head* trained with MSE (the conditional mean, what PCC and
+        RMSE reward); the diffusion, same network at ``t < T``, models the residual ``x0 - up(y) - mean``, so samples
+        scatter around the mean head and their spread is the uncertainty. ``"diffusion"``: the paper's Diff-ST (the
+        mean map is the average of samples). ``"regression"``: the same network trained with MSE only (the
+        deterministic baseline, no diffusion).
     residual
         Diffuse ``x0 - up(lr)`` instead of ``x0`` (SR3/SRDiff style) and add ``up(lr)`` back after sampling.
     x0_range
@@ -114,7 +118,7 @@ class DiffSTConfig:
     beta_end: float = 0.02
     prediction_type: str = "sample"
     residual: bool = True
-    objective: str = "diffusion"
+    objective: str = "refiner"
     x0_range: tuple[float, float] = (-1.0, 3.0)
     sampler: str = "dpmsolver"
     sample_steps: int = 20
@@ -239,6 +243,7 @@ class DiffSTConfig:
                 "graph_grid": 26,
                 "graph_node_channels": 1,
                 "prediction_type": "epsilon",
+                "objective": "diffusion",
                 "sampler": "ddpm",
                 "sample_steps": 1000,
                 "learning_rate": 1e-4,
@@ -286,8 +291,8 @@ class DiffSTConfig:
         if self.n_cell_patches is not None and math.isqrt(self.n_cell_patches) ** 2 != self.n_cell_patches:
             msg = f"n_cell_patches must be a square number (patches on a k x k grid), got {self.n_cell_patches}."
             raise ValueError(msg)
-        if self.objective not in ("diffusion", "regression"):
-            msg = f"objective must be 'diffusion' or 'regression', got {self.objective!r}."
+        if self.objective not in ("refiner", "diffusion", "regression"):
+            msg = f"objective must be 'refiner', 'diffusion' or 'regression', got {self.objective!r}."
             raise ValueError(msg)
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             msg = f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {self.prediction_type!r}."

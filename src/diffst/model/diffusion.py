@@ -100,29 +100,28 @@ class Diffusion:
 
         Returns
         -------
-        ``{"loss": total, "mse": denoising MSE, "dis": L_dis, "kept_fraction": share of cell patches kept}``.
+        ``{"loss": total, "mse": denoising MSE, "dis": L_dis, "kept_fraction": share of cell patches kept}``, and
+        ``"mean_mse"`` (the mean head's MSE) for the ``"refiner"`` and ``"regression"`` objectives.
 
         """
         b = x0.shape[0]
         target_x0 = x0 - self.baseline(lr, mask)
-        if self.config.objective == "regression":
-            # the baseline network: same inputs with an empty x_t at t = 0, trained to output x0 directly
-            out = net(
-                torch.zeros_like(x0),
-                torch.zeros(b, dtype=torch.long, device=x0.device),
-                lr,
-                mask,
-                image,
-                progress=progress,
-            )
-            mse = F.mse_loss(out.sample.float(), target_x0.float())
-            dis = out.dis_loss.float()
-            return {
-                "loss": mse + self.config.dis_weight * dis,
-                "mse": mse,
-                "dis": dis,
-                "kept_fraction": torch.tensor(out.kept_fraction),
-            }
+        terms: dict[str, Tensor] = {}
+        if self.config.objective in ("regression", "refiner"):
+            # the mean head: same inputs with an empty x_t at the mean timestep, trained to output x0 directly
+            out = self._mean_output(net, lr, mask, image, x0, progress=progress)
+            terms["mean_mse"] = F.mse_loss(out.sample.float(), target_x0.float())
+            if self.config.objective == "regression":
+                dis = out.dis_loss.float()
+                return {
+                    "loss": terms["mean_mse"] + self.config.dis_weight * dis,
+                    "mse": terms["mean_mse"],
+                    "mean_mse": terms["mean_mse"],
+                    "dis": dis,
+                    "kept_fraction": torch.tensor(out.kept_fraction),
+                }
+            # the refiner diffuses what the mean head leaves (its gradient does not flow into the mean)
+            target_x0 = target_x0 - out.sample.detach()
         noise = _randn(tuple(x0.shape), generator, x0)
         t_device = generator.device if generator is not None else x0.device
         t = torch.randint(0, self.config.num_train_timesteps, (b,), generator=generator, device=t_device)
@@ -137,12 +136,32 @@ class Diffusion:
             target = target_x0
         mse = F.mse_loss(out.sample.float(), target.float())
         dis = out.dis_loss.float()
-        return {
-            "loss": mse + self.config.dis_weight * dis,
-            "mse": mse,
-            "dis": dis,
-            "kept_fraction": torch.tensor(out.kept_fraction),
-        }
+        loss = mse + self.config.dis_weight * dis + terms.get("mean_mse", 0.0)
+        return {"loss": loss, "mse": mse, "dis": dis, "kept_fraction": torch.tensor(out.kept_fraction), **terms}
+
+    @property
+    def mean_timestep(self) -> int:
+        """The timestep index that asks the network for its mean head (one past the last diffusion step)."""
+        return self.config.num_train_timesteps
+
+    def _mean_output(self, net: nn.Module, lr: Tensor, mask: Tensor, image: Tensor, like: Tensor, *, progress: float):
+        b = like.shape[0]
+        # the regression baseline was trained at t = 0 before the refiner existed; keep it so saved models still load
+        t = 0 if self.config.objective == "regression" else self.mean_timestep
+        return net(
+            torch.zeros_like(like), torch.full((b,), t, dtype=torch.long, device=like.device), lr, mask, image,
+            progress=progress,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def predict_mean(self, net: nn.Module, lr: Tensor, mask: Tensor, image: Tensor) -> Tensor | None:
+        """The mean head's HR maps ``up(y) + mean`` (clipped to ``x0_range``), or ``None`` for ``"diffusion"``."""
+        if self.config.objective == "diffusion":
+            return None
+        base = self.baseline(lr, mask)
+        out = self._mean_output(net, lr, mask, image, base, progress=1.0).sample
+        lo, hi = self.config.x0_range
+        return (out + base).clamp(lo, hi)
 
     # ------------------------------------------------------------------ sampling
     def predict_x0(self, model_output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
@@ -211,19 +230,16 @@ class Diffusion:
 
         """
         if self.config.objective == "regression":
-            base = self.baseline(lr, mask)
-            b = base.shape[0]
-            out = net(
-                torch.zeros_like(base), torch.zeros(b, dtype=torch.long, device=base.device), lr, mask, image
-            ).sample
-            lo, hi = self.config.x0_range
-            return (out + base).clamp(lo, hi)
+            return self.predict_mean(net, lr, mask, image)
         sampler = sampler or self.config.sampler
         if steps is None:
             steps = self.config.num_train_timesteps if sampler == "ddpm" else self.config.sample_steps
         scheduler = self.make_scheduler(sampler)
         scheduler.set_timesteps(steps, device=lr.device)
         base = self.baseline(lr, mask)
+        if self.config.objective == "refiner":
+            # samples are the mean head plus a diffused residual around it
+            base = self.predict_mean(net, lr, mask, image)
         lo, hi = self.config.x0_range
         if noise is None:
             noise = _randn(tuple(base.shape), generator, base)

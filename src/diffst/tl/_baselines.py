@@ -13,7 +13,10 @@ import pandas as pd
 import torch
 
 from .. import _logging as log
+from .._degradation import BinDegradation, degradation_for
+from .._image import read_tile
 from .._normalise import lr_per_hr_pixel, lr_to_model_units, to_counts
+from ..model.floor import hr_signal, image_floor, nuclear_channel
 from ..model.upsample import fill_unobserved, upsample_lr
 from ._data import Prepared
 from ._output import Units, check_sr_free, write_sr
@@ -21,7 +24,10 @@ from ._output import Units, check_sr_free, write_sr
 if TYPE_CHECKING:
     from spatialdata import SpatialData
 
-UpsampleMethod = Literal["bicubic", "nearest"]
+UpsampleMethod = Literal["bicubic", "nearest", "image"]
+
+#: Image pixels per HR pixel side over which the image floor averages the nuclear signal.
+FLOOR_PX_PER_HR = 4
 
 
 def upsample(
@@ -31,9 +37,10 @@ def upsample(
     method: UpsampleMethod = "bicubic",
     key_added: str | None = None,
     units: Units = "counts",
+    consistency: bool | None = None,
     overwrite: bool = False,
 ) -> None:
-    """Up-sample the LR gene maps to the HR grid: the interpolation baselines of Diff-ST.
+    """Up-sample the LR gene maps to the HR grid: the interpolation baselines of Diff-ST and the image floor.
 
     ``"bicubic"``
         Exactly the up-sampling Diff-ST conditions on and adds its residual to
@@ -44,6 +51,11 @@ def upsample(
         Each LR pixel's counts spread evenly over its ``scale × scale`` HR pixels (counts per observed HR pixel);
         unobserved LR pixels take the value :func:`diffst.model.fill_unobserved` gives them in model units.
         Under ``bin`` degradation this reproduces the LR counts exactly when re-binned.
+    ``"image"``
+        The training-free *image floor* (:mod:`diffst.model.floor`): the bicubic map times an image-derived
+        density per HR pixel (the square root of the mean nuclear signal: DAPI, or haematoxylin from colour
+        deconvolution of H&E), rescaled so that every LR pixel keeps exactly its counts under the data's own
+        degradation (sum-pooling bins or Visium spot discs). Diff-ST's guard compares the model with it.
 
     ``s_g`` is the prepared ``hr_scale`` (what Diff-ST uses), or ``lr_scale`` for spot data, which have no HR.
     The whole slide is done at once: memory is about ``3 × genes × HR pixels × 4`` bytes (25 genes on a
@@ -61,6 +73,9 @@ def upsample(
         Name of the SR result (default ``f"{method}_sr"``).
     units
         ``"counts"`` (expected counts per HR pixel) or ``"log1p"`` of them.
+    consistency
+        Rescale the map so that, degraded with the data's operator, it reproduces the observed LR counts exactly
+        (as :func:`diffst.tl.super_resolve` does). Default: ``True`` for ``"image"``, ``False`` otherwise.
     overwrite
         Replace an existing result under ``key_added``.
 
@@ -70,30 +85,30 @@ def upsample(
     transformation) and ``sdata.attrs[key_added]`` (``method`` = ``method``), ready for ``dst.tl.evaluate``.
 
     """
-    if method not in ("bicubic", "nearest"):
-        msg = f"`method` must be 'bicubic' or 'nearest'; got {method!r}."
+    if method not in ("bicubic", "nearest", "image"):
+        msg = f"`method` must be 'bicubic', 'nearest' or 'image'; got {method!r}."
+        raise ValueError(msg)
+    if consistency is None:
+        consistency = method == "image"
+    elif method == "image" and not consistency:
+        msg = "The image floor is LR-consistent by construction; `consistency=False` is not available for it."
         raise ValueError(msg)
     if units not in ("counts", "log1p"):
         msg = f"`units` must be 'counts' or 'log1p'; got {units!r}."
         raise ValueError(msg)
-    key_added = f"{method}_sr" if key_added is None else key_added
+    key_added = {"image": "image_floor_sr"}.get(method, f"{method}_sr") if key_added is None else key_added
     prep = Prepared.from_sdata(sdata, key)
     check_sr_free(sdata, key_added, overwrite=overwrite)
 
     s = prep.grid.scale
     gene_scale = prep.hr_scale if prep.hr_scale is not None else prep.lr_scale
     lr = np.asarray(sdata[prep.elements["lr"]].values, dtype=np.float32)
-    coverage = prep.coverage
-    x_lr = torch.from_numpy(lr_to_model_units(lr, coverage, s, gene_scale))[None]
-    mask = torch.from_numpy(np.clip(coverage, 0.0, 1.0)[None, None])
-    with torch.no_grad():
-        if method == "bicubic":
-            counts = to_counts(upsample_lr(x_lr, mask, s)[0].numpy(), gene_scale)
-        else:
-            filled = to_counts(fill_unobserved(x_lr, mask)[0].numpy(), gene_scale)
-            # observed pixels keep their exact counts (no log/exp round trip), so re-binning gives LR back
-            per_px = np.where(coverage[None] > 0, lr_per_hr_pixel(lr, coverage, s), filled)
-            counts = np.repeat(np.repeat(per_px, s, axis=1), s, axis=2)
+    if method == "image":
+        counts = slide_floor(sdata, prep, lr)
+    else:
+        counts = _interpolate(lr, prep.coverage, s, gene_scale, method)
+    if consistency and method != "image":  # the floor is projected already
+        counts = _project(sdata, prep, counts, lr)
     data = counts.astype(np.float32) if units == "counts" else np.log1p(counts).astype(np.float32)
     write_sr(
         sdata,
@@ -103,11 +118,89 @@ def upsample(
         std=None,
         genes=list(prep.genes),
         units=units,
-        method=method,
-        params={"baseline": True, "gene_scale": "hr_scale" if prep.hr_scale is not None else "lr_scale"},
+        method="image_floor" if method == "image" else method,
+        params={
+            "baseline": True,
+            "consistency": bool(consistency),
+            "gene_scale": "hr_scale" if prep.hr_scale is not None else "lr_scale",
+        },
         overwrite=overwrite,
     )
-    log.info(f"{method} up-sampling of {len(prep.genes)} genes ×{s} → sdata.images[{key_added!r}]")
+    what = "image floor" if method == "image" else f"{method} up-sampling"
+    log.info(f"{what} of {len(prep.genes)} genes ×{s} → sdata.images[{key_added!r}]")
+
+
+def _interpolate(lr: np.ndarray, coverage: np.ndarray, s: int, gene_scale: np.ndarray, method: str) -> np.ndarray:
+    """Bicubic or nearest up-sampling of LR counts ``(G, h, w)`` to expected counts per HR pixel."""
+    x_lr = torch.from_numpy(lr_to_model_units(lr, coverage, s, gene_scale))[None]
+    mask = torch.from_numpy(np.clip(coverage, 0.0, 1.0)[None, None])
+    with torch.no_grad():
+        if method == "bicubic":
+            return to_counts(upsample_lr(x_lr, mask, s)[0].numpy(), gene_scale)
+        filled = to_counts(fill_unobserved(x_lr, mask)[0].numpy(), gene_scale)
+    # observed pixels keep their exact counts (no log/exp round trip), so re-binning gives LR back
+    per_px = np.where(coverage[None] > 0, lr_per_hr_pixel(lr, coverage, s), filled)
+    return np.repeat(np.repeat(per_px, s, axis=1), s, axis=2)
+
+
+def _project(sdata: SpatialData, prep: Prepared, counts: np.ndarray, lr: np.ndarray) -> np.ndarray:
+    """``counts`` made exactly consistent with the observed LR counts under the data's degradation operator."""
+    op = degradation_for(sdata, prep.attrs)
+    observed = prep.coverage > 0
+    return op.project(counts, lr, observed).astype(np.float32)
+
+
+def slide_signal(sdata: SpatialData, prep: Prepared, *, per_hr: int = FLOOR_PX_PER_HR, strip_lr: int = 16) -> np.ndarray:
+    """Mean nuclear signal of every HR pixel of the prepared grid ``(1, H, W)``, read in strips of LR rows.
+
+    The image is read at ``hr_um / per_hr`` µm per pixel, normalised as the model sees it (:class:`ImageSpec`), the
+    nuclear signal taken per pixel (DAPI-like channel, or haematoxylin of H&E) and averaged over each HR pixel.
+    Memory: one strip of ``strip_lr`` LR rows of the image at a time.
+    """
+    g = prep.grid
+    spec = prep.image
+    image = sdata.images[spec.key]
+    channel = nuclear_channel(spec.channels) if spec.kind != "rgb" else 0
+    h, w = g.lr_shape
+    s = g.scale
+    out = np.zeros((1, h * s, w * s), dtype=np.float32)
+    x0, y0 = g.origin_um
+    for r0 in range(0, h, strip_lr):
+        r1 = min(h, r0 + strip_lr)
+        bbox = (x0, y0 + r0 * g.lr_um, x0 + w * g.lr_um, y0 + r1 * g.lr_um)
+        crop = read_tile(image, spec, bbox, g.hr_um / per_hr)
+        with torch.no_grad():
+            sig = hr_signal(torch.from_numpy(crop)[None], spec.kind, per_hr, channel)[0].numpy()
+        out[:, r0 * s : r1 * s] = sig
+    return out
+
+
+def slide_floor(sdata: SpatialData, prep: Prepared, lr: np.ndarray | None = None) -> np.ndarray:
+    """The image floor over the whole prepared grid, in expected counts per HR pixel ``(G, H, W)``, LR-consistent.
+
+    See :mod:`diffst.model.floor`. Genes are in the prepared order.
+    """
+    s = prep.grid.scale
+    gene_scale = prep.hr_scale if prep.hr_scale is not None else prep.lr_scale
+    if lr is None:
+        lr = np.asarray(sdata[prep.elements["lr"]].values, dtype=np.float32)
+    coverage = prep.coverage
+    base = _interpolate(lr, coverage, s, gene_scale, "bicubic")
+    signal = slide_signal(sdata, prep)
+    # counts each LR pixel would hold over its full area (spots measure only a part of it)
+    total = lr_per_hr_pixel(lr, coverage, s) * s * s
+    with torch.no_grad():
+        floor = image_floor(
+            torch.from_numpy(base)[None],
+            torch.from_numpy(total)[None],
+            torch.from_numpy((coverage > 0)[None, None]),
+            torch.from_numpy(signal)[None],
+            s,
+        )[0].numpy()
+    op = degradation_for(sdata, prep.attrs)
+    if isinstance(op, BinDegradation):
+        return floor.astype(np.float32)
+    return op.project(floor, lr, coverage > 0).astype(np.float32)
 
 
 TESLA_INSTALL = "pip install --no-deps teslaforst && pip install opencv-python-headless scanpy"

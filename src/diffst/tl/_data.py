@@ -141,7 +141,7 @@ class TileSource:
         self,
         lr_row0: int,
         lr_col0: int,
-        size_lr: int,
+        size_lr: int | tuple[int, int],
         image_um: float,
         gene_scale: np.ndarray,
         *,
@@ -149,17 +149,19 @@ class TileSource:
     ) -> dict[str, np.ndarray]:
         """One model input window whose top-left LR pixel is ``(lr_row0, lr_col0)``, ``size_lr`` LR pixels wide.
 
-        Returns model-unit arrays ``lr`` ``(G, h, w)``, ``mask`` ``(1, h, w)``, ``image`` ``(C, Hi, Wi)`` and, when
-        available and asked for, ``x0`` ``(G, H, W)``. Windows reaching past the grid are padded as unobserved.
+        ``size_lr`` may be ``(rows, cols)`` for a rectangular region. Returns model-unit arrays ``lr`` ``(G, h, w)``,
+        ``mask`` ``(1, h, w)``, ``image`` ``(C, Hi, Wi)`` and, when available and asked for, ``x0`` ``(G, H, W)``.
+        Windows reaching past the grid are padded as unobserved.
         """
         g = self.grid
         s = g.scale
         h, w = g.lr_shape
+        size_r, size_c = (size_lr, size_lr) if np.isscalar(size_lr) else (int(size_lr[0]), int(size_lr[1]))
         n_genes = self.lr.shape[0] if self.gene_index is None else len(self.gene_index)
         rr0, cc0 = max(lr_row0, 0), max(lr_col0, 0)
-        rr1, cc1 = min(lr_row0 + size_lr, h), min(lr_col0 + size_lr, w)
-        lr = np.zeros((n_genes, size_lr, size_lr), dtype=np.float32)
-        cov = np.zeros((size_lr, size_lr), dtype=np.float32)
+        rr1, cc1 = min(lr_row0 + size_r, h), min(lr_col0 + size_c, w)
+        lr = np.zeros((n_genes, size_r, size_c), dtype=np.float32)
+        cov = np.zeros((size_r, size_c), dtype=np.float32)
         dr, dc = slice(rr0 - lr_row0, rr1 - lr_row0), slice(cc0 - lr_col0, cc1 - lr_col0)
         inside = rr1 > rr0 and cc1 > cc0
         if inside:
@@ -167,10 +169,10 @@ class TileSource:
             cov[dr, dc] = self.coverage[rr0:rr1, cc0:cc1]
         out = {"lr": lr_to_model_units(lr, cov, s, gene_scale), "mask": np.clip(cov, 0.0, 1.0)[None]}
         x0, y0 = g.origin_um[0] + lr_col0 * g.lr_um, g.origin_um[1] + lr_row0 * g.lr_um
-        bbox = (x0, y0, x0 + size_lr * g.lr_um, y0 + size_lr * g.lr_um)
+        bbox = (x0, y0, x0 + size_c * g.lr_um, y0 + size_r * g.lr_um)
         out["image"] = read_tile(self.image_element, self.image, bbox, image_um)
         if with_hr and self.hr is not None:
-            hr = np.zeros((n_genes, size_lr * s, size_lr * s), dtype=np.float32)
+            hr = np.zeros((n_genes, size_r * s, size_c * s), dtype=np.float32)
             if inside:
                 hr[:, dr.start * s : dr.stop * s, dc.start * s : dc.stop * s] = self._channels(
                     self.hr, slice(rr0 * s, rr1 * s), slice(cc0 * s, cc1 * s)
@@ -229,3 +231,122 @@ class TileDataset(Dataset):
         if self._cache is not None:
             self._cache[i] = item
         return item
+
+
+#: Largest image region (bytes, float32) a :class:`WindowDataset` holds in memory.
+MAX_REGION_BYTES = 1 << 30
+#: Distinct training-window positions wanted before the window shrinks below the largest size allowed.
+MIN_POSITIONS = 16
+
+
+def split_region(prep: Prepared, sdata: SpatialData, split: str) -> np.ndarray:
+    """LR pixels ``(h, w)`` covered by the tiles of one split."""
+    region = np.zeros(prep.grid.lr_shape, dtype=bool)
+    t = prep.tile_lr
+    tiles = prep.tiles(sdata, split)
+    for r0, c0 in zip(tiles["lr_row0"].astype(int), tiles["lr_col0"].astype(int), strict=True):
+        region[r0 : r0 + t, c0 : c0 + t] = True
+    return region
+
+
+def window_origins(region: np.ndarray, size: int) -> np.ndarray:
+    """Top-left LR pixels ``(n, 2)`` of every ``size × size`` window lying wholly inside ``region``."""
+    h, w = region.shape
+    if size > h or size > w:
+        return np.zeros((0, 2), dtype=np.int64)
+    c = np.pad(np.cumsum(np.cumsum(region.astype(np.int64), 0), 1), ((1, 0), (1, 0)))
+    inside = c[size:, size:] - c[:-size, size:] - c[size:, :-size] + c[:-size, :-size]
+    return np.argwhere(inside == size * size).astype(np.int64)
+
+
+def choose_window(region: np.ndarray, max_size: int, min_positions: int = MIN_POSITIONS) -> int:
+    """The largest window side (LR pixels, at most ``max_size``) with ``min_positions`` positions in ``region``.
+
+    A small training region gets smaller windows, so that training sees many distinct windows rather than one tile
+    over and over; when even one-pixel windows have fewer positions, the side with the most positions wins.
+    """
+    counts = {size: len(window_origins(region, size)) for size in range(max(1, max_size), 0, -1)}
+    for want in (min_positions, 4):
+        for size, n in counts.items():
+            if n >= want:
+                return size
+    return 1
+
+
+def tiled_origins(tiles: gpd.GeoDataFrame, tile_lr: int, size: int) -> np.ndarray:
+    """Fixed windows of ``size`` LR pixels covering each tile (the last one flush with the tile's far edge)."""
+    starts = sorted({*range(0, max(tile_lr - size, 0) + 1, size), max(tile_lr - size, 0)})
+    out = [
+        (r0 + dr, c0 + dc)
+        for r0, c0 in zip(tiles["lr_row0"].astype(int), tiles["lr_col0"].astype(int), strict=True)
+        for dr in starts
+        for dc in starts
+    ]
+    return np.array(out, dtype=np.int64).reshape(-1, 2)
+
+
+class WindowSampler(torch.utils.data.Sampler[int]):
+    """``num_samples`` window indices drawn uniformly with replacement from ``generator``.
+
+    Its own class (not :class:`torch.utils.data.RandomSampler`) so that Lightning, under DDP, wraps it (each process
+    gets a share of ``num_samples``) instead of replacing it with a sampler over the whole dataset.
+    """
+
+    def __init__(self, n: int, num_samples: int, generator: torch.Generator) -> None:
+        self.n, self.num_samples, self.generator = int(n), int(num_samples), generator
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        yield from torch.randint(self.n, (self.num_samples,), generator=self.generator).tolist()
+
+
+class WindowDataset(Dataset):
+    """Model input windows of ``size`` LR pixels at given origins, cut from one read of their bounding box.
+
+    The image, LR, mask and HR of the region spanned by ``origins`` are read once (model units) and every window is
+    a slice of them, so random windows cost no image resampling. Training draws origins at random through its
+    sampler; validation and test use fixed ones.
+    """
+
+    def __init__(
+        self,
+        source: TileSource,
+        origins: np.ndarray,
+        size: int,
+        *,
+        image_um: float,
+        gene_scale: np.ndarray,
+    ) -> None:
+        self.origins = np.asarray(origins, dtype=np.int64).reshape(-1, 2)
+        self.size = int(size)
+        self.scale = source.grid.scale
+        self.per_lr = int(round(source.grid.lr_um / image_um))
+        self.source, self.image_um, self.gene_scale = source, image_um, np.asarray(gene_scale, dtype=np.float32)
+        self.region: dict[str, torch.Tensor] | None = None
+        if len(self.origins) == 0:
+            return
+        self.r0, self.c0 = (int(v) for v in self.origins.min(axis=0))
+        r1, c1 = (int(v) + self.size for v in self.origins.max(axis=0))
+        n_px = (r1 - self.r0) * (c1 - self.c0) * self.per_lr**2
+        if n_px * len(source.image.channels) * 4 > MAX_REGION_BYTES:
+            return  # too large to hold: read each window on its own
+        arrays = source.read(self.r0, self.c0, (r1 - self.r0, c1 - self.c0), image_um, gene_scale)
+        self.region = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+
+    def __len__(self) -> int:
+        return len(self.origins)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if self.region is None:
+            r, c = (int(v) for v in self.origins[i])
+            arrays = self.source.read(r, c, self.size, self.image_um, self.gene_scale)
+            return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        r, c = int(self.origins[i, 0]) - self.r0, int(self.origins[i, 1]) - self.c0
+        n, s, k = self.size, self.scale, self.per_lr
+        out = {}
+        for name, v in self.region.items():
+            f = {"lr": 1, "mask": 1, "x0": s, "image": k}[name]
+            out[name] = v[:, r * f : (r + n) * f, c * f : (c + n) * f].clone()
+        return out

@@ -128,13 +128,19 @@ def super_resolve(
 
     job = _Job.build(sdata, prep, model, want, sampler=sampler, steps=steps, n_samples=n_samples,
                      consistency=consistency, tile_overlap=tile_overlap, batch_size=batch_size, seed=seed,
-                     units=units, block_lr=block_lr)  # fmt: skip
+                     block_lr=block_lr)  # fmt: skip
     log.info(
         f"super-resolving {len(want)} genes over {len(job.windows)} windows of {model.config.tile_um:g} µm "
         f"({job.sampler}, {job.steps} steps, {n_samples} sample{'s' if n_samples > 1 else ''}) in "
         f"{len(job.blocks)} chunks"
     )
     stack = job.dask_array()
+    guard = model.info.get("guard")
+    if guard:
+        stack = _apply_guard(stack, sdata, prep, model, want, guard)
+    if units == "log1p":
+        # log1p of the expected counts; the std follows by the delta method, std / (1 + mean)
+        stack = da.stack([da.log1p(stack[0]), stack[1] / (1.0 + stack[0])])
     params = {
         "model_path": str(model.path) if model.path else None,
         "sampler": job.sampler,
@@ -145,6 +151,7 @@ def super_resolve(
         "seed": int(seed),
         "transferred": bool(transferred),
         "gene_scale": [float(v) for v in job.gene_scale[job.out_index]],
+        "guard": _guard_params(guard, model, want),
     }
     with _scratch(sdata if inplace else None) as scratch:
         stack = _compute(stack, scratch, job.window_runs())
@@ -163,6 +170,39 @@ def super_resolve(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def _apply_guard(stack: da.Array, sdata, prep: Prepared, model: DiffST, want: list[str], guard: dict) -> da.Array:
+    """Blend each gene's map with the image floor by the weight validation chose; scale the std by its calibration.
+
+    ``mean = α_g · model + (1 − α_g) · floor`` (both LR-consistent, so the blend is too) and
+    ``std = α_g · c_g · std``, with ``α_g`` and ``c_g`` fitted on the validation windows by :func:`dst.tl.train`.
+    """
+    from ._baselines import slide_floor
+
+    idx = [model.genes.index(g) for g in want]
+    alpha = np.asarray(guard["alpha"], dtype=np.float32)[idx][:, None, None]
+    scale = np.asarray(guard.get("std_scale", [1.0] * len(model.genes)), dtype=np.float32)[idx][:, None, None]
+    mean, std = stack[0], stack[1]
+    if np.any(alpha < 1):
+        floor = slide_floor(sdata, prep)[[prep.genes.index(g) for g in want]]
+        mean = mean * alpha + da.from_array(floor, chunks=mean.chunks) * (1.0 - alpha)
+        log.info(
+            f"guard: {int(np.sum(alpha[:, 0, 0] < 1))} of {len(want)} genes blended with the image floor "
+            "(weights fitted on validation, see sdata.attrs[key_added]['params']['guard'])"
+        )
+    return da.stack([mean, std * alpha * scale])
+
+
+def _guard_params(guard: dict | None, model: DiffST, want: list[str]) -> dict | None:
+    if not guard:
+        return None
+    idx = [model.genes.index(g) for g in want]
+    return {
+        "alpha": {g: float(guard["alpha"][i]) for g, i in zip(want, idx, strict=True)},
+        "std_scale": {g: float(guard["std_scale"][i]) for g, i in zip(want, idx, strict=True)},
+        "definition": "mean = alpha * model + (1 - alpha) * image floor; std = alpha * std_scale * model std",
+    }
 
 
 def _check_arguments(sampler, steps, n_samples, tile_overlap, batch_size, units, block_lr) -> None:
@@ -284,11 +324,10 @@ class _Job:
     consistency: bool
     batch_size: int
     seed: int
-    units: str
 
     @classmethod
     def build(cls, sdata, prep: Prepared, model: DiffST, want: list[str], *, sampler, steps, n_samples, consistency,
-              tile_overlap, batch_size, seed, units, block_lr) -> _Job:  # fmt: skip
+              tile_overlap, batch_size, seed, block_lr) -> _Job:  # fmt: skip
         cfg = model.config
         grid = prep.grid
         window_lr = cfg.lr_px
@@ -340,7 +379,6 @@ class _Job:
             consistency=bool(consistency),
             batch_size=int(batch_size),
             seed=int(seed),
-            units=units,
         )
 
     # -------------------------------------------------------------- one chunk
@@ -378,73 +416,91 @@ class _Job:
         return self.windows[hit]
 
     def run_block(self, hr_rows: tuple[int, int], hr_cols: tuple[int, int]) -> np.ndarray:
-        """Mean and std over samples of the HR pixels ``[rows) × [cols)``: ``(2, genes, rows, cols)``."""
+        """Mean and std (expected counts) of the HR pixels ``[rows) × [cols)``: ``(2, genes, rows, cols)``.
+
+        Windows are blended with weights that fall off towards their borders: the mean maps and the *variances* over
+        samples within each window, so the std does not dip where windows overlap (averaging independent samples of
+        neighbouring windows would shrink it there). LR consistency rescales the blended mean; the std follows the
+        same per-pixel factor.
+        """
         s = self.grid.scale
         r0, c0, r1, c1 = self._region(hr_rows, hr_cols)
-        acc, wsum = self._blend(r0, c0, r1, c1)
-        samples = acc / np.maximum(wsum, 1e-12)[None, None]
+        acc, var, wsum = self._blend(r0, c0, r1, c1)
+        w = np.maximum(wsum, 1e-12)[None]
+        mean = acc / w
+        std = np.sqrt(np.maximum(var / w, 0.0))
         if self.consistency and self.operator is not None:
-            samples = np.stack([self._project(x, r0, c0, r1, c1) for x in samples])
-        if self.units == "log1p":
-            samples = np.log1p(samples)
-        cut = samples[
-            :, self.out_index, hr_rows[0] - r0 * s : hr_rows[1] - r0 * s, hr_cols[0] - c0 * s : hr_cols[1] - c0 * s
-        ]
-        mean = cut.mean(axis=0)
-        std = cut.std(axis=0) if self.n_samples > 1 else np.zeros_like(mean)
-        return np.stack([mean, std]).astype(np.float32)
+            proj = self._project(mean, r0, c0, r1, c1)
+            ratio = np.where(mean > 0, proj / np.where(mean > 0, mean, 1.0), 1.0)
+            mean, std = proj, std * ratio
+        cut = (self.out_index, slice(hr_rows[0] - r0 * s, hr_rows[1] - r0 * s),
+               slice(hr_cols[0] - c0 * s, hr_cols[1] - c0 * s))  # fmt: skip
+        return np.stack([mean[cut], std[cut]]).astype(np.float32)
 
-    def _blend(self, r0: int, c0: int, r1: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
+    def _blend(self, r0: int, c0: int, r1: int, c1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         s = self.grid.scale
         n_genes = len(self.gene_scale)
         size = self.window_lr * s
-        acc = np.zeros((self.n_samples, n_genes, (r1 - r0) * s, (c1 - c0) * s), dtype=np.float64)
-        wsum = np.zeros(acc.shape[2:], dtype=np.float64)
+        acc = np.zeros((n_genes, (r1 - r0) * s, (c1 - c0) * s), dtype=np.float64)
+        var = np.zeros_like(acc)
+        wsum = np.zeros(acc.shape[1:], dtype=np.float64)
         if len(self.windows) == 0:
-            return acc, wsum
+            return acc, var, wsum
         todo = self._touching(r0, c0, r1, c1)
         w1 = blend_weights(size, self.overlap_hr)
         weight = np.outer(w1, w1)
         per_batch = 1 if self.sampler == "ddpm" else max(1, self.batch_size // self.n_samples)
         for i in range(0, len(todo), per_batch):
             group = todo[i : i + per_batch]
-            out = self._sample_windows(group)  # (len(group), n_samples, G, size, size) counts
-            for (wr0, wc0), x in zip(group, out, strict=True):
+            means, variances = self._sample_windows(group)  # (len(group), G, size, size) counts each
+            for (wr0, wc0), m, v in zip(group, means, variances, strict=True):
                 # window rows/cols relative to the block, clipped to it
                 ar0, ac0 = (wr0 - r0) * s, (wc0 - c0) * s
                 sr0, sc0 = max(0, -ar0), max(0, -ac0)
-                er, ec = min(size, acc.shape[2] - ar0), min(size, acc.shape[3] - ac0)
+                er, ec = min(size, acc.shape[1] - ar0), min(size, acc.shape[2] - ac0)
                 tgt = (slice(ar0 + sr0, ar0 + er), slice(ac0 + sc0, ac0 + ec))
                 wpart = weight[sr0:er, sc0:ec]
-                acc[(slice(None), slice(None), *tgt)] += x[:, :, sr0:er, sc0:ec] * wpart
+                acc[(slice(None), *tgt)] += m[:, sr0:er, sc0:ec] * wpart
+                var[(slice(None), *tgt)] += v[:, sr0:er, sc0:ec] * wpart
                 wsum[tgt] += wpart
             if _progress is not None:  # a local run's bar (workers of a cluster have none)
                 _progress.update(len(group))
-        return acc, wsum
+        return acc, var, wsum
 
-    def _sample_windows(self, group: np.ndarray) -> np.ndarray:
+    def _sample_windows(self, group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mean map and variance over samples, in expected counts, of each window: two ``(n, G, size, size)``."""
         items = [
             self.source.read(int(r), int(c), self.window_lr, self.image_um, self.gene_scale, with_hr=False)
             for r, c in group
         ]
         k = self.n_samples
         device = next(self.net.parameters()).device
-        lr = torch.from_numpy(np.stack([it["lr"] for it in items])).repeat_interleave(k, 0).to(device)
-        mask = torch.from_numpy(np.stack([it["mask"] for it in items])).repeat_interleave(k, 0).to(device)
-        image = torch.from_numpy(np.stack([it["image"] for it in items])).repeat_interleave(k, 0).to(device)
+        lr = torch.from_numpy(np.stack([it["lr"] for it in items])).to(device)
+        mask = torch.from_numpy(np.stack([it["mask"] for it in items])).to(device)
+        image = torch.from_numpy(np.stack([it["image"] for it in items])).to(device)
         size = self.window_lr * self.grid.scale
+        n, g = len(group), len(self.gene_scale)
+        with torch.inference_mode():
+            head = self.diffusion.predict_mean(self.net, lr, mask, image)
+        mean = None if head is None else to_counts(head.float().cpu().numpy(), self.gene_scale)
+        if mean is not None and (k == 1 or self.diffusion.config.objective == "regression"):
+            return mean, np.zeros_like(mean)
         noise = []
         for r, c in group:
             gen = torch.Generator().manual_seed(_window_seed(self.seed, int(r), int(c)))
-            noise.append(torch.randn((k, len(self.gene_scale), size, size), generator=gen))
+            noise.append(torch.randn((k, g, size, size), generator=gen))
         noise = torch.cat(noise).to(device)
         gen = torch.Generator().manual_seed(_window_seed(self.seed, int(group[0][0]), int(group[0][1])) + 1)
+        rep = {"lr": lr, "mask": mask, "image": image}
+        rep = {name: v.repeat_interleave(k, 0) for name, v in rep.items()}
         with torch.inference_mode():
             x = self.diffusion.sample(
-                self.net, lr, mask, image, sampler=self.sampler, steps=self.steps, noise=noise, generator=gen
-            )
-        counts = to_counts(x.float().cpu().numpy(), self.gene_scale)
-        return counts.reshape(len(group), k, *x.shape[1:])
+                self.net, rep["lr"], rep["mask"], rep["image"], sampler=self.sampler, steps=self.steps, noise=noise,
+                generator=gen,
+            )  # fmt: skip
+        samples = to_counts(x.float().cpu().numpy(), self.gene_scale).reshape(n, k, g, size, size)
+        # the refiner's map is its mean head (samples scatter around it); the paper's is the average of samples
+        return (samples.mean(axis=1) if mean is None else mean), samples.var(axis=1)
 
     def _project(self, x: np.ndarray, r0: int, c0: int, r1: int, c1: int) -> np.ndarray:
         """LR-consistency on the region ``[r0, r1) × [c0, c1)`` of LR pixels (zero-padded outside the grid)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from datetime import timedelta
 import json
 import logging
 import math
@@ -19,7 +20,9 @@ from torch.utils.data import DataLoader
 from .. import _logging as log
 from .._settings import settings
 from ..model import DiffSTConfig, DiffSTNet
-from ._data import Prepared, TileDataset
+from ..model.floor import nuclear_channel
+from ._data import Prepared, TileSource, WindowDataset, WindowSampler, choose_window, split_region, tiled_origins, window_origins
+from ._guard import fit_guard, guard_summary
 from ._lightning import DiffSTModule, History
 from ._model import DiffST, data_units, fingerprint
 
@@ -34,6 +37,10 @@ DEFAULT_STEPS = {"default": 750, "tiny": 60}
 PAPER_EPOCHS = 200
 #: Validate about this often (in optimiser steps) unless ``check_val_every_n_epoch`` is given.
 VAL_EVERY_STEPS = 50
+#: Default wall-clock budget of one training, in seconds (``time_budget=None`` for none).
+DEFAULT_TIME_BUDGET = 600.0
+#: What selects the kept checkpoint and stops training early: the validation PCC of the mean map.
+MONITOR = "val_pcc"
 
 
 def train(
@@ -53,15 +60,22 @@ def train(
     patience: int = 10,
     val_steps: int = 10,
     num_workers: int = 0,
+    time_budget: float | None = DEFAULT_TIME_BUDGET,
+    guard: bool = True,
     **trainer_kwargs: Any,
 ) -> DiffST:
-    """Train a Diff-ST model on the tiles that :func:`diffst.pp.prepare` made.
+    """Train a Diff-ST model on the data that :func:`diffst.pp.prepare` made.
 
-    Training streams tiles (image crop at the model's µm per pixel, LR, mask and HR truth) from the prepared elements,
-    optimises the paper's objective with AdamW, keeps an exponential moving average (EMA) of the weights for
-    sampling, reports the validation loss and the validation PCC of fast-sampled maps (beside bicubic up-sampling)
-    every epoch, stops early when the validation loss stops improving, and checkpoints so that an interrupted run
-    continues where it stopped.
+    Each step draws windows at random positions inside the training tiles (any LR-pixel offset, with a random one
+    of the 8 rotations/flips), so that a small region still gives many distinct windows; the window side is the
+    preset's tile at most, smaller when the training region is small. Validation windows are fixed (the validation
+    tiles). Training optimises the objective with AdamW, keeps an exponential moving average (EMA) of the weights
+    for sampling, and validates about every 50 steps: PCC and RMSE of the mean map beside bicubic up-sampling and
+    the image floor (recorded in ``model.history``). The checkpoint with the best validation PCC is kept, training
+    stops early when it stops improving or when ``time_budget`` runs out, and checkpoints let an interrupted run
+    continue. Finally the guard (:mod:`diffst.tl._guard`) compares the model with the baselines on validation as
+    ``super_resolve`` runs it, fits per-gene blend weights with the image floor and a calibration of the std map,
+    prints the table and warns when the model does not beat the floor.
 
     Parameters
     ----------
@@ -92,12 +106,16 @@ def train(
         Overrides of the preset's :class:`diffst.model.DiffSTConfig` fields (e.g. ``{"cam": False}`` for an
         ablation, ``{"learning_rate": 5e-4}``).
     patience
-        Validation checks without validation-loss improvement before stopping (validation runs about every
+        Validation checks without improvement of the validation PCC before stopping (validation runs about every
         50 optimiser steps, or every ``check_val_every_n_epoch`` epochs if given).
     val_steps
         Fast-sampler steps for the per-epoch validation PCC.
     num_workers
-        DataLoader worker processes (tiles are cached in memory after the first epoch).
+        DataLoader worker processes (the training and validation regions are read into memory once).
+    time_budget
+        Wall-clock limit of training in seconds (default 600); ``None`` for none. A training stopped by it says so.
+    guard
+        Fit the guard on validation after training (see above); ``False`` skips it (the model is used as trained).
     trainer_kwargs
         Passed to :class:`lightning.Trainer` (e.g. ``strategy="ddp"``, ``max_time="00:00:05:00"``,
         ``precision="bf16-mixed"``).
@@ -117,16 +135,26 @@ def train(
         )
         raise ValueError(msg)
     n_train = len(prep.tiles(sdata, "train"))
-    n_val = len(prep.tiles(sdata, "val"))
     if n_train == 0:
         msg = f"No training tiles under {key!r}; prepare with smaller `tile_um` or a larger train share in `split`."
         raise ValueError(msg)
     if max_epochs is not None and max_epochs < 1:
         msg = f"`max_epochs` must be at least 1; got {max_epochs}."
         raise ValueError(msg)
+    if time_budget is not None and time_budget <= 0:
+        msg = f"`time_budget` must be a positive number of seconds or None; got {time_budget!r}."
+        raise ValueError(msg)
 
-    cfg = _config(prep, preset, batch_size, config)
-    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    region = split_region(prep, sdata, "train")
+    preset_lr = max(1, int(DiffSTConfig.preset(preset).tile_um // prep.grid.lr_um))
+    window_lr = choose_window(region, min(prep.tile_lr, preset_lr))
+    cfg = _config(prep, preset, batch_size, config, window_um=window_lr * prep.grid.lr_um)
+    train_origins = window_origins(region, window_lr)
+    val_origins = tiled_origins(prep.tiles(sdata, "val"), prep.tile_lr, window_lr)
+    n_val = len(val_origins)
+    # an epoch: about one pass over the training area
+    epoch_len = max(cfg.batch_size, math.ceil(int(region.sum()) / window_lr**2))
+    steps_per_epoch = math.ceil(epoch_len / cfg.batch_size)
     if max_epochs is None:
         max_epochs = (
             PAPER_EPOCHS if preset == "paper" else max(5, min(1000, math.ceil(DEFAULT_STEPS[preset] / steps_per_epoch)))
@@ -138,28 +166,34 @@ def train(
     ckpt_path = _resume_from(last, run_dir, cfg, resume=resume, overwrite=overwrite)
 
     L.seed_everything(seed, workers=True, verbose=False)
-    train_ds = TileDataset(sdata, prep, "train", image_um=cfg.image_um, gene_scale=gene_scale)
-    val_ds = TileDataset(sdata, prep, "val", image_um=cfg.image_um, gene_scale=gene_scale)
+    source = TileSource.from_sdata(sdata, prep).cache_image(cfg.image_um)
+    train_ds = WindowDataset(source, train_origins, window_lr, image_um=cfg.image_um, gene_scale=gene_scale)
+    val_ds = WindowDataset(source, val_origins, window_lr, image_um=cfg.image_um, gene_scale=gene_scale)
     loader_gen = torch.Generator().manual_seed(seed)
-    train_dl = DataLoader(
-        train_ds, batch_size=cfg.batch_size, shuffle=True, num_workers=num_workers, generator=loader_gen
-    )
+    sampler = WindowSampler(len(train_ds), epoch_len, loader_gen)
+    train_dl = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=num_workers)
     val_dl = DataLoader(val_ds, batch_size=cfg.batch_size, num_workers=num_workers) if n_val else None
-    module = DiffSTModule(cfg.to_dict(), prep.coexpression.tolist(), val_steps=val_steps)
+    floor = {
+        "kind": prep.image.kind,
+        "channel": nuclear_channel(prep.image.channels) if prep.image.kind != "rgb" else 0,
+        "gene_scale": [float(v) for v in gene_scale],
+    }
+    module = DiffSTModule(cfg.to_dict(), prep.coexpression.tolist(), val_steps=val_steps, floor=floor)
 
     history = History()
     callbacks: list[L.Callback] = [history]
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=ckpt_dir,
         filename="best",
-        monitor="val_loss" if n_val else None,
+        monitor=MONITOR if n_val else None,
+        mode="max",
         save_last=True,
         save_top_k=1,
         enable_version_counter=False,
     )
     callbacks.append(checkpoint)
     if n_val:
-        callbacks.append(L.pytorch.callbacks.EarlyStopping(monitor="val_loss", patience=patience, mode="min"))
+        callbacks.append(L.pytorch.callbacks.EarlyStopping(monitor=MONITOR, patience=patience, mode="max"))
     on_gpu = _uses_gpu(accelerator)
     trainer_args: dict[str, Any] = {
         "max_epochs": max_epochs,
@@ -175,14 +209,24 @@ def train(
         "num_sanity_val_steps": 0,
         "check_val_every_n_epoch": max(1, round(VAL_EVERY_STEPS / steps_per_epoch)),
     }
+    if time_budget is not None:
+        trainer_args["max_time"] = timedelta(seconds=float(time_budget))
     trainer_args.update(trainer_kwargs)
     with _quiet_lightning():
         trainer = L.Trainer(**trainer_args)
+    area = prep.grid.lr_um**2 / 1e6  # mm² per LR pixel
+    val_area = int(split_region(prep, sdata, "val").sum()) * area
     log.info(
-        f"training preset {preset!r} on {n_train} train / {n_val} val tiles, {max_epochs} epochs × {steps_per_epoch} "
-        f"steps, batch {cfg.batch_size}; checkpoints in {ckpt_dir}"
+        f"training preset {preset!r} ({cfg.objective}) on random {window_lr * prep.grid.lr_um:g} µm windows at "
+        f"{len(train_origins)} positions × 8 rotations/flips in the training region ({int(region.sum()) * area:.3f} "
+        f"mm²); validation: {n_val} fixed windows ({val_area:.3f} mm²); {max_epochs} epochs × {steps_per_epoch} "
+        f"steps, batch {cfg.batch_size}, "
+        + (f"time budget {time_budget:g} s" if time_budget is not None else "no time budget")
+        + f"; checkpoints in {ckpt_dir}"
         + (f" (resuming from {ckpt_path.name})" if ckpt_path else "")
     )
+    if not n_val:
+        log.warn("no validation windows: the last weights are kept and nothing checks them against the baselines")
     t0 = time.perf_counter()
     with warnings.catch_warnings(), _quiet_lightning():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -190,6 +234,15 @@ def train(
         warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
         trainer.fit(module, train_dl, val_dl, ckpt_path=ckpt_path)
     seconds = time.perf_counter() - t0
+    planned = max_epochs * steps_per_epoch
+    stopped = "completed"
+    if trainer.global_step < planned:
+        stopped = "time budget" if time_budget is not None and seconds >= 0.98 * time_budget else "early stopping"
+    if stopped == "time budget":
+        log.warn(
+            f"training stopped by its time budget ({time_budget:g} s) after {trainer.global_step} of {planned} planned "
+            "steps; the model may be undertrained: pass a larger `time_budget` (or None) to train longer"
+        )
 
     best = checkpoint.best_model_path if n_val and checkpoint.best_model_path else None
     if best:
@@ -214,35 +267,50 @@ def train(
             "steps": int(trainer.global_step),
             "seconds": seconds,
             "best_checkpoint": str(best) if best else None,
-            "best_val_loss": float(checkpoint.best_model_score) if best else None,
+            "best_val_loss": _best(history.rows, "val_loss"),
+            "best_val_pcc": float(checkpoint.best_model_score) if best else None,
+            "stopped_by": stopped,
+            "window_lr": int(window_lr),
             "prepared_fingerprint": fingerprint(prep),
             "key": key,
         },
     )
     if trainer.is_global_zero:
+        if guard:
+            model.info["guard"] = fit_guard(sdata, prep, model, seed=seed)
         model.save(run_dir / "model.pt")
         _record(sdata, key, model)
-        last_row = model.history[-1] if model.history else {}
-        summary = ", ".join(
-            f"{k} {last_row[k]:.3f}" for k in ("val_loss", "val_pcc", "val_pcc_bicubic") if k in last_row
+        log.info(
+            f"trained {model.info['steps']} steps in {seconds:.0f} s ({stopped}; {guard_summary(model.info.get('guard'))})"
+            f"; model saved to {model.path}"
         )
-        log.info(f"trained {model.info['steps']} steps in {seconds:.0f} s ({summary}); model saved to {model.path}")
     return model
 
 
-def _config(prep: Prepared, preset: str, batch_size: int | None, overrides: dict[str, Any] | None) -> DiffSTConfig:
+def _best(rows: list[dict[str, float]], name: str) -> float | None:
+    values = [r[name] for r in rows if name in r]
+    return float(min(values)) if values else None
+
+
+def _config(
+    prep: Prepared,
+    preset: str,
+    batch_size: int | None,
+    overrides: dict[str, Any] | None,
+    window_um: float | None = None,
+) -> DiffSTConfig:
     data = {
         "n_genes": len(prep.genes),
         "image_channels": len(prep.image.channels),
         "hr_um": prep.grid.hr_um,
         "scale": prep.grid.scale,
-        "tile_um": float(prep.attrs["tile_um"]),
+        "tile_um": float(window_um if window_um is not None else prep.attrs["tile_um"]),
     }
     base = DiffSTConfig.preset(preset)
-    if base.tile_um != data["tile_um"]:
+    if base.tile_um > data["tile_um"]:
         log.info(
-            f"preset {preset!r} is designed for {base.tile_um:g} µm tiles; the data have {data['tile_um']:g} µm tiles "
-            f"(prepare with `tile_um={base.tile_um:g}` to match)"
+            f"preset {preset!r} is designed for windows up to {base.tile_um:g} µm; these data give "
+            f"{data['tile_um']:g} µm windows (the training region or the prepared tiles are smaller)"
         )
     extra = dict(overrides or {})
     clash = sorted(set(extra) & set(data))
