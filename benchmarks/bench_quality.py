@@ -8,6 +8,11 @@ interrupted run continues; ``--fresh`` starts over):
     preset, mean of 4 samples, LR-consistent), the regression network (same backbone and conditioning, MSE, no
     diffusion), bicubic and nearest up-sampling, TESLA when installed. Strict metrics (signed PCC, RMSE and SSIM on
     the normalised scale, LR consistency) and the paper-compatible ones, on held-out test tiles.
+``accuracy``
+    The real-tissue accuracy benchmark (issue 10): datasets {synthetic, MERFISH, MERFISH small region (train and
+    validate on a 300 × 300 µm region only)} × {5×, 10×} × seeds; Diff-ST (default preset: refiner, guarded by the
+    image floor, mean of 4 samples), regression, bicubic, LR-consistent bicubic, the image floor, TESLA; the guard's
+    validation PCC and the coverage of mean ± 2 std on test tiles.
 ``ablation``
     Diff-ST with each of ``cam``, ``cigc_graph``, ``hierarchical`` switched off, synthetic Xenium, both scales.
 ``samples``
@@ -46,7 +51,16 @@ METRICS = ["pcc", "rmse", "ssim", "lr_consistency", "paper_pcc", "paper_rmse"]
 
 
 def load(dataset: str, scale: int, seed: int, quick: bool):
-    """A prepared SpatialData for one benchmark cell."""
+    """A prepared SpatialData for one benchmark cell.
+
+    ``merfish_roi`` is the small-region setting: the MERFISH crop prepared as ``merfish``, but only the tiles inside
+    the 300 × 300 µm region of interest at the grid origin are used for training and validation (its last tile column
+    validates, see :func:`roi_split`); every tile outside it is a test tile.
+    """
+    if dataset == "merfish_roi":
+        sdata = load("merfish", scale, seed, quick)
+        roi_split(sdata, roi_um=300.0)
+        return sdata
     if dataset == "synthetic":
         size = 1500.0 if quick else "default"
         sdata = dst.datasets.synthetic_xenium(size_um=size, seed=seed, boundaries=False)
@@ -58,6 +72,23 @@ def load(dataset: str, scale: int, seed: int, quick: bool):
     return sdata
 
 
+def roi_split(sdata, roi_um: float) -> None:
+    """Re-split the prepared tiles: inside ``[0, roi_um)²`` (µm from the grid origin) train, its last tile column val;
+    everything else test. The per-gene normalisation stays the one ``prepare`` fitted on its own training tiles."""
+    attrs = sdata.attrs["diffst"]
+    tiles = sdata[attrs["elements"]["tiles"]]
+    lr_um = attrs["grid"]["lr_um"]
+    t = int(round(attrs["tile_um"] / lr_um))
+    end = int(roi_um // lr_um)
+    inside = (tiles["lr_row0"] + t <= end) & (tiles["lr_col0"] + t <= end)
+    last_col = tiles.loc[inside, "lr_col0"].max()
+    split = np.where(inside, np.where(tiles["lr_col0"] == last_col, "val", "train"), "test")
+    tiles["split"] = pd.Categorical(split, categories=["train", "val", "test"])
+    attrs["split"].update({k: int((split == k).sum()) for k in ("train", "val", "test")})
+
+
+#: Wall-clock budget of each training in seconds (``--budget``; None: the package default).
+BUDGET = None
 #: Retrain models even where a run of the same tag finished before (``--fresh``).
 RETRAIN = False
 
@@ -73,6 +104,8 @@ def train(sdata, seed: int, quick: bool, tag: str, config: dict | None = None):
     if (run / "model.pt").exists() and not RETRAIN:
         return dst.DiffST.load(run / "model.pt")
     extra = {"max_epochs": 2} if quick else {}
+    if BUDGET is not None:
+        extra["time_budget"] = BUDGET
     return dst.tl.train(sdata, preset=preset, seed=seed, config=config, checkpoint_dir=run,
                         overwrite=True, enable_progress_bar=False, **extra)  # fmt: skip
 
@@ -121,6 +154,49 @@ def quality(args) -> None:
                     print(f"TESLA skipped: {e}")
                 append(path, rows)
                 print(f"{dataset} {scale}× seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def accuracy(args) -> None:
+    """Issue 10: Diff-ST (refiner, guarded) against regression, bicubic (plain and LR-consistent), the image floor and
+    TESLA, with the validation table of the guard and the std coverage on test tiles."""
+    path = RESULTS / f"accuracy{'_quick' if args.quick else ''}.csv"
+    prev = done(path)
+    for dataset in args.datasets:
+        for scale in args.scales:
+            for seed in args.seeds:
+                if not prev.empty and ((prev.dataset == dataset) & (prev.scale == scale) & (prev.seed == seed)).any():
+                    continue
+                t0 = time.perf_counter()
+                sdata = load(dataset, scale, seed, args.quick)
+                labels = {"dataset": dataset, "scale": scale, "seed": seed}
+                rows = []
+                model = train(sdata, seed, args.quick, f"acc_{dataset}{scale}_{seed}")
+                guard = model.info.get("guard") or {}
+                val = guard.get("validation", {})
+                dst.tl.super_resolve(sdata, model, n_samples=4, seed=seed, key_added="diffst_sr")
+                rows.append(score(
+                    sdata, "diffst_sr", method="Diff-ST", train_s=model.info["seconds"], steps=model.info["steps"],
+                    stopped_by=model.info.get("stopped_by"), within_2std=calibration(sdata, "diffst_sr"),
+                    val_pcc=val.get("guarded", {}).get("pcc"), val_pcc_model=val.get("model", {}).get("pcc"),
+                    val_pcc_floor=val.get("image_floor", {}).get("pcc"),
+                    blended_genes=int(sum(a < 1 for a in guard.get("alpha", []))), **labels,
+                ))  # fmt: skip
+                reg = train(sdata, seed, args.quick, f"acc_{dataset}{scale}_{seed}_reg", {"objective": "regression"})
+                dst.tl.super_resolve(sdata, reg, key_added="regression_sr")
+                rows.append(score(sdata, "regression_sr", method="regression", train_s=reg.info["seconds"],
+                                  steps=reg.info["steps"], **labels))  # fmt: skip
+                for name, kw in (("bicubic", {"method": "bicubic"}),
+                                 ("bicubic (LR-consistent)", {"method": "bicubic", "consistency": True}),
+                                 ("image floor", {"method": "image"})):  # fmt: skip
+                    dst.tl.upsample(sdata, key_added="base_sr", overwrite=True, **kw)
+                    rows.append(score(sdata, "base_sr", method=name, **labels))
+                try:
+                    dst.tl.tesla(sdata)
+                    rows.append(score(sdata, "tesla_sr", method="TESLA", **labels))
+                except ImportError as e:
+                    print(f"TESLA skipped: {e}")
+                append(path, rows)
+                print(f"accuracy {dataset} {scale}× seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def ablation(args) -> None:
@@ -213,6 +289,7 @@ REPORTS = {
     "quality": (["dataset", "scale"], "method", METRICS),
     "ablation": (["scale"], "variant", ["pcc", "rmse", "ssim", "params"]),
     "samples": (["consistency"], "n_samples", ["pcc", "rmse", "lr_consistency", "within_2std", "seconds"]),
+    "accuracy": (["dataset", "scale"], "method", ["pcc", "rmse", "ssim", "within_2std", "val_pcc", "train_s"]),
 }
 
 
@@ -238,7 +315,7 @@ def report(args) -> None:
         within, by, cols = REPORTS[name]
         print(f"\n### {name}\n")
         print(table(df, [*within, by], cols))
-    for name in ("quality", "ablation"):
+    for name in ("quality", "ablation", "accuracy"):
         if name in results:
             within, by, _ = REPORTS[name]
             print(f"\n### {name}: Diff-ST minus each {by}, paired by seed (same split and tiles)\n")
@@ -254,7 +331,10 @@ def report(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("experiments", nargs="+", choices=["quality", "ablation", "samples", "report"])
+    parser.add_argument("experiments", nargs="+", choices=["accuracy", "quality", "ablation", "samples", "report"])
+    parser.add_argument("--datasets", nargs="*", default=["synthetic", "merfish", "merfish_roi"],
+                        help="accuracy: default synthetic merfish merfish_roi")
+    parser.add_argument("--budget", type=float, default=None, help="training time budget in s (default: package's)")
     parser.add_argument("--quick", action="store_true", help="tiny preset, small slide, one seed")
     parser.add_argument("--seeds", type=int, nargs="*", default=None, help="default: 0 1 2 (0 with --quick)")
     parser.add_argument("--scales", type=int, nargs="*", default=[5, 10], help="quality and ablation: default 5 10")
@@ -265,12 +345,13 @@ def main() -> None:
     torch.set_num_threads(2)
     dst.settings.verbosity = 0
     print(f"machine: {machine()}")
-    global RETRAIN
+    global RETRAIN, BUDGET
     RETRAIN = args.fresh
+    BUDGET = args.budget
     for exp in args.experiments:
         if args.fresh and exp != "report":
             (RESULTS / f"{exp}{'_quick' if args.quick else ''}.csv").unlink(missing_ok=True)
-        {"quality": quality, "ablation": ablation, "samples": samples, "report": report}[exp](args)
+        {"accuracy": accuracy, "quality": quality, "ablation": ablation, "samples": samples, "report": report}[exp](args)
 
 
 if __name__ == "__main__":

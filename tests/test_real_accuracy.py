@@ -1,0 +1,239 @@
+"""Issue 10: the image floor, random training windows, the refiner objective, the guard and the std map."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from skimage.color import rgb2hed
+
+import diffst as dst
+from diffst._spatial import image_levels
+from diffst.model import DiffSTConfig, DiffSTNet, Diffusion
+from diffst.model.floor import density_weights, image_floor, nuclear_channel, nuclear_signal
+from diffst.model.upsample import upsample_lr
+from diffst.tl._data import Prepared, TileSource, WindowDataset, choose_window, tiled_origins, window_origins
+from diffst.tl._guard import coverage_scale
+from diffst.tl._super_resolve import _Job
+
+from .models import untrained
+from .toy import toy_xenium
+
+FAST = {"preset": "tiny", "val_steps": 2, "enable_progress_bar": False}
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    sdata = toy_xenium(size_um=800.0, n=60_000, seed=0)
+    dst.pp.prepare(sdata, genes=5, lr_um=40, scale=4, tile_um=160)
+    return sdata
+
+
+# ---------------------------------------------------------------------------------------------------- the floor
+def test_haematoxylin_matches_skimage_rgb2hed():
+    rng = np.random.default_rng(0)
+    img = rng.uniform(0, 1, (3, 9, 7)).astype(np.float32)
+    ours = nuclear_signal(torch.from_numpy(img)[None], "rgb")[0, 0].numpy()
+    assert np.allclose(ours, rgb2hed(img.transpose(1, 2, 0))[..., 0], atol=1e-6)
+
+
+def test_nuclear_channel_is_found_by_name():
+    assert nuclear_channel(["PolyT", "DAPI"]) == 1
+    assert nuclear_channel(["Hoechst 33342", "CD45"]) == 0
+    assert nuclear_channel(["a", "b"]) == 0
+
+
+def test_floor_keeps_every_lr_pixel_and_follows_the_nuclei():
+    s = 4
+    base = torch.ones(1, 2, 8, 8)
+    lr_total = torch.tensor([[[[16.0, 8.0], [0.0, 4.0]], [[1.0, 2.0], [3.0, 4.0]]]])
+    signal = torch.zeros(1, 1, 8, 8)
+    signal[..., 1, 1] = 1.0  # one bright nucleus in the top-left LR pixel
+    signal[..., 4:, 4:] = 0.25  # a flat bottom-right LR pixel
+    out = image_floor(base, lr_total, torch.ones(1, 1, 2, 2), signal, s)
+    sums = out.reshape(1, 2, 2, s, 2, s).sum(dim=(3, 5))
+    assert torch.allclose(sums, lr_total, atol=1e-5)
+    # the top-left LR pixel's counts all go to the nucleus; empty signal spreads evenly
+    assert float(out[0, 0, 1, 1]) == pytest.approx(16.0)
+    assert torch.allclose(out[0, 0, :4, 4:], torch.full((4, 4), 0.5))
+    assert torch.allclose(out[0, 0, 4:, 4:], torch.full((4, 4), 0.25))
+    assert torch.allclose(density_weights(torch.zeros(1, 1, 4, 4), 2), torch.ones(1, 1, 4, 4))
+
+
+def test_image_floor_baseline_is_lr_consistent_and_beats_bicubic(prepared):
+    dst.tl.upsample(prepared, method="image", overwrite=True)
+    dst.tl.upsample(prepared, method="bicubic", consistency=True, key_added="bic_c", overwrite=True)
+    floor = dst.tl.evaluate(prepared, key="image_floor_sr").loc["mean"]
+    bic = dst.tl.evaluate(prepared, key="bic_c").loc["mean"]
+    assert float(floor["lr_consistency"]) < 1e-5
+    assert float(bic["lr_consistency"]) < 1e-5
+    assert prepared.attrs["image_floor_sr"]["method"] == "image_floor"
+    # the toy's transcripts sit on its bright nuclei: the floor must find them
+    assert float(floor["pcc"]) > float(bic["pcc"]) + 0.1
+    with pytest.raises(ValueError, match="LR-consistent by construction"):
+        dst.tl.upsample(prepared, method="image", consistency=False, key_added="x")
+
+
+# ---------------------------------------------------------------------------------------------------- windows
+def test_windows_inside_a_region_at_every_offset():
+    region = np.zeros((10, 10), dtype=bool)
+    region[2:7, 3:6] = True  # 5 × 3 LR pixels
+    assert len(window_origins(region, 2)) == 4 * 2
+    assert {tuple(o) for o in window_origins(region, 3)} == {(2, 3), (3, 3), (4, 3)}
+    assert len(window_origins(region, 4)) == 0
+    # the largest window with enough positions; a one-tile region still gives several windows
+    assert choose_window(region, 3, min_positions=3) == 3
+    assert choose_window(region, 3, min_positions=8) == 2
+    tile = np.zeros((8, 8), dtype=bool)
+    tile[:4, :4] = True
+    assert choose_window(tile, 4) == 1  # 16 positions of 1 × 1; 9 of 2 × 2 is fewer than MIN_POSITIONS
+
+
+def test_tiled_origins_cover_each_tile():
+    import pandas as pd
+
+    tiles = pd.DataFrame({"lr_row0": [0, 8], "lr_col0": [4, 0]})
+    o = tiled_origins(tiles, 5, 2)
+    # starts 0, 2 and the flush one at 3 per axis: 9 windows per tile
+    assert len(o) == 18
+    assert {tuple(x) for x in o[:9]} == {(r, 4 + c) for r in (0, 2, 3) for c in (0, 2, 3)}
+
+
+def test_window_dataset_cuts_the_same_inputs_as_a_direct_read(prepared):
+    prep = Prepared.from_sdata(prepared, "diffst")
+    source = TileSource.from_sdata(prepared, prep)
+    origins = np.array([[3, 5], [6, 2], [4, 4]])
+    ds = WindowDataset(source, origins, 2, image_um=5.0, gene_scale=prep.hr_scale)
+    for i, (r, c) in enumerate(origins):
+        direct = source.read(int(r), int(c), 2, 5.0, prep.hr_scale)
+        item = ds[i]
+        for k in ("lr", "mask", "x0"):
+            assert np.allclose(item[k].numpy(), direct[k], atol=1e-6), k
+        # the image crop is resampled from one larger read: equal up to interpolation at crop borders
+        assert np.abs(item["image"].numpy() - direct["image"]).mean() < 0.02
+
+
+# ---------------------------------------------------------------------------------------------------- refiner
+def _inputs(cfg, b=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = cfg.lr_px
+    lr = torch.rand(b, cfg.n_genes, h, h, generator=g) * 2 - 1
+    mask = torch.ones(b, 1, h, h)
+    image = torch.rand(b, cfg.image_channels, cfg.hr_px * cfg.image_per_hr, cfg.hr_px * cfg.image_per_hr, generator=g)
+    x0 = torch.rand(b, cfg.n_genes, cfg.hr_px, cfg.hr_px, generator=g) * 2 - 1
+    return x0, lr, mask, image
+
+
+def test_refiner_trains_a_mean_head_and_samples_around_it():
+    cfg = DiffSTConfig.preset("tiny")
+    assert cfg.objective == "refiner"
+    torch.manual_seed(0)
+    net = DiffSTNet(cfg)
+    diffusion = Diffusion(cfg)
+    x0, lr, mask, image = _inputs(cfg)
+    losses = diffusion.training_losses(net, x0, lr, mask, image, generator=torch.Generator().manual_seed(1))
+    assert set(losses) >= {"loss", "mse", "mean_mse", "dis"}
+    assert float(losses["loss"]) >= float(losses["mean_mse"]) + float(losses["mse"]) - 1e-6
+    # the untrained (zero-initialised output) mean head is the bicubic baseline; samples equal it too
+    mean = diffusion.predict_mean(net, lr, mask, image)
+    assert torch.allclose(mean, upsample_lr(lr, mask, cfg.scale).clamp(*cfg.x0_range), atol=1e-6)
+    sample = diffusion.sample(net, lr, mask, image, steps=3, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(sample, mean, atol=1e-5)
+    # the paper's objective has no mean head
+    assert Diffusion(DiffSTConfig.preset("tiny", objective="diffusion")).predict_mean(net, lr, mask, image) is None
+
+
+def test_refiner_mean_head_learns_what_regression_learns():
+    """A mean head trained jointly with the diffusion fits a fixed batch like a regression network does."""
+    results = {}
+    for objective in ("refiner", "regression"):
+        cfg = DiffSTConfig.preset("tiny", objective=objective, learning_rate=3e-3)
+        torch.manual_seed(0)
+        net = DiffSTNet(cfg)
+        diffusion = Diffusion(cfg)
+        x0, lr, mask, image = _inputs(cfg, b=4, seed=3)
+        opt = torch.optim.Adam(net.parameters(), lr=cfg.learning_rate)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(60):
+            loss = diffusion.training_losses(net, x0, lr, mask, image, generator=gen)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            results[objective] = float(((diffusion.predict_mean(net, lr, mask, image) - x0) ** 2).mean())
+    start = float(((upsample_lr(lr, mask, 4) - x0) ** 2).mean())
+    assert results["refiner"] < 0.5 * start
+    assert results["refiner"] < 1.5 * results["regression"]
+
+
+# ---------------------------------------------------------------------------------------------------- std map
+def test_std_map_has_no_window_border_structure(prepared, monkeypatch):
+    """Windows whose samples have the same spread everywhere must give a flat std map, overlaps included."""
+    prep = Prepared.from_sdata(prepared, "diffst")
+    model = untrained(prep)
+
+    def flat(self, group):
+        shape = (len(group), len(self.gene_scale), self.window_lr * self.grid.scale, self.window_lr * self.grid.scale)
+        return np.full(shape, 5.0), np.full(shape, 4.0)
+
+    monkeypatch.setattr(_Job, "_sample_windows", flat)
+    out = dst.tl.super_resolve(prepared, model, n_samples=4, consistency=False, inplace=False, tile_overlap=0.5)
+    std = out["std"].values
+    tissue = np.asarray(prepared[prep.elements["tissue"]].values, dtype=bool).repeat(4, 0).repeat(4, 1)
+    assert np.allclose(std[:, tissue], 2.0, atol=1e-6)
+    assert np.allclose(out["mean"].values[:, tissue], 5.0, atol=1e-6)
+
+
+def test_coverage_scale_calibrates_two_std_to_95_percent():
+    rng = np.random.default_rng(0)
+    mean = rng.uniform(0, 5, 200_000)
+    sigma = rng.uniform(0.5, 2, mean.size)
+    truth = mean + rng.normal(0, 1, mean.size) * sigma
+    c = coverage_scale(truth, mean, sigma / 2)  # a std map that is half the true spread
+    assert c == pytest.approx(2 * 1.96 / 2, rel=0.02)
+    assert coverage_scale(truth, mean, np.zeros_like(mean)) == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------- train + guard
+@pytest.fixture(scope="module")
+def trained(prepared, tmp_path_factory):
+    return dst.tl.train(
+        prepared, max_epochs=3, check_val_every_n_epoch=1, checkpoint_dir=tmp_path_factory.mktemp("run"), **FAST
+    )
+
+
+def test_training_selects_on_validation_pcc_and_records_the_baselines(trained):
+    rows = [r for r in trained.history if "val_pcc" in r]
+    assert rows, trained.history
+    for k in ("val_pcc", "val_rmse", "val_pcc_bicubic", "val_rmse_bicubic", "val_pcc_floor", "val_rmse_floor"):
+        assert np.isfinite(rows[-1][k]), k
+    assert trained.info["best_val_pcc"] == pytest.approx(max(r["val_pcc"] for r in rows), abs=1e-6)
+    assert trained.info["stopped_by"] in ("completed", "early stopping")
+    guard = trained.info["guard"]
+    assert len(guard["alpha"]) == len(trained.genes)
+    assert all(0.0 <= a <= 1.0 for a in guard["alpha"])
+    assert all(c > 0 for c in guard["std_scale"])
+    table = guard["validation"]
+    # the guarded map is at least as good as the model alone and as the floor on validation (α = 1 and 0 are tried)
+    assert table["guarded"]["pcc"] >= table["model"]["pcc"] - 1e-6
+    assert table["guarded"]["pcc"] >= table["image_floor"]["pcc"] - 0.02
+
+
+def test_super_resolve_blends_with_the_floor_by_the_guard(prepared, trained):
+    model = dst.DiffST.load(trained.path)
+    g = len(model.genes)
+    model.info["guard"] = {**model.info["guard"], "alpha": [0.0] * g}
+    dst.tl.super_resolve(prepared, model, key_added="guarded_sr", overwrite=True)
+    dst.tl.upsample(prepared, method="image", key_added="floor_sr", overwrite=True)
+    a = np.asarray(image_levels(prepared.images["guarded_sr"])[0].values)
+    b = np.asarray(image_levels(prepared.images["floor_sr"])[0].values)
+    assert np.allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert prepared.attrs["guarded_sr"]["guard"]["alpha"] == dict.fromkeys(model.genes, 0.0)
+
+
+def test_time_budget_stops_training_and_says_so(prepared, tmp_path, caplog):
+    model = dst.tl.train(prepared, max_epochs=500, time_budget=2.0, checkpoint_dir=tmp_path, guard=False, **FAST)
+    assert model.info["stopped_by"] == "time budget"
+    assert model.info["steps"] < 500
+    with pytest.raises(ValueError, match="time_budget"):
+        dst.tl.train(prepared, time_budget=0, checkpoint_dir=tmp_path / "x", **FAST)
