@@ -237,3 +237,12 @@ def test_time_budget_stops_training_and_says_so(prepared, tmp_path, caplog):
     assert model.info["steps"] < 500
     with pytest.raises(ValueError, match="time_budget"):
         dst.tl.train(prepared, time_budget=0, checkpoint_dir=tmp_path / "x", **FAST)
+
+
+def test_a_small_crop_still_gets_a_validation_region(capfd):
+    # 3 × 3 tiles of 160 µm form one 2 × 2-tile block and a few partial ones: blocks of one tile take over
+    sdata = toy_xenium(size_um=480.0, n=20_000, seed=1)
+    dst.pp.prepare(sdata, genes=5, lr_um=40, scale=4, tile_um=160, split_block_um=480)
+    split = sdata.attrs["diffst"]["split"]
+    assert split["train"] > 0 and split["val"] > 0 and split["test"] > 0
+    assert " mm²" in capfd.readouterr().err

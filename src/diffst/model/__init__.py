@@ -10,6 +10,7 @@
 from .cam import ConcatFusion, DisentangledFusion, disentangling_loss
 from .config import DiffSTConfig
 from .diffusion import Diffusion, Sampler
+from .floor import floor_model_units, hr_signal, image_floor, nuclear_signal
 from .graph import CIGCGraph, coexpression_intensity, normalize_coexpression
 from .image_encoder import HierarchicalImageEncoder, patch_entropy
 from .network import DiffSTNet, DiffSTOutput
@@ -30,7 +31,11 @@ __all__ = [
     "coexpression_intensity",
     "disentangling_loss",
     "fill_unobserved",
+    "floor_model_units",
+    "hr_signal",
+    "image_floor",
     "normalize_coexpression",
+    "nuclear_signal",
     "patch_entropy",
     "upsample_lr",
 ]

@@ -337,9 +337,17 @@ def prepare(
     log.info(
         f"prepared {len(chosen)} genes on {grid.lr_shape[0]}×{grid.lr_shape[1]} LR / "
         f"{grid.hr_shape[0]}×{grid.hr_shape[1]} HR pixels ({lr_um:g} → {hr_um:g} µm), {len(tiles)} tiles "
-        f"(train {counts_per_split['train']}, val {counts_per_split['val']}, test {counts_per_split['test']}) "
+        f"(train {counts_per_split['train']}, val {counts_per_split['val']}, test {counts_per_split['test']}; "
+        + ", ".join(f"{k} {a:.3f} mm²" for k, a in _split_areas(tiles, tile_um).items())
+        + ") "
         f"in {time.perf_counter() - t_start:.1f} s → sdata.attrs[{key_added!r}]"
     )
+
+
+def _split_areas(tiles, tile_um: float) -> dict[str, float]:
+    """Tissue area (mm²) of each split: tile area times the tiles' tissue fractions."""
+    area = tiles["tissue_fraction"] * (tile_um / 1000.0) ** 2
+    return {k: float(area[tiles["split"] == k].sum()) for k in ("train", "val", "test")}
 
 
 def _version() -> str:

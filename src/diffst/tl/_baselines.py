@@ -52,7 +52,7 @@ def upsample(
         unobserved LR pixels take the value :func:`diffst.model.fill_unobserved` gives them in model units.
         Under ``bin`` degradation this reproduces the LR counts exactly when re-binned.
     ``"image"``
-        The training-free *image floor* (:mod:`diffst.model.floor`): the bicubic map times an image-derived
+        The training-free *image floor* (``diffst.model.floor``): the bicubic map times an image-derived
         density per HR pixel (the square root of the mean nuclear signal: DAPI, or haematoxylin from colour
         deconvolution of H&E), rescaled so that every LR pixel keeps exactly its counts under the data's own
         degradation (sum-pooling bins or Visium spot discs). Diff-ST's guard compares the model with it.
@@ -178,7 +178,7 @@ def slide_signal(sdata: SpatialData, prep: Prepared, *, per_hr: int = FLOOR_PX_P
 def slide_floor(sdata: SpatialData, prep: Prepared, lr: np.ndarray | None = None) -> np.ndarray:
     """The image floor over the whole prepared grid, in expected counts per HR pixel ``(G, H, W)``, LR-consistent.
 
-    See :mod:`diffst.model.floor`. Genes are in the prepared order.
+    See ``diffst.model.floor``. Genes are in the prepared order.
     """
     s = prep.grid.scale
     gene_scale = prep.hr_scale if prep.hr_scale is not None else prep.lr_scale

@@ -54,7 +54,7 @@ class DiffSTModule(L.LightningModule):
     augment
         Random rotations/flips of training windows.
     floor
-        ``{"kind", "channel", "gene_scale"}`` of the image (see :mod:`diffst.model.floor`) to score the image floor
+        ``{"kind", "channel", "gene_scale"}`` of the image (see ``diffst.model.floor``) to score the image floor
         on the validation windows beside bicubic; ``None`` skips it.
 
     """

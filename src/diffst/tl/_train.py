@@ -73,7 +73,7 @@ def train(
     for sampling, and validates about every 50 steps: PCC and RMSE of the mean map beside bicubic up-sampling and
     the image floor (recorded in ``model.history``). The checkpoint with the best validation PCC is kept, training
     stops early when it stops improving or when ``time_budget`` runs out, and checkpoints let an interrupted run
-    continue. Finally the guard (:mod:`diffst.tl._guard`) compares the model with the baselines on validation as
+    continue. Finally the guard (``diffst.tl._guard``) compares the model with the baselines on validation as
     ``super_resolve`` runs it, fits per-gene blend weights with the image floor and a calibration of the std map,
     prints the table and warns when the model does not beat the floor.
 
