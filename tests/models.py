@@ -16,6 +16,7 @@ def untrained(prep: Prepared, **overrides) -> DiffST:
         hr_um=prep.grid.hr_um,
         scale=prep.grid.scale,
         tile_um=prep.attrs["tile_um"],
+        image_kind=prep.image.kind,
         **overrides,
     )
     return DiffST(

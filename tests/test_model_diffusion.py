@@ -40,7 +40,7 @@ def _smooth_batch(cfg: DiffSTConfig, batch: int = 2, seed: int = 0):
 
 # ---------------------------------------------------------------------------------------- schedule
 def test_schedule_closed_form():
-    cfg = DiffSTConfig.preset("tiny", objective="diffusion")
+    cfg = DiffSTConfig.preset("tiny", objective="diffusion", base="bicubic")
     diffusion = Diffusion(cfg)
     abar = diffusion.alphas_cumprod
     assert abar.shape == (1000,)
@@ -60,7 +60,7 @@ def test_schedule_closed_form():
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_predict_x0_inverts_the_target(prediction_type):
-    cfg = DiffSTConfig.preset("tiny", objective="diffusion", prediction_type=prediction_type)
+    cfg = DiffSTConfig.preset("tiny", objective="diffusion", base="bicubic", prediction_type=prediction_type)
     diffusion = Diffusion(cfg)
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
@@ -82,7 +82,7 @@ GOLDEN = {
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver"])
 def test_sampler_golden_numbers(sampler):
-    cfg = DiffSTConfig.preset("tiny", objective="diffusion", prediction_type="epsilon", x0_range=(-1e3, 1e3))
+    cfg = DiffSTConfig.preset("tiny", objective="diffusion", base="bicubic", prediction_type="epsilon", x0_range=(-1e3, 1e3))
     lr, mask, image = _conditions(cfg)
     out = Diffusion(cfg).sample(
         DummyNet(), lr, mask, image, sampler=sampler, generator=torch.Generator().manual_seed(0)
@@ -98,7 +98,7 @@ def test_sampler_golden_numbers(sampler):
 def test_oracle_denoiser_recovers_x0(prediction_type, sampler, steps):
     # For a point-mass data distribution the exact denoiser is known in closed form: every sampler
     # must then land on that point, whatever the prediction type.
-    cfg = DiffSTConfig.preset("tiny", objective="diffusion", prediction_type=prediction_type)
+    cfg = DiffSTConfig.preset("tiny", objective="diffusion", base="bicubic", prediction_type=prediction_type)
     diffusion = Diffusion(cfg)
     lr, mask, image = _conditions(cfg)
     base = diffusion.baseline(lr, mask)
@@ -118,7 +118,7 @@ def test_oracle_denoiser_recovers_x0(prediction_type, sampler, steps):
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver"])
 def test_same_seed_same_samples(sampler):
-    cfg = DiffSTConfig.preset("tiny", objective="diffusion", prediction_type="epsilon")
+    cfg = DiffSTConfig.preset("tiny", objective="diffusion", base="bicubic", prediction_type="epsilon")
     diffusion, net = Diffusion(cfg), DummyNet()
     lr, mask, image = _conditions(cfg)
 
@@ -135,14 +135,14 @@ def test_same_seed_same_samples(sampler):
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver"])
 def test_untrained_residual_x0_model_returns_the_baseline(sampler):
     # zero-initialised output + residual + x0-prediction: every step predicts "no residual"
-    cfg = DiffSTConfig.preset("tiny", objective="diffusion", prediction_type="sample")
+    cfg = DiffSTConfig.preset("tiny", objective="diffusion", base="bicubic", prediction_type="sample")
     lr, mask, image = _conditions(cfg, batch=1)
     out = Diffusion(cfg).sample(DiffSTNet(cfg).eval(), lr, mask, image, sampler=sampler, steps=5)
     torch.testing.assert_close(out, upsample_lr(lr, mask, cfg.scale).clamp(*cfg.x0_range), atol=1e-5, rtol=0)
 
 
 def test_samples_are_clipped_to_x0_range():
-    cfg = DiffSTConfig.preset("tiny", objective="diffusion", prediction_type="epsilon", x0_range=(-1.0, 1.0))
+    cfg = DiffSTConfig.preset("tiny", objective="diffusion", base="bicubic", prediction_type="epsilon", x0_range=(-1.0, 1.0))
     lr, mask, image = _conditions(cfg)
     out = Diffusion(cfg).sample(DummyNet(), lr, mask, image, steps=10, generator=torch.Generator().manual_seed(0))
     assert out.min() >= -1 - 1e-5 and out.max() <= 1 + 1e-5
@@ -152,7 +152,7 @@ def test_samples_are_clipped_to_x0_range():
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("residual", [True, False])
 def test_training_losses(prediction_type, residual):
-    cfg = DiffSTConfig.preset("tiny", objective="diffusion", prediction_type=prediction_type, residual=residual)
+    cfg = DiffSTConfig.preset("tiny", objective="diffusion", base="bicubic", prediction_type=prediction_type, residual=residual)
     x0, lr, mask, image = _smooth_batch(cfg)
     losses = Diffusion(cfg).training_losses(
         DiffSTNet(cfg), x0, lr, mask, image, progress=0.3, generator=torch.Generator().manual_seed(0)
@@ -164,7 +164,7 @@ def test_training_losses(prediction_type, residual):
 
 
 def test_training_losses_are_reproducible():
-    cfg = DiffSTConfig.preset("tiny", objective="diffusion")
+    cfg = DiffSTConfig.preset("tiny", objective="diffusion", base="bicubic")
     x0, lr, mask, image = _smooth_batch(cfg)
     torch.manual_seed(0)
     net, diffusion = DiffSTNet(cfg), Diffusion(cfg)
@@ -175,7 +175,7 @@ def test_training_losses_are_reproducible():
 
 
 def test_overfits_a_tiny_batch():
-    cfg = DiffSTConfig.preset("tiny", objective="diffusion")
+    cfg = DiffSTConfig.preset("tiny", objective="diffusion", base="bicubic")
     x0, lr, mask, image = _smooth_batch(cfg)
     torch.manual_seed(0)
     net, diffusion = DiffSTNet(cfg), Diffusion(cfg)
@@ -223,7 +223,7 @@ def test_regression_objective_is_a_one_step_mse_model():
 
     from diffst.model import DiffSTConfig, DiffSTNet, Diffusion
 
-    cfg = DiffSTConfig.preset("tiny", objective="regression")
+    cfg = DiffSTConfig.preset("tiny", objective="regression", base="bicubic")
     net, diffusion = DiffSTNet(cfg), Diffusion(cfg)
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand((2, cfg.n_genes, cfg.hr_px, cfg.hr_px), generator=g) * 2 - 1

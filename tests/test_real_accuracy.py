@@ -10,7 +10,7 @@ from skimage.color import rgb2hed
 import diffst as dst
 from diffst._spatial import image_levels
 from diffst.model import DiffSTConfig, DiffSTNet, Diffusion
-from diffst.model.floor import density_weights, image_floor, nuclear_channel, nuclear_signal
+from diffst.model.floor import density_weights, floor_model_units, image_floor, nuclear_channel, nuclear_signal
 from diffst.model.upsample import upsample_lr
 from diffst.tl._data import Prepared, TileSource, WindowDataset, choose_window, tiled_origins, window_origins
 from diffst.tl._guard import coverage_scale
@@ -126,28 +126,33 @@ def _inputs(cfg, b=2, seed=0):
 
 def test_refiner_trains_a_mean_head_and_samples_around_it():
     cfg = DiffSTConfig.preset("tiny")
-    assert cfg.objective == "refiner"
+    assert cfg.objective == "refiner" and cfg.base == "floor"
     torch.manual_seed(0)
     net = DiffSTNet(cfg)
-    diffusion = Diffusion(cfg)
+    diffusion = Diffusion(cfg, gene_scale=torch.full((cfg.n_genes,), 3.0))
     x0, lr, mask, image = _inputs(cfg)
     losses = diffusion.training_losses(net, x0, lr, mask, image, generator=torch.Generator().manual_seed(1))
     assert set(losses) >= {"loss", "mse", "mean_mse", "dis"}
     assert float(losses["loss"]) >= float(losses["mean_mse"]) + float(losses["mse"]) - 1e-6
-    # the untrained (zero-initialised output) mean head is the bicubic baseline; samples equal it too
+    # the untrained (zero-initialised output) mean head is the image floor; samples equal it too
     mean = diffusion.predict_mean(net, lr, mask, image)
-    assert torch.allclose(mean, upsample_lr(lr, mask, cfg.scale).clamp(*cfg.x0_range), atol=1e-6)
+    floor = floor_model_units(lr, mask, image, scale=cfg.scale, per_hr=cfg.image_per_hr,
+                              gene_scale=torch.full((cfg.n_genes,), 3.0), kind="rgb")  # fmt: skip
+    assert torch.allclose(mean, floor.clamp(*cfg.x0_range), atol=1e-5)
+    assert not torch.allclose(floor, upsample_lr(lr, mask, cfg.scale), atol=1e-2)
     sample = diffusion.sample(net, lr, mask, image, steps=3, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(sample, mean, atol=1e-5)
     # the paper's objective has no mean head
     assert Diffusion(DiffSTConfig.preset("tiny", objective="diffusion")).predict_mean(net, lr, mask, image) is None
+    with pytest.raises(ValueError, match="gene_scale"):
+        Diffusion(cfg).predict_mean(net, lr, mask, image)
 
 
 def test_refiner_mean_head_learns_what_regression_learns():
     """A mean head trained jointly with the diffusion fits a fixed batch like a regression network does."""
     results = {}
     for objective in ("refiner", "regression"):
-        cfg = DiffSTConfig.preset("tiny", objective=objective, learning_rate=3e-3)
+        cfg = DiffSTConfig.preset("tiny", objective=objective, learning_rate=3e-3, base="bicubic")
         torch.manual_seed(0)
         net = DiffSTNet(cfg)
         diffusion = Diffusion(cfg)

@@ -103,7 +103,7 @@ def test_blended_tiles_leave_no_seams_on_a_smooth_field():
     """An untrained model returns bicubic up-sampling per window; blended windows must match one global bicubic."""
     sdata = _smooth_slide()
     prep = Prepared.from_sdata(sdata, "diffst")
-    model = untrained(prep)
+    model = untrained(prep, base="bicubic")
     lr = sdata["diffst_lr"].values
     x_lr = torch.from_numpy(lr_to_model_units(lr, prep.coverage, 4, model.gene_scale))[None]
     mask = torch.from_numpy(np.clip(prep.coverage, 0, 1))[None, None]

@@ -60,7 +60,15 @@ class DiffSTConfig:
         mean map is the average of samples). ``"regression"``: the same network trained with MSE only (the
         deterministic baseline, no diffusion).
     residual
-        Diffuse ``x0 - up(lr)`` instead of ``x0`` (SR3/SRDiff style) and add ``up(lr)`` back after sampling.
+        Diffuse ``x0 - base`` instead of ``x0`` (SR3/SRDiff style) and add the base back after sampling.
+    base
+        The map the residual is taken around, and the LR condition the network reads: ``"floor"`` (the default) is the
+        training-free image floor (:func:`~diffst.model.image_floor`: bicubic × nuclear-stain density, each LR pixel
+        keeping its counts), so an untrained model already returns the floor and training learns what it misses;
+        ``"bicubic"`` is the mask-aware bicubic up-sampling :func:`~diffst.model.upsample_lr` (the paper's setting).
+    image_kind, nuclear_channel
+        The image type (``"rgb"`` H&E or ``"fluorescence"``) and, for fluorescence, the nuclear (DAPI) channel the floor
+        reads; set from the prepared data.
     x0_range
         Range the sampler clips its x0 estimates to, in normalised units (zero counts are -1;
         values above 1 occur where a gene exceeds its robust per-gene scale).
@@ -118,6 +126,9 @@ class DiffSTConfig:
     beta_end: float = 0.02
     prediction_type: str = "sample"
     residual: bool = True
+    base: str = "floor"
+    image_kind: str = "rgb"
+    nuclear_channel: int = 0
     objective: str = "refiner"
     x0_range: tuple[float, float] = (-1.0, 3.0)
     sampler: str = "dpmsolver"
@@ -202,6 +213,8 @@ class DiffSTConfig:
     def from_dict(cls, d: dict[str, Any]) -> DiffSTConfig:
         """Config from :meth:`to_dict` / :func:`dataclasses.asdict` output (unknown keys are an error)."""
         names = {f.name for f in fields(cls)}
+        # configs saved before the image-floor base existed diffused around bicubic
+        d = {"base": "bicubic", **d}
         unknown = sorted(set(d) - names)
         if unknown:
             msg = f"Unknown DiffSTConfig fields {unknown}; known fields are {sorted(names)}."
@@ -244,6 +257,7 @@ class DiffSTConfig:
                 "graph_node_channels": 1,
                 "prediction_type": "epsilon",
                 "objective": "diffusion",
+                "base": "bicubic",
                 "sampler": "ddpm",
                 "sample_steps": 1000,
                 "learning_rate": 1e-4,
@@ -293,6 +307,12 @@ class DiffSTConfig:
             raise ValueError(msg)
         if self.objective not in ("refiner", "diffusion", "regression"):
             msg = f"objective must be 'refiner', 'diffusion' or 'regression', got {self.objective!r}."
+            raise ValueError(msg)
+        if self.base not in ("floor", "bicubic"):
+            msg = f"base must be 'floor' or 'bicubic', got {self.base!r}."
+            raise ValueError(msg)
+        if self.image_kind not in ("rgb", "fluorescence"):
+            msg = f"image_kind must be 'rgb' or 'fluorescence', got {self.image_kind!r}."
             raise ValueError(msg)
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             msg = f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {self.prediction_type!r}."

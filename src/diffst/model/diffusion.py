@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .config import DiffSTConfig
+from .floor import floor_model_units
 from .upsample import upsample_lr
 
 __all__ = ["Diffusion", "Sampler"]
@@ -51,8 +52,10 @@ class Diffusion:
 
     """
 
-    def __init__(self, config: DiffSTConfig):
+    def __init__(self, config: DiffSTConfig, gene_scale: Tensor | None = None):
         self.config = config
+        #: Per-gene scale of the model units (needed by the ``"floor"`` base to work in counts).
+        self.gene_scale = None if gene_scale is None else torch.as_tensor(gene_scale, dtype=torch.float32)
         self._betas = {
             "num_train_timesteps": config.num_train_timesteps,
             "beta_start": config.beta_start,
@@ -66,10 +69,30 @@ class Diffusion:
         """``ᾱ_t`` for ``t = 0 .. T-1`` (``ᾱ_0 = 1 - β_1``)."""
         return self.scheduler.alphas_cumprod
 
-    def baseline(self, lr: Tensor, mask: Tensor) -> Tensor:
-        """``up(y)``: the HR baseline the residual is taken from (zeros when ``residual=False``)."""
-        up = upsample_lr(lr, mask, self.config.scale)
+    def condition(self, lr: Tensor, mask: Tensor, image: Tensor | None = None) -> Tensor:
+        """The base map in model units: the image floor (``base="floor"``) or ``up(y)`` (``"bicubic"``)."""
+        c = self.config
+        if c.base == "bicubic":
+            return upsample_lr(lr, mask, c.scale)
+        if image is None or self.gene_scale is None:
+            msg = "The 'floor' base needs the image and the per-gene scale (Diffusion(config, gene_scale=...))."
+            raise ValueError(msg)
+        return floor_model_units(
+            lr, mask, image, scale=c.scale, per_hr=c.image_per_hr, gene_scale=self.gene_scale.to(lr.device),
+            kind=c.image_kind, channel=c.nuclear_channel,
+        ).to(lr.dtype)  # fmt: skip
+
+    def baseline(self, lr: Tensor, mask: Tensor, image: Tensor | None = None) -> Tensor:
+        """The HR baseline the residual is taken from (:meth:`condition`; zeros when ``residual=False``)."""
+        up = self.condition(lr, mask, image)
         return up if self.config.residual else torch.zeros_like(up)
+
+    def _net(self, net: nn.Module, x: Tensor, t: Tensor, lr: Tensor, mask: Tensor, image: Tensor, *,
+             progress: float, cond: Tensor | None):  # fmt: skip
+        # the network reads the floor in place of up(y) when that is the base
+        if self.config.base == "bicubic":
+            return net(x, t, lr, mask, image, progress=progress)
+        return net(x, t, lr, mask, image, progress=progress, base=cond)
 
     # ------------------------------------------------------------------ training
     def training_losses(
@@ -105,11 +128,12 @@ class Diffusion:
 
         """
         b = x0.shape[0]
-        target_x0 = x0 - self.baseline(lr, mask)
+        cond = self.condition(lr, mask, image)
+        target_x0 = x0 - (cond if self.config.residual else torch.zeros_like(cond))
         terms: dict[str, Tensor] = {}
         if self.config.objective in ("regression", "refiner"):
             # the mean head: same inputs with an empty x_t at the mean timestep, trained to output x0 directly
-            out = self._mean_output(net, lr, mask, image, x0, progress=progress)
+            out = self._mean_output(net, lr, mask, image, x0, progress=progress, cond=cond)
             terms["mean_mse"] = F.mse_loss(out.sample.float(), target_x0.float())
             if self.config.objective == "regression":
                 dis = out.dis_loss.float()
@@ -127,7 +151,7 @@ class Diffusion:
         t = torch.randint(0, self.config.num_train_timesteps, (b,), generator=generator, device=t_device)
         t = t.to(x0.device)
         x_t = self.scheduler.add_noise(target_x0, noise, t)
-        out = net(x_t, t, lr, mask, image, progress=progress)
+        out = self._net(net, x_t, t, lr, mask, image, progress=progress, cond=cond)
         if self.config.prediction_type == "epsilon":
             target = noise
         elif self.config.prediction_type == "v_prediction":
@@ -144,22 +168,22 @@ class Diffusion:
         """The timestep index that asks the network for its mean head (one past the last diffusion step)."""
         return self.config.num_train_timesteps
 
-    def _mean_output(self, net: nn.Module, lr: Tensor, mask: Tensor, image: Tensor, like: Tensor, *, progress: float):
+    def _mean_output(self, net: nn.Module, lr: Tensor, mask: Tensor, image: Tensor, like: Tensor, *, progress: float,
+                     cond: Tensor | None):  # fmt: skip
         b = like.shape[0]
         # the regression baseline was trained at t = 0 before the refiner existed; keep it so saved models still load
         t = 0 if self.config.objective == "regression" else self.mean_timestep
-        return net(
-            torch.zeros_like(like), torch.full((b,), t, dtype=torch.long, device=like.device), lr, mask, image,
-            progress=progress,
-        )  # fmt: skip
+        t = torch.full((b,), t, dtype=torch.long, device=like.device)
+        return self._net(net, torch.zeros_like(like), t, lr, mask, image, progress=progress, cond=cond)
 
     @torch.no_grad()
     def predict_mean(self, net: nn.Module, lr: Tensor, mask: Tensor, image: Tensor) -> Tensor | None:
         """The mean head's HR maps ``up(y) + mean`` (clipped to ``x0_range``), or ``None`` for ``"diffusion"``."""
         if self.config.objective == "diffusion":
             return None
-        base = self.baseline(lr, mask)
-        out = self._mean_output(net, lr, mask, image, base, progress=1.0).sample
+        cond = self.condition(lr, mask, image)
+        base = cond if self.config.residual else torch.zeros_like(cond)
+        out = self._mean_output(net, lr, mask, image, base, progress=1.0, cond=cond).sample
         lo, hi = self.config.x0_range
         return (out + base).clamp(lo, hi)
 
@@ -236,7 +260,8 @@ class Diffusion:
             steps = self.config.num_train_timesteps if sampler == "ddpm" else self.config.sample_steps
         scheduler = self.make_scheduler(sampler)
         scheduler.set_timesteps(steps, device=lr.device)
-        base = self.baseline(lr, mask)
+        cond = self.condition(lr, mask, image)
+        base = cond if self.config.residual else torch.zeros_like(cond)
         if self.config.objective == "refiner":
             # samples are the mean head plus a diffused residual around it
             base = self.predict_mean(net, lr, mask, image)
@@ -249,7 +274,8 @@ class Diffusion:
         x = noise.to(base) * scheduler.init_noise_sigma
         for t in tqdm(scheduler.timesteps, disable=not progress_bar, desc=f"{sampler} sampling"):
             t_batch = t.reshape(1).expand(x.shape[0])
-            out = net(scheduler.scale_model_input(x, t), t_batch, lr, mask, image, progress=1.0).sample
+            x_in = scheduler.scale_model_input(x, t)
+            out = self._net(net, x_in, t_batch, lr, mask, image, progress=1.0, cond=cond).sample
             x0 = (self.predict_x0(out, x, t_batch) + base).clamp(lo, hi) - base
             x = scheduler.step(x0, t, x, generator=generator).prev_sample
         return x + base

@@ -42,7 +42,7 @@ def nuclear_signal(image: Tensor, kind: str, channel: int = 0) -> Tensor:
     ``kind="rgb"`` (H&E): the haematoxylin optical density of colour deconvolution (``skimage.color.rgb2hed``'s
     stain matrix; white background gives 0). ``kind="fluorescence"``: the intensity of channel ``channel``.
     """
-    if kind == "rgb":
+    if kind == "rgb" and image.shape[1] >= 3:
         rgb = image[:, :3].clamp_min(1e-6)
         od = torch.log(rgb) / np.log(1e-6)  # optical density as rgb2hed scales it
         hed = torch.einsum("bchw,cd->bdhw", od.double(), torch.from_numpy(_HED_FROM_RGB).to(od.device))

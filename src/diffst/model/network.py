@@ -89,7 +89,15 @@ class DiffSTNet(nn.Module):
         )
 
     def forward(
-        self, x_t: Tensor, t: Tensor | int, lr: Tensor, mask: Tensor, image: Tensor, *, progress: float = 1.0
+        self,
+        x_t: Tensor,
+        t: Tensor | int,
+        lr: Tensor,
+        mask: Tensor,
+        image: Tensor,
+        *,
+        progress: float = 1.0,
+        base: Tensor | None = None,
     ) -> DiffSTOutput:
         """Predict the diffusion target for noisy HR maps.
 
@@ -107,6 +115,9 @@ class DiffSTNet(nn.Module):
             ``(B, C_img, H * hr_um / image_um, ...)`` tile image in [0, 1].
         progress
             Training progress in [0, 1] for the cell-patch curriculum; 1.0 at inference.
+        base
+            ``(B, G, H, W)`` HR map that stands for ``up(lr)`` in the network's inputs (the image floor when the
+            config's ``base`` is ``"floor"``); ``None`` uses the bicubic ``up(lr)``.
 
         Returns
         -------
@@ -115,7 +126,7 @@ class DiffSTNet(nn.Module):
         """
         self._check_inputs(x_t, lr, mask, image)
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
-        up_lr = upsample_lr(lr, mask, self.config.scale)
+        up_lr = upsample_lr(lr, mask, self.config.scale) if base is None else base
         up_mask = F.interpolate(mask, scale_factor=self.config.scale, mode="nearest")
 
         f_h, kept_fraction = self.image_encoder(image, progress)

@@ -72,7 +72,7 @@ class DiffSTModule(L.LightningModule):
         self.config = DiffSTConfig.from_dict(config)
         self.net = DiffSTNet(self.config, coexpr=torch.tensor(np.asarray(coexpr, dtype=np.float32)))
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
-        self.diffusion = Diffusion(self.config)
+        self.diffusion = Diffusion(self.config, gene_scale=None if floor is None else torch.tensor(floor["gene_scale"]))
         self._val: dict[str, list[torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ optimisation

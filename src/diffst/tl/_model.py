@@ -59,7 +59,7 @@ class DiffST:
 
     def __post_init__(self) -> None:
         self.net.eval()
-        self.diffusion = Diffusion(self.config)
+        self.diffusion = Diffusion(self.config, gene_scale=torch.as_tensor(np.asarray(self.gene_scale, np.float32)))
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.net.parameters())

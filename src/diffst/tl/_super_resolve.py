@@ -23,6 +23,7 @@ from .._normalise import to_counts
 from .._settings import settings
 from .._spatial import suggest
 from ._data import Prepared, TileSource
+from ..model import Diffusion
 from ._model import DiffST, fingerprint
 from ._output import Units, check_sr_free, sr_image, write_sr
 
@@ -356,10 +357,11 @@ class _Job:
         source.lr = lr_all  # small: keep it in the task instead of re-reading the store
         source.hr = None
         net = model.net.eval()
+        gene_scale = model.gene_scale_for(prep)
         return cls(
             source=source,
             net=net,
-            diffusion=model.diffusion,
+            diffusion=Diffusion(cfg, gene_scale=torch.from_numpy(np.asarray(gene_scale, dtype=np.float32))),
             grid=grid,
             windows=np.array(windows, dtype=np.int64).reshape(-1, 2),
             blocks=blocks,
@@ -370,7 +372,7 @@ class _Job:
             operator=op,
             lr_counts=lr_all[model_index],
             observed=prep.coverage > 0,
-            gene_scale=model.gene_scale_for(prep),
+            gene_scale=gene_scale,
             out_index=np.array([model.genes.index(g) for g in want]),
             image_um=cfg.image_um,
             sampler=resolved,

@@ -305,6 +305,8 @@ def _config(
         "hr_um": prep.grid.hr_um,
         "scale": prep.grid.scale,
         "tile_um": float(window_um if window_um is not None else prep.attrs["tile_um"]),
+        "image_kind": prep.image.kind,
+        "nuclear_channel": nuclear_channel(prep.image.channels) if prep.image.kind != "rgb" else 0,
     }
     base = DiffSTConfig.preset(preset)
     if base.tile_um > data["tile_um"]:
