@@ -68,7 +68,7 @@ def train(
 
     Each step draws windows at random positions inside the training tiles (any LR-pixel offset, with a random one
     of the 8 rotations/flips), so that a small region still gives many distinct windows; the window side is the
-    preset's tile at most, smaller when the training region is small. Validation windows are fixed (the validation
+    prepared tile (``tile_um``) at most, smaller when the training region is small. Validation windows are fixed (the validation
     tiles). Training optimises the objective with AdamW, keeps an exponential moving average (EMA) of the weights
     for sampling, and validates about every 50 steps: PCC and RMSE of the mean map beside bicubic up-sampling and
     the image floor (recorded in ``model.history``). The checkpoint with the best validation PCC is kept, training
@@ -146,8 +146,8 @@ def train(
         raise ValueError(msg)
 
     region = split_region(prep, sdata, "train")
-    preset_lr = max(1, int(DiffSTConfig.preset(preset).tile_um // prep.grid.lr_um))
-    window_lr = choose_window(region, min(prep.tile_lr, preset_lr))
+    # the prepared tile (400 µm by default, the default preset's) bounds the window; small regions get smaller ones
+    window_lr = choose_window(region, prep.tile_lr)
     cfg = _config(prep, preset, batch_size, config, window_um=window_lr * prep.grid.lr_um)
     train_origins = window_origins(region, window_lr)
     val_origins = tiled_origins(prep.tiles(sdata, "val"), prep.tile_lr, window_lr)
