@@ -332,8 +332,12 @@ def report(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("experiments", nargs="+", choices=["accuracy", "quality", "ablation", "samples", "report"])
-    parser.add_argument("--datasets", nargs="*", default=["synthetic", "merfish", "merfish_roi"],
-                        help="accuracy: default synthetic merfish merfish_roi")
+    parser.add_argument(
+        "--datasets",
+        nargs="*",
+        default=["synthetic", "merfish", "merfish_roi"],
+        help="accuracy: default synthetic merfish merfish_roi",
+    )
     parser.add_argument("--budget", type=float, default=None, help="training time budget in s (default: package's)")
     parser.add_argument("--quick", action="store_true", help="tiny preset, small slide, one seed")
     parser.add_argument("--seeds", type=int, nargs="*", default=None, help="default: 0 1 2 (0 with --quick)")
@@ -351,7 +355,9 @@ def main() -> None:
     for exp in args.experiments:
         if args.fresh and exp != "report":
             (RESULTS / f"{exp}{'_quick' if args.quick else ''}.csv").unlink(missing_ok=True)
-        {"accuracy": accuracy, "quality": quality, "ablation": ablation, "samples": samples, "report": report}[exp](args)
+        {"accuracy": accuracy, "quality": quality, "ablation": ablation, "samples": samples, "report": report}[exp](
+            args
+        )
 
 
 if __name__ == "__main__":

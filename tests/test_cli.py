@@ -163,15 +163,15 @@ def test_demo_quick_writes_store_figure_metrics_and_refuses_to_overwrite(tmp_pat
     out = tmp_path / "demo"
     assert cli.main(["demo", "--quick", "--out", str(out)]) == 0
     summary = capsys.readouterr().out
-    assert "PCC" in summary and "RMSE" in summary and "bicubic" in summary
+    assert "PCC" in summary and "RMSE" in summary and "bicubic" in summary and "floor" in summary
     assert (out / "demo.zarr").is_dir()
     assert (out / "gene_maps.png").stat().st_size > 10_000
     assert (out / "model" / "model.pt").exists()
     sdata = sd.read_zarr(out / "demo.zarr")
-    assert {"diffst_lr", "diffst_hr", "diffst_sr", "bicubic_sr", "he_image"} <= set(sdata.images)
+    assert {"diffst_lr", "diffst_hr", "diffst_sr", "bicubic_sr", "image_floor_sr", "he_image"} <= set(sdata.images)
     df = pd.read_csv(out / "metrics.csv")
-    assert set(df["method"]) == {"diffst", "bicubic"}
-    assert (df["gene"] == "mean").sum() == 2
+    assert set(df["method"]) == {"diffst", "bicubic", "image_floor"}
+    assert (df["gene"] == "mean").sum() == 3
     assert df["pcc"].notna().all()
 
     assert cli.main(["demo", "--quick", "--out", str(out)]) == 1

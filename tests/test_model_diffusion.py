@@ -82,7 +82,9 @@ GOLDEN = {
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver"])
 def test_sampler_golden_numbers(sampler):
-    cfg = DiffSTConfig.preset("tiny", objective="diffusion", base="bicubic", prediction_type="epsilon", x0_range=(-1e3, 1e3))
+    cfg = DiffSTConfig.preset(
+        "tiny", objective="diffusion", base="bicubic", prediction_type="epsilon", x0_range=(-1e3, 1e3)
+    )
     lr, mask, image = _conditions(cfg)
     out = Diffusion(cfg).sample(
         DummyNet(), lr, mask, image, sampler=sampler, generator=torch.Generator().manual_seed(0)
@@ -142,7 +144,9 @@ def test_untrained_residual_x0_model_returns_the_baseline(sampler):
 
 
 def test_samples_are_clipped_to_x0_range():
-    cfg = DiffSTConfig.preset("tiny", objective="diffusion", base="bicubic", prediction_type="epsilon", x0_range=(-1.0, 1.0))
+    cfg = DiffSTConfig.preset(
+        "tiny", objective="diffusion", base="bicubic", prediction_type="epsilon", x0_range=(-1.0, 1.0)
+    )
     lr, mask, image = _conditions(cfg)
     out = Diffusion(cfg).sample(DummyNet(), lr, mask, image, steps=10, generator=torch.Generator().manual_seed(0))
     assert out.min() >= -1 - 1e-5 and out.max() <= 1 + 1e-5
@@ -152,7 +156,9 @@ def test_samples_are_clipped_to_x0_range():
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("residual", [True, False])
 def test_training_losses(prediction_type, residual):
-    cfg = DiffSTConfig.preset("tiny", objective="diffusion", base="bicubic", prediction_type=prediction_type, residual=residual)
+    cfg = DiffSTConfig.preset(
+        "tiny", objective="diffusion", base="bicubic", prediction_type=prediction_type, residual=residual
+    )
     x0, lr, mask, image = _smooth_batch(cfg)
     losses = Diffusion(cfg).training_losses(
         DiffSTNet(cfg), x0, lr, mask, image, progress=0.3, generator=torch.Generator().manual_seed(0)

@@ -1,8 +1,7 @@
 from __future__ import annotations
 
-import functools
-
 import copy
+import functools
 
 import numpy as np
 import pandas as pd

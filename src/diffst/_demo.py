@@ -37,6 +37,7 @@ FULL_TRAIN_MINUTES = 6.0
 KEY = "diffst"
 SR_KEY = "diffst_sr"
 BICUBIC_KEY = "bicubic_sr"
+FLOOR_KEY = "image_floor_sr"
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,8 @@ def run_demo(
     text), ``settings`` (:class:`DemoSettings`) and ``seconds``.
 
     The folder ``out`` then holds ``demo.zarr`` (the data, the prepared elements ``diffst_*``,
-    ``images['diffst_sr']``, ``images['diffst_sr_std']`` with several samples, and ``images['bicubic_sr']``),
+    ``images['diffst_sr']``, ``images['diffst_sr_std']`` with several samples, ``images['bicubic_sr']`` and
+    ``images['image_floor_sr']``),
     ``gene_maps.png``, ``training.png``, ``metrics.csv`` and ``model/model.pt``.
 
     """
@@ -179,6 +181,7 @@ def run_demo(
     )
     tl.super_resolve(sdata, model, key=KEY, n_samples=settings.n_samples, seed=seed, key_added=SR_KEY)
     tl.upsample(sdata, key=KEY, method="bicubic", key_added=BICUBIC_KEY)
+    tl.upsample(sdata, key=KEY, method="image", key_added=FLOOR_KEY)
 
     metrics = _metrics(sdata)
     metrics.to_csv(paths["metrics_csv"])
@@ -247,12 +250,12 @@ def _load(settings: DemoSettings, seed: int) -> SpatialData:
 
 
 def _metrics(sdata: SpatialData) -> pd.DataFrame:
-    """Diff-ST and bicubic scores on the test tiles, per gene and mean, one block per method."""
+    """Diff-ST, bicubic and image-floor scores on the test tiles, per gene and mean, one block per method."""
     import pandas as pd
 
     from . import tl
 
-    tables = [tl.evaluate(sdata, key=key, split="test") for key in (SR_KEY, BICUBIC_KEY)]
+    tables = [tl.evaluate(sdata, key=key, split="test") for key in (SR_KEY, BICUBIC_KEY, FLOOR_KEY)]
     df = pd.concat(tables)
     df.insert(0, "method", df.pop("method"))
     return df
@@ -284,12 +287,14 @@ def _summary(
     attrs = sdata.attrs[KEY]
     split = attrs["split"]
     means = metrics.loc["mean"].set_index("method")
-    names = {"diffst": "Diff-ST", "bicubic": "bicubic"}
+    names = {"diffst": "Diff-ST", "bicubic": "bicubic", "image_floor": "floor"}
     n_genes = len(attrs["genes"])
     info = model.info
     stopped = ""
     if settings.train_minutes is not None and info["seconds"] >= 60 * settings.train_minutes * 0.98:
         stopped = f", stopped at the {settings.train_minutes:g}-minute cap"
+    elif info.get("stopped_by") == "time budget":
+        stopped = ", stopped by the training time budget"
     lines = [
         f"diffst demo{' --quick' if quick else ''}: {settings.description}",
         f"  {n_genes} genes, {attrs['lr_um']:g} µm LR → {attrs['hr_um']:g} µm HR ({attrs['scale']}×), "
@@ -306,11 +311,12 @@ def _summary(
         lines.append("  (--quick trains for seconds: these numbers test the pipeline, not the method)")
     lines += [
         "wrote:",
-        f"  {paths['zarr']}  SpatialData: images['{SR_KEY}'], images['{BICUBIC_KEY}'], prepared '{KEY}_*' elements",
+        f"  {paths['zarr']}  SpatialData: images['{SR_KEY}'], images['{BICUBIC_KEY}'], "
+        f"images['{FLOOR_KEY}'], prepared '{KEY}_*' elements",
         f"  {paths['figure']}  LR | SR mean | truth{' | SR std' if settings.n_samples > 1 else ''} of "
         f"{', '.join(genes)} over a test region",
         f"  {paths['training_figure']}  training curves",
-        f"  {paths['metrics_csv']}  per-gene metrics of both methods",
+        f"  {paths['metrics_csv']}  per-gene metrics of the three methods",
         f"  {model.path}  the trained model",
         f"done in {_duration(seconds)}. Next: diffst evaluate {paths['zarr']} --key {SR_KEY}",
     ]

@@ -68,7 +68,9 @@ def make_tiles(
     wanted = int(np.count_nonzero(np.asarray(split, dtype=float) > 0))
     if block_tiles > 1 and len(blocks) < wanted <= len(df):
         # a small crop: blocks of one tile, so that validation (and test) still get a region of their own
-        return make_tiles(grid, tissue_lr, tile_lr=tile_lr, min_tissue=min_tissue, split=split, block_tiles=1, seed=seed)
+        return make_tiles(
+            grid, tissue_lr, tile_lr=tile_lr, min_tissue=min_tissue, split=split, block_tiles=1, seed=seed
+        )
     rng = np.random.default_rng(seed)
     rng.shuffle(blocks)
     target = np.asarray(split, dtype=float) / float(np.sum(split))

@@ -150,7 +150,9 @@ def _project(sdata: SpatialData, prep: Prepared, counts: np.ndarray, lr: np.ndar
     return op.project(counts, lr, observed).astype(np.float32)
 
 
-def slide_signal(sdata: SpatialData, prep: Prepared, *, per_hr: int = FLOOR_PX_PER_HR, strip_lr: int = 16) -> np.ndarray:
+def slide_signal(
+    sdata: SpatialData, prep: Prepared, *, per_hr: int = FLOOR_PX_PER_HR, strip_lr: int = 16
+) -> np.ndarray:
     """Mean nuclear signal of every HR pixel of the prepared grid ``(1, H, W)``, read in strips of LR rows.
 
     The image is read at ``hr_um / per_hr`` µm per pixel, normalised as the model sees it (:class:`ImageSpec`), the

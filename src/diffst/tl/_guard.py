@@ -121,8 +121,13 @@ def fit_guard(sdata: SpatialData, prep: Prepared, model: DiffST, *, n_samples: i
         f"validation ({n_px} HR pixels, {len(genes)} genes; PCC / RMSE on the normalised scale):\n"
         + "\n".join(
             f"  {label:<34} {table[k]['pcc']:.3f} / {table[k]['rmse']:.3f}"
-            for k, label in (("model", "Diff-ST"), ("guarded", "Diff-ST, guarded by the floor"),
-                             ("bicubic", "bicubic (LR-consistent)"), ("image_floor", "image floor")))  # fmt: skip
+            for k, label in (
+                ("model", "Diff-ST"),
+                ("guarded", "Diff-ST, guarded by the floor"),
+                ("bicubic", "bicubic (LR-consistent)"),
+                ("image_floor", "image floor"),
+            )
+        )  # fmt: skip
     )
     if table["model"]["pcc"] < table["image_floor"]["pcc"]:
         log.warn(

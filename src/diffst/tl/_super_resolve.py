@@ -22,8 +22,8 @@ from .._grid import Grid
 from .._normalise import to_counts
 from .._settings import settings
 from .._spatial import suggest
-from ._data import Prepared, TileSource
 from ..model import Diffusion
+from ._data import Prepared, TileSource
 from ._model import DiffST, fingerprint
 from ._output import Units, check_sr_free, sr_image, write_sr
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from datetime import timedelta
 import json
 import logging
 import math
 import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -21,7 +21,16 @@ from .. import _logging as log
 from .._settings import settings
 from ..model import DiffSTConfig, DiffSTNet
 from ..model.floor import nuclear_channel
-from ._data import Prepared, TileSource, WindowDataset, WindowSampler, choose_window, split_region, tiled_origins, window_origins
+from ._data import (
+    Prepared,
+    TileSource,
+    WindowDataset,
+    WindowSampler,
+    choose_window,
+    split_region,
+    tiled_origins,
+    window_origins,
+)
 from ._guard import fit_guard, guard_summary
 from ._lightning import DiffSTModule, History
 from ._model import DiffST, data_units, fingerprint
