@@ -77,8 +77,8 @@ def train(
 
     Each step draws windows at random positions inside the training tiles (any LR-pixel offset, with a random one
     of the 8 rotations/flips), so that a small region still gives many distinct windows; the window side is the
-    prepared tile (``tile_um``) at most, smaller when the training region is small. Validation windows are fixed (the validation
-    tiles). Training optimises the objective with AdamW, keeps an exponential moving average (EMA) of the weights
+    prepared tile (``tile_um``) at most, smaller when the training region is small. Validation windows are fixed
+    (the validation tiles). Training optimises the objective with AdamW, keeps an exponential moving average (EMA) of the weights
     for sampling, and validates about every 50 steps: PCC and RMSE of the mean map beside bicubic up-sampling and
     the image floor (recorded in ``model.history``). The checkpoint with the best validation PCC is kept, training
     stops early when it stops improving or when ``time_budget`` runs out, and checkpoints let an interrupted run
