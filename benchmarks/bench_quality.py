@@ -125,78 +125,75 @@ def append(path: Path, rows: list[dict]) -> None:
     pd.DataFrame(rows).to_csv(path, mode="a", header=not path.exists(), index=False)
 
 
-def quality(args) -> None:
-    path = RESULTS / f"quality{'_quick' if args.quick else ''}.csv"
+def cells(name: str, datasets: list[str], args):
+    """The benchmark cells (dataset × scale × seed) not yet in ``results/<name>.csv``: yields the prepared data, the
+    cell's labels and a list to fill with rows, which are appended to the CSV when the caller moves on."""
+    path = RESULTS / f"{name}{'_quick' if args.quick else ''}.csv"
     prev = done(path)
-    datasets = ["synthetic"] if args.quick else ["synthetic", "merfish"]
     for dataset in datasets:
         for scale in args.scales:
             for seed in args.seeds:
                 if not prev.empty and ((prev.dataset == dataset) & (prev.scale == scale) & (prev.seed == seed)).any():
                     continue
                 t0 = time.perf_counter()
-                sdata = load(dataset, scale, seed, args.quick)
-                labels = {"dataset": dataset, "scale": scale, "seed": seed}
-                rows = []
-                model = train(sdata, seed, args.quick, f"{dataset}{scale}_{seed}")
-                dst.tl.super_resolve(sdata, model, n_samples=4, seed=seed, key_added="diffst_sr")
-                rows.append(score(sdata, "diffst_sr", method="Diff-ST", train_s=model.info["seconds"], **labels))
-                reg = train(sdata, seed, args.quick, f"{dataset}{scale}_{seed}_reg", {"objective": "regression"})
-                dst.tl.super_resolve(sdata, reg, key_added="regression_sr")
-                rows.append(score(sdata, "regression_sr", method="regression", train_s=reg.info["seconds"], **labels))
-                for method in ("bicubic", "nearest"):
-                    dst.tl.upsample(sdata, method=method)
-                    rows.append(score(sdata, f"{method}_sr", method=method, **labels))
-                try:
-                    dst.tl.tesla(sdata)
-                    rows.append(score(sdata, "tesla_sr", method="TESLA", **labels))
-                except ImportError as e:
-                    print(f"TESLA skipped: {e}")
+                rows: list[dict] = []
+                yield load(dataset, scale, seed, args.quick), {"dataset": dataset, "scale": scale, "seed": seed}, rows
                 append(path, rows)
-                print(f"{dataset} {scale}× seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
+                print(f"{name} {dataset} {scale}× seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def tesla_rows(sdata, labels: dict) -> list[dict]:
+    """TESLA's score on the same tiles, or nothing (with a message) when it is not installed."""
+    try:
+        dst.tl.tesla(sdata)
+    except ImportError as e:
+        print(f"TESLA skipped: {e}")
+        return []
+    return [score(sdata, "tesla_sr", method="TESLA", **labels)]
+
+
+def quality(args) -> None:
+    datasets = ["synthetic"] if args.quick else ["synthetic", "merfish"]
+    for sdata, labels, rows in cells("quality", datasets, args):
+        dataset, scale, seed = labels["dataset"], labels["scale"], labels["seed"]
+        model = train(sdata, seed, args.quick, f"{dataset}{scale}_{seed}")
+        dst.tl.super_resolve(sdata, model, n_samples=4, seed=seed, key_added="diffst_sr")
+        rows.append(score(sdata, "diffst_sr", method="Diff-ST", train_s=model.info["seconds"], **labels))
+        reg = train(sdata, seed, args.quick, f"{dataset}{scale}_{seed}_reg", {"objective": "regression"})
+        dst.tl.super_resolve(sdata, reg, key_added="regression_sr")
+        rows.append(score(sdata, "regression_sr", method="regression", train_s=reg.info["seconds"], **labels))
+        for method in ("bicubic", "nearest"):
+            dst.tl.upsample(sdata, method=method)
+            rows.append(score(sdata, f"{method}_sr", method=method, **labels))
+        rows.extend(tesla_rows(sdata, labels))
 
 
 def accuracy(args) -> None:
     """Issue 10: Diff-ST (refiner, guarded) against regression, bicubic (plain and LR-consistent), the image floor and
     TESLA, with the validation table of the guard and the std coverage on test tiles."""
-    path = RESULTS / f"accuracy{'_quick' if args.quick else ''}.csv"
-    prev = done(path)
-    for dataset in args.datasets:
-        for scale in args.scales:
-            for seed in args.seeds:
-                if not prev.empty and ((prev.dataset == dataset) & (prev.scale == scale) & (prev.seed == seed)).any():
-                    continue
-                t0 = time.perf_counter()
-                sdata = load(dataset, scale, seed, args.quick)
-                labels = {"dataset": dataset, "scale": scale, "seed": seed}
-                rows = []
-                model = train(sdata, seed, args.quick, f"acc_{dataset}{scale}_{seed}")
-                guard = model.info.get("guard") or {}
-                val = guard.get("validation", {})
-                dst.tl.super_resolve(sdata, model, n_samples=4, seed=seed, key_added="diffst_sr")
-                rows.append(score(
+    for sdata, labels, rows in cells("accuracy", args.datasets, args):
+        dataset, scale, seed = labels["dataset"], labels["scale"], labels["seed"]
+        model = train(sdata, seed, args.quick, f"acc_{dataset}{scale}_{seed}")
+        guard = model.info.get("guard") or {}
+        val = guard.get("validation", {})
+        dst.tl.super_resolve(sdata, model, n_samples=4, seed=seed, key_added="diffst_sr")
+        rows.append(score(
                     sdata, "diffst_sr", method="Diff-ST", train_s=model.info["seconds"], steps=model.info["steps"],
                     stopped_by=model.info.get("stopped_by"), within_2std=calibration(sdata, "diffst_sr"),
                     val_pcc=val.get("guarded", {}).get("pcc"), val_pcc_model=val.get("model", {}).get("pcc"),
                     val_pcc_floor=val.get("image_floor", {}).get("pcc"),
                     blended_genes=int(sum(a < 1 for a in guard.get("alpha", []))), **labels,
                 ))  # fmt: skip
-                reg = train(sdata, seed, args.quick, f"acc_{dataset}{scale}_{seed}_reg", {"objective": "regression"})
-                dst.tl.super_resolve(sdata, reg, key_added="regression_sr")
-                rows.append(score(sdata, "regression_sr", method="regression", train_s=reg.info["seconds"],
+        reg = train(sdata, seed, args.quick, f"acc_{dataset}{scale}_{seed}_reg", {"objective": "regression"})
+        dst.tl.super_resolve(sdata, reg, key_added="regression_sr")
+        rows.append(score(sdata, "regression_sr", method="regression", train_s=reg.info["seconds"],
                                   steps=reg.info["steps"], **labels))  # fmt: skip
-                for name, kw in (("bicubic", {"method": "bicubic"}),
+        for name, kw in (("bicubic", {"method": "bicubic"}),
                                  ("bicubic (LR-consistent)", {"method": "bicubic", "consistency": True}),
                                  ("image floor", {"method": "image"})):  # fmt: skip
-                    dst.tl.upsample(sdata, key_added="base_sr", overwrite=True, **kw)
-                    rows.append(score(sdata, "base_sr", method=name, **labels))
-                try:
-                    dst.tl.tesla(sdata)
-                    rows.append(score(sdata, "tesla_sr", method="TESLA", **labels))
-                except ImportError as e:
-                    print(f"TESLA skipped: {e}")
-                append(path, rows)
-                print(f"accuracy {dataset} {scale}× seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
+            dst.tl.upsample(sdata, key_added="base_sr", overwrite=True, **kw)
+            rows.append(score(sdata, "base_sr", method=name, **labels))
+        rows.extend(tesla_rows(sdata, labels))
 
 
 def ablation(args) -> None:

@@ -24,6 +24,13 @@ class ImageSpec:
     high: tuple[float, ...]
 
     @property
+    def nuclear_channel(self) -> int:
+        """The nuclear (DAPI-like) channel the image floor reads: found by name for fluorescence, 0 for RGB."""
+        from .model.floor import nuclear_channel
+
+        return 0 if self.kind == "rgb" else nuclear_channel(self.channels)
+
+    @property
     def background(self) -> float:
         """Normalised value outside the image: white for brightfield, dark for fluorescence."""
         return 1.0 if self.kind == "rgb" else 0.0

@@ -84,8 +84,7 @@ class Diffusion:
 
     def baseline(self, lr: Tensor, mask: Tensor, image: Tensor | None = None) -> Tensor:
         """The HR baseline the residual is taken from (:meth:`condition`; zeros when ``residual=False``)."""
-        up = self.condition(lr, mask, image)
-        return up if self.config.residual else torch.zeros_like(up)
+        return self._residual_base(self.condition(lr, mask, image))
 
     def _net(self, net: nn.Module, x: Tensor, t: Tensor, lr: Tensor, mask: Tensor, image: Tensor, *,
              progress: float, cond: Tensor | None):  # fmt: skip
@@ -129,7 +128,7 @@ class Diffusion:
         """
         b = x0.shape[0]
         cond = self.condition(lr, mask, image)
-        target_x0 = x0 - (cond if self.config.residual else torch.zeros_like(cond))
+        target_x0 = x0 - self._residual_base(cond)
         terms: dict[str, Tensor] = {}
         if self.config.objective in ("regression", "refiner"):
             # the mean head: same inputs with an empty x_t at the mean timestep, trained to output x0 directly
@@ -181,8 +180,13 @@ class Diffusion:
         """The mean head's HR maps ``up(y) + mean`` (clipped to ``x0_range``), or ``None`` for ``"diffusion"``."""
         if self.config.objective == "diffusion":
             return None
-        cond = self.condition(lr, mask, image)
-        base = cond if self.config.residual else torch.zeros_like(cond)
+        return self._predict_mean(net, lr, mask, image, self.condition(lr, mask, image))
+
+    def _residual_base(self, cond: Tensor) -> Tensor:
+        return cond if self.config.residual else torch.zeros_like(cond)
+
+    def _predict_mean(self, net: nn.Module, lr: Tensor, mask: Tensor, image: Tensor, cond: Tensor) -> Tensor:
+        base = self._residual_base(cond)
         out = self._mean_output(net, lr, mask, image, base, progress=1.0, cond=cond).sample
         lo, hi = self.config.x0_range
         return (out + base).clamp(lo, hi)
@@ -261,10 +265,10 @@ class Diffusion:
         scheduler = self.make_scheduler(sampler)
         scheduler.set_timesteps(steps, device=lr.device)
         cond = self.condition(lr, mask, image)
-        base = cond if self.config.residual else torch.zeros_like(cond)
+        base = self._residual_base(cond)
         if self.config.objective == "refiner":
             # samples are the mean head plus a diffused residual around it
-            base = self.predict_mean(net, lr, mask, image)
+            base = self._predict_mean(net, lr, mask, image, cond)
         lo, hi = self.config.x0_range
         if noise is None:
             noise = _randn(tuple(base.shape), generator, base)

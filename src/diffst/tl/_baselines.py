@@ -13,10 +13,10 @@ import pandas as pd
 import torch
 
 from .. import _logging as log
-from .._degradation import BinDegradation, degradation_for
+from .._degradation import degradation_for
 from .._image import read_tile
 from .._normalise import lr_per_hr_pixel, lr_to_model_units, to_counts
-from ..model.floor import hr_signal, image_floor, nuclear_channel
+from ..model.floor import hr_signal, image_floor
 from ..model.upsample import fill_unobserved, upsample_lr
 from ._data import Prepared
 from ._output import Units, check_sr_free, write_sr
@@ -162,7 +162,7 @@ def slide_signal(
     g = prep.grid
     spec = prep.image
     image = sdata.images[spec.key]
-    channel = nuclear_channel(spec.channels) if spec.kind != "rgb" else 0
+    channel = spec.nuclear_channel
     h, w = g.lr_shape
     s = g.scale
     out = np.zeros((1, h * s, w * s), dtype=np.float32)
@@ -199,10 +199,7 @@ def slide_floor(sdata: SpatialData, prep: Prepared, lr: np.ndarray | None = None
             torch.from_numpy(signal)[None],
             s,
         )[0].numpy()
-    op = degradation_for(sdata, prep.attrs)
-    if isinstance(op, BinDegradation):
-        return floor.astype(np.float32)
-    return op.project(floor, lr, coverage > 0).astype(np.float32)
+    return _project(sdata, prep, floor, lr)
 
 
 TESLA_INSTALL = "pip install --no-deps teslaforst && pip install opencv-python-headless scanpy"

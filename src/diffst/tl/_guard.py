@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import _logging as log
 from .._normalise import to_model_units
+from ..metrics import pearson, rmse
 from ._baselines import _interpolate, _project, slide_floor
 from ._data import Prepared
 
@@ -28,16 +29,6 @@ if TYPE_CHECKING:
 ALPHAS = np.round(np.linspace(0.0, 1.0, 11), 2)
 #: Nominal coverage of mean ± 2 std after calibration.
 COVERAGE = 0.95
-
-
-def _pcc(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a - a.mean(), b - b.mean()
-    den = float(np.sqrt((a * a).sum() * (b * b).sum()))
-    return float((a * b).sum() / den) if den > 0 else float("nan")
-
-
-def _rmse(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.sqrt(np.mean((a - b) ** 2)))
 
 
 def coverage_scale(truth: np.ndarray, mean: np.ndarray, std: np.ndarray, level: float = COVERAGE) -> float:
@@ -99,7 +90,7 @@ def fit_guard(sdata: SpatialData, prep: Prepared, model: DiffST, *, n_samples: i
     covered = []
     for g in range(len(genes)):
         truth = norm["truth"][g]
-        pccs = [_pcc(to_model_units(a * maps["mean"][g] + (1 - a) * maps["floor"][g], scale[g : g + 1]), truth)
+        pccs = [pearson(to_model_units(a * maps["mean"][g] + (1 - a) * maps["floor"][g], scale[g : g + 1]), truth)
                 for a in ALPHAS]  # fmt: skip
         pccs = np.nan_to_num(np.asarray(pccs), nan=-np.inf)
         best = float(ALPHAS[int(np.flatnonzero(pccs >= pccs.max() - 1e-4).max())])  # ties go to the model
@@ -113,8 +104,8 @@ def fit_guard(sdata: SpatialData, prep: Prepared, model: DiffST, *, n_samples: i
         blend_n = to_model_units(blend, scale[g : g + 1])
         for name, pred in (("model", norm["mean"][g]), ("guarded", blend_n), ("bicubic", norm["bicubic"][g]),
                            ("image_floor", norm["floor"][g])):  # fmt: skip
-            scores[name]["pcc"].append(_pcc(pred, truth))
-            scores[name]["rmse"].append(_rmse(pred, truth))
+            scores[name]["pcc"].append(pearson(pred, truth))
+            scores[name]["rmse"].append(rmse(pred, truth))
     table = {name: {m: float(np.nanmean(v)) for m, v in ms.items()} for name, ms in scores.items()}
     n_px = maps["truth"].shape[1]
     log.info(

@@ -53,9 +53,9 @@ class DiffSTModule(L.LightningModule):
         head, one network call).
     augment
         Random rotations/flips of training windows.
-    floor
-        ``{"kind", "channel", "gene_scale"}`` of the image (see ``diffst.model.floor``) to score the image floor
-        on the validation windows beside bicubic; ``None`` skips it.
+    gene_scale
+        Per-gene scale of the model units (needed by the image-floor base, and to score the image floor on the
+        validation windows beside bicubic); ``None`` skips the floor's score.
 
     """
 
@@ -65,14 +65,14 @@ class DiffSTModule(L.LightningModule):
         coexpr: list[list[float]],
         val_steps: int = 10,
         augment: bool = True,
-        floor: dict[str, Any] | None = None,
+        gene_scale: list[float] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.config = DiffSTConfig.from_dict(config)
         self.net = DiffSTNet(self.config, coexpr=torch.tensor(np.asarray(coexpr, dtype=np.float32)))
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
-        self.diffusion = Diffusion(self.config, gene_scale=None if floor is None else torch.tensor(floor["gene_scale"]))
+        self.diffusion = Diffusion(self.config, gene_scale=None if gene_scale is None else torch.tensor(gene_scale))
         self._val: dict[str, list[torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ optimisation
@@ -127,11 +127,11 @@ class DiffSTModule(L.LightningModule):
                 self.ema, lr, mask, image, sampler="ddim", steps=self.hparams.val_steps, generator=self._val_gen
             )
         maps = {"": pred, "_bicubic": upsample_lr(lr, mask, self.config.scale)}
-        fl = self.hparams.floor
-        if fl is not None:
+        c, gene_scale = self.config, self.diffusion.gene_scale
+        if gene_scale is not None:
             maps["_floor"] = floor_model_units(
-                lr, mask, image, scale=self.config.scale, per_hr=self.config.image_per_hr,
-                gene_scale=torch.as_tensor(fl["gene_scale"], dtype=lr.dtype), kind=fl["kind"], channel=fl["channel"],
+                lr, mask, image, scale=c.scale, per_hr=c.image_per_hr, gene_scale=gene_scale.to(lr),
+                kind=c.image_kind, channel=c.nuclear_channel,
             )  # fmt: skip
         for name, m in maps.items():
             self._val.setdefault(f"val_pcc{name}", []).append(pearson_per_map(m, x0).cpu())

@@ -190,7 +190,7 @@ def _apply_guard(stack: da.Array, sdata, prep: Prepared, model: DiffST, want: li
         mean = mean * alpha + da.from_array(floor, chunks=mean.chunks) * (1.0 - alpha)
         log.info(
             f"guard: {int(np.sum(alpha[:, 0, 0] < 1))} of {len(want)} genes blended with the image floor "
-            "(weights fitted on validation, see sdata.attrs[key_added]['params']['guard'])"
+            "(weights fitted on validation, see sdata.attrs[key_added]['guard'])"
         )
     return da.stack([mean, std * alpha * scale])
 

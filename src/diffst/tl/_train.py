@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader
 from .. import _logging as log
 from .._settings import settings
 from ..model import DiffSTConfig, DiffSTNet
-from ..model.floor import nuclear_channel
 from ._data import (
     Prepared,
     TileSource,
@@ -182,12 +181,9 @@ def train(
     sampler = WindowSampler(len(train_ds), epoch_len, loader_gen)
     train_dl = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=num_workers)
     val_dl = DataLoader(val_ds, batch_size=cfg.batch_size, num_workers=num_workers) if n_val else None
-    floor = {
-        "kind": prep.image.kind,
-        "channel": nuclear_channel(prep.image.channels) if prep.image.kind != "rgb" else 0,
-        "gene_scale": [float(v) for v in gene_scale],
-    }
-    module = DiffSTModule(cfg.to_dict(), prep.coexpression.tolist(), val_steps=val_steps, floor=floor)
+    module = DiffSTModule(
+        cfg.to_dict(), prep.coexpression.tolist(), val_steps=val_steps, gene_scale=[float(v) for v in gene_scale]
+    )
 
     history = History()
     callbacks: list[L.Callback] = [history]
@@ -315,7 +311,7 @@ def _config(
         "scale": prep.grid.scale,
         "tile_um": float(window_um if window_um is not None else prep.attrs["tile_um"]),
         "image_kind": prep.image.kind,
-        "nuclear_channel": nuclear_channel(prep.image.channels) if prep.image.kind != "rgb" else 0,
+        "nuclear_channel": prep.image.nuclear_channel,
     }
     base = DiffSTConfig.preset(preset)
     if base.tile_um > data["tile_um"]:
