@@ -94,13 +94,13 @@ def test_save_load_round_trip_gives_identical_samples(prepared, tmp_path):
 def test_resume_continues_an_interrupted_run(prepared, tmp_path):
     first = dst.tl.train(prepared, max_epochs=1, checkpoint_dir=tmp_path, **FAST)
     steps_one_epoch = first.info["steps"]
-    second = dst.tl.train(prepared, max_epochs=2, checkpoint_dir=tmp_path, **FAST)
+    second = dst.tl.train(prepared, max_epochs=2, checkpoint_dir=tmp_path, resume=True, **FAST)
     assert second.info["steps"] == 2 * steps_one_epoch
     assert [row["epoch"] for row in second.history] == [0, 1]
     with pytest.raises(ValueError, match="earlier training run.*resume=True"):
         dst.tl.train(prepared, max_epochs=1, checkpoint_dir=tmp_path, resume=False, **FAST)
     with pytest.raises(ValueError, match="different configuration"):
-        dst.tl.train(prepared, max_epochs=3, checkpoint_dir=tmp_path, config={"cam": False}, **FAST)
+        dst.tl.train(prepared, max_epochs=3, checkpoint_dir=tmp_path, config={"cam": False}, resume=True, **FAST)
 
 
 def test_model_refuses_data_with_other_genes_or_units(prepared, tmp_path):
@@ -133,7 +133,9 @@ def test_zarr_backed_model_lives_beside_the_store(tmp_path):
     sdata.write(tmp_path / "s.zarr")
     backed = sd.read_zarr(tmp_path / "s.zarr")
     model = dst.tl.train(backed, max_epochs=1, **FAST)
-    assert model.path.parent.parent == tmp_path / "s.zarr.diffst"
+    # <store>.diffst/<key>-<data fingerprint>-<config hash>/run-<time>/model.pt
+    assert model.path.parent.parent.parent == tmp_path / "s.zarr.diffst"
+    assert model.path.parent.name.startswith("run-")
     assert sd.read_zarr(tmp_path / "s.zarr").attrs["diffst"]["model"]["path"] == str(model.path)
 
 

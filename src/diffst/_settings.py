@@ -31,12 +31,16 @@ class _Settings:
         Defaults to ``$DIFFST_DATA_DIR``.
     verbosity
         0 silent, 1 progress and short summaries (default), 2 details.
+    progress_every
+        Seconds between two progress lines of :func:`diffst.tl.train` (step, loss, latest validation, time left);
+        plain lines, so they read the same in a terminal, a notebook and a log file.
 
     """
 
     cachedir: Path = field(default_factory=lambda: _env_path("DIFFST_CACHE_DIR") or Path(pooch.os_cache("diffst")))
     datadir: Path | None = field(default_factory=lambda: _env_path("DIFFST_DATA_DIR"))
     verbosity: int = 1
+    progress_every: float = 30.0
 
 
 settings = _Settings()

@@ -1,9 +1,10 @@
-"""The ``diffst`` command: ``demo``, ``prepare``, ``train``, ``super-resolve`` and ``evaluate`` on zarr SpatialData.
+"""The ``diffst`` command: ``demo``, ``prepare``, ``train``, ``super-resolve``, ``upsample``, ``evaluate`` and ``plot``.
 
 Each subcommand mirrors the Python function of the same name with the same parameter names (``--lr-um`` is
 ``lr_um``). The SpatialData store is read with :func:`spatialdata.read_zarr`, so the library writes its results into
-that store itself. Errors in the data are reported as one line on stderr (exit status 1); ``--verbose`` shows the
-traceback. Usage errors exit with status 2.
+that store itself. Errors in the data are reported as one line on stderr (exit status 1), in the command line's words
+(``--image-key``, not ``image_key=``); ``--verbose`` shows the traceback. Usage errors exit with status 2, Ctrl-C with
+130 (after ``train`` saved its checkpoint and said how to resume).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import inspect
 import json
 import logging
 import re
+import shlex
 import sys
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
@@ -35,12 +37,14 @@ PREPARE_ARGS = (
 ).split()
 TRAIN_ARGS = (
     "key preset max_epochs batch_size accelerator devices seed checkpoint_dir resume overwrite config patience "
-    "val_steps num_workers"
+    "val_steps num_workers time_budget guard"
 ).split()
 SUPER_RESOLVE_ARGS = (
     "genes key sampler steps n_samples consistency tile_overlap batch_size seed units key_added overwrite block_lr"
 ).split()
 EVALUATE_ARGS = ("key", "truth_key", "split", "genes")
+UPSAMPLE_ARGS = ("key", "method", "key_added", "units", "consistency", "overwrite")
+PLOT_ARGS = ("key", "region", "tile", "split", "units", "show_image", "panel_size")
 
 #: Exceptions that mean "the input or the data are wrong", reported without a traceback.
 _DATA_ERRORS = (ValueError, KeyError, OSError, ImportError)
@@ -52,27 +56,112 @@ _DATA_ERRORS = (ValueError, KeyError, OSError, ImportError)
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``diffst`` command line; returns the exit status (0 success, 1 data error, 2 usage error)."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse exits on --help, --version and usage errors
         return int(e.code) if isinstance(e.code, int) else (0 if e.code is None else 2)
     verbose = bool(getattr(args, "verbose", False))
     restore = _apply_verbosity(args)
+    words = CliWords(parser)
     try:
-        with contextlib.nullcontext() if verbose else _quiet_ome_zarr():
+        with contextlib.nullcontext() if verbose else _quiet_ome_zarr(), words.in_messages():
             return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"{PROG}: {_interrupted(e, argv)}", file=sys.stderr)
         return 130
     except _DATA_ERRORS as e:
         if verbose:
             import traceback
 
             traceback.print_exc()
-        print(f"{PROG}: error: {_message(e)}", file=sys.stderr)
+        print(f"{PROG}: error: {words(_message(e))}", file=sys.stderr)
         return 1
     finally:
         restore()
+
+
+def _interrupted(e: KeyboardInterrupt, argv: Sequence[str]) -> str:
+    """What Ctrl-C stopped, and for ``train`` where its checkpoint is and the command that resumes it."""
+    checkpoint = getattr(e, "checkpoint", None)
+    if checkpoint is None:
+        return "interrupted"
+    from .tl._run import resume_hint
+
+    again = [a for a in argv if a not in ("--overwrite",)]
+    if "train" in again and not any(a == "--resume" or a.startswith("--resume=") for a in again):
+        again.append("--resume")
+    how = f"`{PROG} {shlex.join(again)}`" if "train" in again else "`diffst train PATH --resume`"
+    return resume_hint(e.steps, e.saved_step, checkpoint, how)  # type: ignore[attr-defined]
+
+
+class CliWords:
+    """The library's words in the command line's: `image_key=…` → `--image-key …`, `dst.tl.train` → `diffst train`.
+
+    Applied to error messages and, while a command runs, to diffst's log lines and warnings.
+    """
+
+    _NAME = re.compile(r"`(\w+)(?:=([^`]*))?`")
+    _FUNC = re.compile(r"`?dst\.(?:pp|tl|pl)\.(\w+)(?:\([^`]*\))?`?")
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.flags: dict[str, argparse.Action] = {}
+        self.commands: set[str] = set()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    self.commands.add(name)
+                    for a in sub._actions:
+                        if any(o.startswith("--") for o in a.option_strings) and a.dest != "help":
+                            self.flags.setdefault(a.dest, a)
+
+    def __call__(self, text: str) -> str:
+        text = self._FUNC.sub(self._function, text)
+        return self._NAME.sub(self._name, text)
+
+    def _function(self, m: re.Match[str]) -> str:
+        command = m.group(1).replace("_", "-")
+        return f"`{PROG} {command}`" if command in self.commands else m.group(0)
+
+    def _name(self, m: re.Match[str]) -> str:
+        action = self.flags.get(m.group(1))
+        if action is None:
+            return m.group(0)
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        value = (m.group(2) or "").strip().strip("'\"")
+        if not value:
+            return f"`{longs[0]}`"
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return f"`{longs[0] if value == 'True' else longs[-1]}`"
+        if action.nargs in (0, "?") and value == str(action.const):
+            return f"`{longs[0]}`"
+        if action.nargs in (0, "?") and value in ("True", "False", "None"):
+            return f"without `{longs[0]}`"
+        return f"`{longs[0]} {value}`"
+
+    @contextlib.contextmanager
+    def in_messages(self) -> Iterator[None]:
+        """Rewrite diffst's log lines and Python warnings while a command runs."""
+        import warnings
+
+        logger = logging.getLogger("diffst")
+
+        def rewrite(record: logging.LogRecord) -> bool:
+            record.msg = self(record.getMessage())
+            record.args = ()
+            return True
+
+        def show(message, category, filename, lineno, file=None, line=None) -> None:
+            print(f"{PROG}: warning: {self(str(message))}", file=sys.stderr)
+
+        logger.addFilter(rewrite)
+        before = warnings.showwarning
+        warnings.showwarning = show
+        try:
+            yield
+        finally:
+            logger.removeFilter(rewrite)
+            warnings.showwarning = before
 
 
 @contextlib.contextmanager
@@ -196,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub, common)
     _add_train(sub, common)
     _add_super_resolve(sub, common)
+    _add_upsample(sub, common)
     _add_evaluate(sub, common)
+    _add_plot(sub, common)
     return parser
 
 
@@ -381,10 +472,11 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
         common,
         "train",
         "Train a Diff-ST model on the prepared tiles (dst.tl.train).",
-        "Needs HR truth (transcripts or Visium HD bins). Stops early when the validation loss stops improving, "
-        "checkpoints so that a rerun continues where an interrupted one stopped, and saves the model (EMA weights) as "
-        "<checkpoint-dir>/model.pt. Its path is recorded in the store's attrs[KEY]['model'], where `diffst "
-        "super-resolve` finds it.",
+        "Needs HR truth (transcripts or Visium HD bins). Prints a progress line every 30 s (step, loss, validation "
+        "PCC, time left), stops early when the validation PCC stops improving or when --time-budget runs out, writes "
+        "a checkpoint at least every minute and on Ctrl-C (then says how to resume with --resume), and saves the "
+        "model (EMA weights) as <run folder>/model.pt. Its path is recorded in the store's attrs[KEY]['model'], "
+        "where `diffst super-resolve` finds it. Each run starts afresh in its own folder unless --resume.",
     )
     _add_path(p, "prepared with `diffst prepare`")
     p.add_argument("--key", help="The --key-added used in `diffst prepare`.")
@@ -413,14 +505,30 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="Seed of weights, batches, noise and augmentation (same seed, same model).")
     p.add_argument(
         "--checkpoint-dir",
-        help="Where checkpoints, logs and model.pt go (default: beside the store, <PATH>.diffst/<key>-<hash>/).",
+        help="Where checkpoints, logs and model.pt go (default: a new run-<time>/ folder beside the store, under "
+        "<PATH>.diffst/<key>-<data fingerprint>-<config hash>/).",
     )
     p.add_argument(
-        "--no-resume",
-        dest="resume",
+        "--resume",
+        nargs="?",
+        const=True,
+        type=_resume,
+        metavar="auto",
+        help="Continue the latest run of these data, configuration and seed (or the one in --checkpoint-dir) from "
+        "its last checkpoint; an error when there is none. '--resume auto': continue one if there is one, else start "
+        "afresh. Without it every run starts afresh.",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=_budget,
+        metavar="SECONDS|none",
+        help="Training time limit in seconds, over all sessions of a resumed run; 'none' for none.",
+    )
+    p.add_argument(
+        "--no-guard",
+        dest="guard",
         action="store_false",
-        help="Do not continue from the last checkpoint in --checkpoint-dir (an earlier run there is then an error "
-        "unless --overwrite).",
+        help="Skip the guard (the check against bicubic and the image floor on validation, and its per-gene blend).",
     )
     p.add_argument(
         "--overwrite", action="store_true", help="Start afresh even if --checkpoint-dir holds an earlier run."
@@ -435,7 +543,7 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--patience",
         type=_positive_int,
-        help="Validation checks (about every 50 optimiser steps) without improvement of the validation loss before "
+        help="Validation checks (about every 50 optimiser steps) without improvement of the validation PCC before "
         "stopping early.",
     )
     p.add_argument(
@@ -521,6 +629,73 @@ def _add_super_resolve(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_cmd_super_resolve)
 
 
+def _add_upsample(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = _subparser(
+        sub,
+        common,
+        "upsample",
+        "Up-sample the LR gene maps without a model: the baselines (dst.tl.upsample).",
+        "'bicubic' and 'nearest' interpolate the LR counts; 'image' is the training-free image floor (bicubic weighted "
+        "by the nuclear stain of the tissue image, kept consistent with every LR pixel). Writes images['<key-added>'] "
+        "(default '<method>_sr', e.g. 'bicubic_sr') on the HR grid, which `diffst evaluate` and `diffst plot` read.",
+    )
+    _add_path(p, "prepared with `diffst prepare`")
+    p.add_argument("--key", help="Key of the prepared data (--key-added of `diffst prepare`).")
+    p.add_argument("--method", choices=["bicubic", "nearest", "image"], help="The up-sampling.")
+    p.add_argument("--key-added", help="Name of the result element (default: '<method>_sr', 'image_floor_sr').")
+    p.add_argument(
+        "--units",
+        choices=["counts", "log1p"],
+        help="'counts': expected counts per HR pixel; 'log1p': log1p of them.",
+    )
+    p.add_argument(
+        "--consistency",
+        action=argparse.BooleanOptionalAction,
+        help="Rescale so that re-degrading reproduces the LR counts (default: on for 'image', off otherwise).",
+    )
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing result of that name.")
+    from .tl import upsample
+
+    _library_defaults(p, upsample, UPSAMPLE_ARGS)
+    p.set_defaults(func=_cmd_upsample)
+
+
+def _add_plot(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = _subparser(
+        sub,
+        common,
+        "plot",
+        "Draw gene maps of a result over the tissue image: LR | SR mean | truth | SR std (dst.pl.gene_maps).",
+        "One row per gene, over the same region of the slide in µm (by default a test tile). Writes the figure to "
+        "--output (PNG, PDF or SVG by its suffix).",
+    )
+    _add_path(p, "with an SR result (`diffst super-resolve` or `diffst upsample`)")
+    p.add_argument(
+        "--genes",
+        type=_gene_list,
+        metavar="G1,G2,…",
+        help="Comma-separated genes, one row each (default: the first three of the result).",
+    )
+    p.add_argument("--key", help="The SR result to draw: images[KEY] (e.g. 'diffst_sr', 'bicubic_sr').")
+    p.add_argument(
+        "--region",
+        type=_region,
+        metavar="X0,Y0,X1,Y1",
+        help="The region in µm of the prepared coordinate system (default: one tile of --split).",
+    )
+    p.add_argument("--tile", type=int, help="Draw this tile of the prepared tiles (its index).")
+    p.add_argument("--split", choices=["test", "val", "train"], help="Draw the first tile of this split.")
+    p.add_argument("--units", choices=["counts", "log1p"], help="Colour scale of the maps.")
+    p.add_argument("--show-image", action=argparse.BooleanOptionalAction, help="Draw the tissue image under the maps.")
+    p.add_argument("--panel-size", type=_positive_float, help="Size of each panel in inches.")
+    p.add_argument("--output", "-o", metavar="FILE", default="gene_maps.png", help="The figure file.")
+    p.add_argument("--dpi", type=_positive_int, default=150, help="Resolution of a raster figure.")
+    from .pl import gene_maps
+
+    _library_defaults(p, gene_maps, PLOT_ARGS)
+    p.set_defaults(func=_cmd_plot, genes=None)
+
+
 def _add_evaluate(sub: Any, common: argparse.ArgumentParser) -> None:
     p = _subparser(
         sub,
@@ -603,6 +778,28 @@ def _positive_float(text: str) -> float:
         msg = f"expected a positive number, got {text!r}"
         raise argparse.ArgumentTypeError(msg)
     return value
+
+
+def _resume(text: str) -> str:
+    if text != "auto":
+        msg = f"expected nothing or 'auto' after --resume, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return text
+
+
+def _budget(text: str) -> float | None:
+    return None if text.strip().lower() == "none" else _positive_float(text)
+
+
+def _region(text: str) -> tuple[float, float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4 or not (values[0] < values[2] and values[1] < values[3]):
+        msg = f"expected X0,Y0,X1,Y1 in µm with X0 < X1 and Y0 < Y1, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return values  # type: ignore[return-value]
 
 
 def _split_shares(text: str) -> tuple[float, float, float]:
@@ -707,6 +904,34 @@ def _cmd_super_resolve(args: argparse.Namespace) -> int:
     super_resolve(sdata, args.model, **_kwargs(args, SUPER_RESOLVE_ARGS))
     written = [args.key_added] + ([f"{args.key_added}_std"] if args.n_samples > 1 else [])
     print(f"wrote {', '.join(f'images[{w!r}]' for w in written)} and attrs[{args.key_added!r}] to {args.path}")
+    return 0
+
+
+def _cmd_upsample(args: argparse.Namespace) -> int:
+    from .tl import upsample
+
+    sdata = _read(args.path)
+    kwargs = _kwargs(args, UPSAMPLE_ARGS)
+    upsample(sdata, **kwargs)
+    key = args.key_added or ("image_floor_sr" if args.method == "image" else f"{args.method}_sr")
+    print(f"wrote images[{key!r}] and attrs[{key!r}] to {args.path}")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    output = Path(args.output).expanduser()
+    if not output.parent.exists():
+        msg = f"Cannot write --output {str(output)!r}: the folder {str(output.parent)!r} does not exist."
+        raise FileNotFoundError(msg)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from .pl import gene_maps
+
+    sdata = _read(args.path)
+    fig = gene_maps(sdata, args.genes, **_kwargs(args, PLOT_ARGS))
+    fig.savefig(output, dpi=args.dpi, bbox_inches="tight")
+    print(f"wrote {output}")
     return 0
 
 

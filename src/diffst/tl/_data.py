@@ -286,20 +286,39 @@ def tiled_origins(tiles: gpd.GeoDataFrame, tile_lr: int, size: int) -> np.ndarra
 
 
 class WindowSampler(torch.utils.data.Sampler[int]):
-    """``num_samples`` window indices drawn uniformly with replacement from ``generator``.
+    """``num_samples`` window indices per epoch, drawn uniformly with replacement; a function of ``(seed, epoch)``.
 
     Its own class (not :class:`torch.utils.data.RandomSampler`) so that Lightning, under DDP, wraps it (each process
-    gets a share of ``num_samples``) instead of replacing it with a sampler over the whole dataset.
+    gets a share of ``num_samples``) instead of replacing it with a sampler over the whole dataset. The draw of an
+    epoch depends only on the seed and the epoch (Lightning calls :meth:`set_epoch`; without it each iteration is
+    the next epoch), and :meth:`skip` drops the batches an interrupted epoch already trained on, so a resumed run
+    sees exactly the windows an uninterrupted one would.
     """
 
-    def __init__(self, n: int, num_samples: int, generator: torch.Generator) -> None:
-        self.n, self.num_samples, self.generator = int(n), int(num_samples), generator
+    def __init__(self, n: int, num_samples: int, seed: int) -> None:
+        self.n, self.num_samples, self.seed = int(n), int(num_samples), int(seed)
+        self.epoch = 0
+        self._skip: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return self.num_samples
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def skip(self, epoch: int, n: int) -> None:
+        """Leave out the first ``n`` indices of epoch ``epoch`` (the part an interrupted run already did)."""
+        self._skip = (int(epoch), int(n))
+
     def __iter__(self):
-        yield from torch.randint(self.n, (self.num_samples,), generator=self.generator).tolist()
+        epoch = self.epoch
+        self.epoch += 1
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0]))
+        idx = torch.randint(self.n, (self.num_samples,), generator=g).tolist()
+        start = 0
+        if self._skip is not None and self._skip[0] == epoch:
+            start, self._skip = self._skip[1], None
+        return iter(idx[start:])
 
 
 class WindowDataset(Dataset):

@@ -56,6 +56,9 @@ class DiffSTModule(L.LightningModule):
     gene_scale
         Per-gene scale of the model units (needed by the image-floor base, and to score the image floor on the
         validation windows beside bicubic); ``None`` skips the floor's score.
+    fingerprint
+        The prepared data's fingerprint, kept in the checkpoint so that a resumed run can check it continues on the
+        same data.
 
     """
 
@@ -66,6 +69,7 @@ class DiffSTModule(L.LightningModule):
         val_steps: int = 10,
         augment: bool = True,
         gene_scale: list[float] | None = None,
+        fingerprint: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -101,9 +105,14 @@ class DiffSTModule(L.LightningModule):
         self.log("kept_fraction", losses["kept_fraction"].float(), on_step=False, on_epoch=True, batch_size=bs)
         return losses["loss"]
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # the EMA is updated with the step it follows (not in on_train_batch_end, which runs after the callbacks'
+        # hook): a checkpoint written by a callback at the end of a batch then holds the EMA of that batch
+        self._update_ema(self.global_step + 1)
+
+    def _update_ema(self, step: int) -> None:
         # EMA with a warm-up, so short trainings are not dominated by the random initial weights
-        step = self.global_step
         decay = min(self.config.ema_decay, (1.0 + step) / (10.0 + step))
         with torch.no_grad():
             for p_ema, p in zip(self.ema.parameters(), self.net.parameters(), strict=True):

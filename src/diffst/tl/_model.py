@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -161,6 +162,49 @@ class DiffST:
         if problems:
             msg = "This model cannot be applied to these data: " + "; ".join(problems) + "."
             raise ValueError(msg)
+        mismatch = self.degradation_mismatch(prep)
+        if mismatch:
+            warnings.warn(mismatch, UserWarning, stacklevel=3)
+
+    def degradation_mismatch(self, prep: Prepared) -> str | None:
+        """A warning when the data's LR arises from HR differently than in training (bins vs spot discs, spot size).
+
+        The model learned to invert its training data's degradation; applied to another one (a model trained on
+        binned transcripts applied to Visium spots), its maps are not what it was validated on.
+        """
+        d = prep.attrs["degradation"]
+        trained, here = self.units.get("degradation"), d["name"]
+        if trained is None:
+            return None
+
+        def describe(name: str, diameter: float | None, pitch: float | None) -> str:
+            if name == "bin":
+                return "square bins (degradation='bin')"
+            size = f"{diameter:g} µm spot discs" if diameter else "spot discs"
+            return size + (f" {pitch:g} µm apart" if pitch else "") + f" ({name})"
+
+        spots = {"visium", "spots"}
+        mine = describe(trained, self.units.get("spot_diameter_um"), self.units.get("spot_pitch_um"))
+        theirs = describe(here, d.get("spot_diameter_um"), d.get("spot_pitch_um"))
+        if (trained == "bin") != (here == "bin"):
+            fix = (
+                "prepare the transcript slide with `degradation='visium'` (and the spot size of these data, "
+                "`spot_diameter_um`) and train on it"
+                if here in spots
+                else "train on data prepared with `degradation='bin'`"
+            )
+            return (
+                f"The model was trained on LR measured by {mine}, these data's LR is measured by {theirs}: it was never "
+                f"trained or validated on this kind of measurement, so its maps may be wrong; {fix}."
+            )
+        a, b = self.units.get("spot_diameter_um"), d.get("spot_diameter_um")
+        if trained in spots and a and b and abs(a - b) > 0.1 * max(a, b):
+            return (
+                f"The model was trained on LR measured by {mine}, these data's LR is measured by {theirs}: the spot "
+                f"sizes differ by more than 10 %, so its maps may be off; prepare the training slide with "
+                f"`spot_diameter_um={b:g}` and train again."
+            )
+        return None
 
     def gene_scale_for(self, prep: Prepared) -> np.ndarray:
         """Per-gene scale of the model units on ``prep``'s slide, in the model's gene order.
@@ -186,6 +230,8 @@ def data_units(prep: Prepared, image_um: float) -> dict[str, Any]:
         "kind": prep.image.kind,
         "channels": list(prep.image.channels),
         "degradation": prep.attrs["degradation"]["name"],
+        "spot_diameter_um": prep.attrs["degradation"].get("spot_diameter_um"),
+        "spot_pitch_um": prep.attrs["degradation"].get("spot_pitch_um"),
         "measurement": prep.attrs["measurement"],
     }
 

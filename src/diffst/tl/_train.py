@@ -9,7 +9,6 @@ import logging
 import math
 import time
 import warnings
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -33,6 +32,16 @@ from ._data import (
 from ._guard import fit_guard, guard_summary
 from ._lightning import DiffSTModule, History
 from ._model import DiffST, data_units, fingerprint
+from ._run import (
+    Interrupted,
+    ProgressLog,
+    Resume,
+    RunControl,
+    check_resumable,
+    interrupt_flag,
+    interrupted,
+    run_directory,
+)
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -62,7 +71,7 @@ def train(
     devices: int | str | list[int] = "auto",
     seed: int = 0,
     checkpoint_dir: str | Path | None = None,
-    resume: bool = True,
+    resume: Resume = False,
     overwrite: bool = False,
     config: dict[str, Any] | None = None,
     patience: int = 10,
@@ -79,11 +88,26 @@ def train(
     prepared tile (``tile_um``) at most, smaller when the training region is small. Validation windows are fixed
     (the validation tiles). Training optimises the objective with AdamW, keeps an exponential moving average (EMA) of the weights
     for sampling, and validates about every 50 steps: PCC and RMSE of the mean map beside bicubic up-sampling and
-    the image floor (recorded in ``model.history``). The checkpoint with the best validation PCC is kept, training
-    stops early when it stops improving or when ``time_budget`` runs out, and checkpoints let an interrupted run
-    continue. Finally the guard (``diffst.tl._guard``) compares the model with the baselines on validation as
-    ``super_resolve`` runs it, fits per-gene blend weights with the image floor and a calibration of the std map,
-    prints the table and warns when the model does not beat the floor.
+    the image floor (recorded in ``model.history``). The checkpoint with the best validation PCC is kept, and
+    training stops early when it stops improving. Finally the guard (``diffst.tl._guard``) compares the model with
+    the baselines on validation as ``super_resolve`` runs it, fits per-gene blend weights with the image floor and a
+    calibration of the std map, prints the table and warns when the model does not beat the floor.
+
+    A training can be left running:
+
+    - **visible**: plain progress lines (a log file reads like a terminal): after the first few steps, the planned
+      steps, the measured seconds per step and the projected time; then every ``dst.settings.progress_every``
+      seconds (30) the step, the loss, the latest validation PCC beside bicubic and the image floor, and the time
+      left;
+    - **bounded**: ``time_budget`` (600 s by default) stops it; when it (or anything else) stops training before the
+      first validation or while validation is still improving, a warning says so, and ``model.info['stopped_by']``
+      records why it stopped (``"completed"``, ``"early stopping"``, ``"time budget"``);
+    - **interruptible**: ``checkpoints/last.ckpt`` is written at least every minute, and on Ctrl-C at the end of the
+      current step, after which a :class:`KeyboardInterrupt` says where it is and how to resume (a second
+      Ctrl-C stops at once);
+    - **resumable, only when asked**: each call starts a fresh run in its own folder unless ``resume`` says
+      otherwise. A resumed run repeats exactly what an uninterrupted one would do (same windows, noise and
+      weights; on one device).
 
     Parameters
     ----------
@@ -104,12 +128,19 @@ def train(
     seed
         Seed of weights, batches, noise and augmentation: same seed on the same device, same model.
     checkpoint_dir
-        Where checkpoints and the final model go. Default: beside a zarr-backed SpatialData
-        (``<store>.diffst/<key>-<config hash>/``), else ``dst.settings.cachedir/models/…``.
+        Where checkpoints (``checkpoints/``), logs and the final ``model.pt`` go. Default: a new
+        ``run-<UTC time>`` folder per call under ``<store>.diffst/<key>-<data fingerprint>-<config hash>/`` beside
+        a zarr-backed SpatialData, else under ``dst.settings.cachedir/models/``; the folder name ties a run to the
+        exact prepared data, configuration and seed.
     resume
-        Continue from the last checkpoint in ``checkpoint_dir`` if there is one.
+        ``False`` (default): start afresh (with ``checkpoint_dir`` holding an earlier run, refuse unless
+        ``overwrite``). ``True``: continue the latest run of these exact data, configuration and seed (or the run in
+        ``checkpoint_dir``) from its last checkpoint; an error when there is none. ``"auto"``: continue such a run if
+        there is one, else start afresh. Resuming counts the budget from the start of the run: a run that already
+        used ``max_epochs`` or ``time_budget`` is refused with the choices (a larger budget, its model, a fresh
+        start).
     overwrite
-        Start afresh even if ``checkpoint_dir`` holds an earlier run (replacing it).
+        Start afresh in ``checkpoint_dir`` even if it holds an earlier run (replacing it).
     config
         Overrides of the preset's :class:`diffst.model.DiffSTConfig` fields (e.g. ``{"cam": False}`` for an
         ablation, ``{"learning_rate": 5e-4}``).
@@ -121,12 +152,12 @@ def train(
     num_workers
         DataLoader worker processes (the training and validation regions are read into memory once).
     time_budget
-        Wall-clock limit of training in seconds (default 600); ``None`` for none. A training stopped by it says so.
+        Limit of training in seconds (default 600, about 750 steps of the default preset on a 2-core CPU), counted
+        over all sessions of a resumed run; ``None`` for none. A training stopped by it says so.
     guard
         Fit the guard on validation after training (see above); ``False`` skips it (the model is used as trained).
     trainer_kwargs
-        Passed to :class:`lightning.Trainer` (e.g. ``strategy="ddp"``, ``max_time="00:00:05:00"``,
-        ``precision="bf16-mixed"``).
+        Passed to :class:`lightning.Trainer` (e.g. ``strategy="ddp"``, ``precision="bf16-mixed"``).
 
     Returns
     -------
@@ -168,25 +199,38 @@ def train(
             PAPER_EPOCHS if preset == "paper" else max(5, min(1000, math.ceil(DEFAULT_STEPS[preset] / steps_per_epoch)))
         )
     gene_scale = prep.hr_scale
-    run_dir = Path(checkpoint_dir) if checkpoint_dir is not None else _default_dir(sdata, prep, key, cfg, seed)
+    planned = max_epochs * steps_per_epoch
+    fp = fingerprint(prep)
+    family = None if checkpoint_dir is not None else _default_dir(sdata, prep, key, cfg, seed)
+    run_dir, ckpt_path = run_directory(
+        family, None if checkpoint_dir is None else Path(checkpoint_dir), resume=resume, overwrite=overwrite
+    )
     ckpt_dir = run_dir / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
-    ckpt_path = _resume_from(last, run_dir, cfg, resume=resume, overwrite=overwrite)
+    if ckpt_path is not None:
+        check_resumable(
+            ckpt_path, config=cfg.to_dict(), fingerprint=fp, planned_steps=planned, max_epochs=max_epochs,
+            time_budget=time_budget,
+        )  # fmt: skip
 
     L.seed_everything(seed, workers=True, verbose=False)
     source = TileSource.from_sdata(sdata, prep).cache_image(cfg.image_um)
     train_ds = WindowDataset(source, train_origins, window_lr, image_um=cfg.image_um, gene_scale=gene_scale)
     val_ds = WindowDataset(source, val_origins, window_lr, image_um=cfg.image_um, gene_scale=gene_scale)
-    loader_gen = torch.Generator().manual_seed(seed)
-    sampler = WindowSampler(len(train_ds), epoch_len, loader_gen)
+    sampler = WindowSampler(len(train_ds), epoch_len, seed)
     train_dl = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=num_workers)
     val_dl = DataLoader(val_ds, batch_size=cfg.batch_size, num_workers=num_workers) if n_val else None
     module = DiffSTModule(
-        cfg.to_dict(), prep.coexpression.tolist(), val_steps=val_steps, gene_scale=[float(v) for v in gene_scale]
+        cfg.to_dict(),
+        prep.coexpression.tolist(),
+        val_steps=val_steps,
+        gene_scale=[float(v) for v in gene_scale],
+        fingerprint=fp,
     )
 
     history = History()
-    callbacks: list[L.Callback] = [history]
+    control = RunControl(ckpt_dir / "last.ckpt", sampler, cfg.batch_size, seed, time_budget=time_budget)
+    progress = ProgressLog(control, planned)
+    callbacks: list[L.Callback] = [history, control, progress]
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=ckpt_dir,
         filename="best",
@@ -197,8 +241,9 @@ def train(
         enable_version_counter=False,
     )
     callbacks.append(checkpoint)
-    if n_val:
-        callbacks.append(L.pytorch.callbacks.EarlyStopping(monitor=MONITOR, patience=patience, mode="max"))
+    early = L.pytorch.callbacks.EarlyStopping(monitor=MONITOR, patience=patience, mode="max") if n_val else None
+    if early is not None:
+        callbacks.append(early)
     on_gpu = _uses_gpu(accelerator)
     trainer_args: dict[str, Any] = {
         "max_epochs": max_epochs,
@@ -206,7 +251,8 @@ def train(
         "devices": devices,
         "callbacks": callbacks,
         "logger": L.pytorch.loggers.CSVLogger(run_dir, name="logs"),
-        "enable_progress_bar": settings.verbosity >= 1,
+        # plain progress lines (ProgressLog) instead of a bar: they read the same in a log file
+        "enable_progress_bar": False,
         "enable_model_summary": settings.verbosity >= 2,
         "deterministic": not on_gpu,
         "precision": ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if on_gpu else "32-true",
@@ -214,8 +260,6 @@ def train(
         "num_sanity_val_steps": 0,
         "check_val_every_n_epoch": max(1, round(VAL_EVERY_STEPS / steps_per_epoch)),
     }
-    if time_budget is not None:
-        trainer_args["max_time"] = timedelta(seconds=float(time_budget))
     trainer_args.update(trainer_kwargs)
     with _quiet_lightning():
         trainer = L.Trainer(**trainer_args)
@@ -225,29 +269,36 @@ def train(
         f"training preset {preset!r} ({cfg.objective}) on random {window_lr * prep.grid.lr_um:g} µm windows at "
         f"{len(train_origins)} positions × 8 rotations/flips in the training region ({int(region.sum()) * area:.3f} "
         f"mm²); validation: {n_val} fixed windows ({val_area:.3f} mm²); {max_epochs} epochs × {steps_per_epoch} "
-        f"steps, batch {cfg.batch_size}, "
+        f"steps = {planned} steps, batch {cfg.batch_size}, "
         + (f"time budget {time_budget:g} s" if time_budget is not None else "no time budget")
         + f"; checkpoints in {ckpt_dir}"
-        + (f" (resuming from {ckpt_path.name})" if ckpt_path else "")
+        + (f" (resuming the run there from step {_ckpt_step(ckpt_path)})" if ckpt_path else "")
     )
     if not n_val:
         log.warn("no validation windows: the last weights are kept and nothing checks them against the baselines")
     t0 = time.perf_counter()
-    with warnings.catch_warnings(), _quiet_lightning():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-        warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
-        trainer.fit(module, train_dl, val_dl, ckpt_path=ckpt_path)
+    try:
+        with interrupt_flag(control), warnings.catch_warnings(), _quiet_lightning():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+            warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+            warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
+            trainer.fit(module, train_dl, val_dl, ckpt_path=ckpt_path)
+    except (Interrupted, SystemExit, KeyboardInterrupt) as e:
+        # Interrupted: Ctrl-C, saved after the step; SystemExit: Lightning's exit after a KeyboardInterrupt it caught
+        # itself (a second Ctrl-C); both become a KeyboardInterrupt that says where the checkpoint is
+        if isinstance(e, SystemExit) and not control.interrupted:
+            raise
+        exc = interrupted(int(trainer.global_step), control.saved_step, ckpt_dir / "last.ckpt")
+        log.warn(str(exc))
+        raise exc from None
     seconds = time.perf_counter() - t0
-    planned = max_epochs * steps_per_epoch
-    stopped = "completed"
-    if trainer.global_step < planned:
-        stopped = "time budget" if time_budget is not None and seconds >= 0.98 * time_budget else "early stopping"
-    if stopped == "time budget":
-        log.warn(
-            f"training stopped by its time budget ({time_budget:g} s) after {trainer.global_step} of {planned} planned "
-            "steps; the model may be undertrained: pass a larger `time_budget` (or None) to train longer"
-        )
+    stopped = _stopped_by(trainer, control, early, planned, max_epochs)
+    validated = bool(n_val) and checkpoint.best_model_score is not None
+    last_val = progress.val.get("val_pcc")
+    improving = validated and last_val is not None and last_val >= float(checkpoint.best_model_score) - 1e-12
+    _warn_unfinished(stopped, trainer.global_step, planned, time_budget, n_val=n_val, validated=validated,
+                     improving=improving and stopped != "early stopping", best=checkpoint.best_model_score)  # fmt: skip
 
     best = checkpoint.best_model_path if n_val and checkpoint.best_model_path else None
     if best:
@@ -275,8 +326,13 @@ def train(
             "best_val_loss": _best(history.rows, "val_loss"),
             "best_val_pcc": float(checkpoint.best_model_score) if best else None,
             "stopped_by": stopped,
+            "planned_steps": int(planned),
+            "trained_seconds": float(control.seconds),
+            "validated": validated,
+            "still_improving": bool(improving and stopped != "early stopping"),
+            "run_dir": str(run_dir),
             "window_lr": int(window_lr),
-            "prepared_fingerprint": fingerprint(prep),
+            "prepared_fingerprint": fp,
             "key": key,
         },
     )
@@ -366,28 +422,52 @@ def _default_dir(sdata: SpatialData, prep: Prepared, key: str, cfg: DiffSTConfig
     return Path(settings.cachedir) / "models" / name
 
 
-def _resume_from(last: Path, run_dir: Path, cfg: DiffSTConfig, *, resume: bool, overwrite: bool) -> Path | None:
-    earlier = last.exists() or (run_dir / "model.pt").exists()
-    if not earlier:
-        return None
-    if overwrite:
-        for p in [last, last.parent / "best.ckpt", run_dir / "model.pt"]:
-            p.unlink(missing_ok=True)
-        return None
-    if not resume:
-        msg = (
-            f"{run_dir} holds an earlier training run. Pass `resume=True` to continue it, `overwrite=True` to start "
-            "afresh there, or another `checkpoint_dir`."
+def _ckpt_step(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=False).get("global_step", 0))
+
+
+def _stopped_by(trainer: L.Trainer, control: RunControl, early: Any, planned: int, max_epochs: int) -> str:
+    if control.out_of_time:
+        return "time budget"
+    if early is not None and early.stopped_epoch > 0:
+        return "early stopping"
+    if trainer.global_step >= planned or trainer.current_epoch >= max_epochs:
+        return "completed"
+    return "stopped by the trainer"  # e.g. max_steps / max_time passed as trainer arguments
+
+
+def _warn_unfinished(
+    stopped: str,
+    steps: int,
+    planned: int,
+    time_budget: float | None,
+    *,
+    n_val: int,
+    validated: bool,
+    improving: bool,
+    best: Any,
+) -> None:
+    """Say in plain words when training ended before the model was validated or before validation levelled off."""
+    what = {
+        "time budget": f"by its time budget ({time_budget:g} s)" if time_budget is not None else "by its time budget",
+        "completed": "when its planned steps ran out",
+        "stopped by the trainer": "by a Trainer limit (`max_steps` / `max_time`)",
+    }.get(stopped)
+    if what is None or not n_val:
+        return
+    longer = (
+        "pass a larger `time_budget` (or None)" if stopped == "time budget" else "pass a larger `max_epochs`"
+    ) + ", or continue this run with `resume=True` and the larger budget"
+    if not validated:
+        log.warn(
+            f"training stopped {what} after {steps} of {planned} planned steps, before its first validation: nothing "
+            f"checked the model against bicubic or the image floor, and it is likely undertrained; {longer}"
         )
-        raise ValueError(msg)
-    if not last.exists():
-        return None
-    stored = torch.load(last, map_location="cpu", weights_only=False).get("hyper_parameters", {}).get("config")
-    if stored is not None and stored != cfg.to_dict():
-        diff = sorted(k for k in cfg.to_dict() if stored.get(k) != cfg.to_dict()[k])
-        msg = f"The checkpoint in {last.parent} was trained with a different configuration ({diff}); use another `checkpoint_dir` or `overwrite=True`."
-        raise ValueError(msg)
-    return last
+    elif improving:
+        log.warn(
+            f"training stopped {what} after {steps} of {planned} planned steps while its validation PCC was still "
+            f"improving (best {float(best):.3f}, at the last check): the model may be undertrained; {longer}"
+        )
 
 
 def _record(sdata: SpatialData, key: str, model: DiffST) -> None:
