@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 
 import numpy as np
 import pandas as pd
@@ -219,8 +220,14 @@ def test_same_seed_same_map_different_seed_different(trained):
     assert np.allclose(a["mean"].values, c["mean"].values, rtol=0, atol=1e-5)
 
 
-def test_dask_distributed_cluster_gives_the_same_map(trained):
+def test_dask_distributed_cluster_gives_the_same_map(trained, monkeypatch):
     distributed = pytest.importorskip("distributed")
+    # the cluster's nannies set OMP_NUM_THREADS=1 & co. in this process's environment: undo that after the test
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_", "DASK_PARENT"):
+        present = name in os.environ
+        monkeypatch.setenv(name, os.environ.get(name, ""))  # monkeypatch now restores its state at teardown
+        if not present:
+            monkeypatch.delenv(name)
     sdata, model = trained
     local = dst.tl.super_resolve(sdata, model, seed=7, inplace=False, block_lr=8)["mean"].values
     with (

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import shutil
 import time
 import warnings
@@ -167,9 +166,7 @@ def run_demo(
     sdata = sd.read_zarr(paths["zarr"])
 
     pp.prepare(sdata, **settings.prepare, seed=seed, key_added=KEY)
-    trainer_kwargs: dict[str, Any] = {}
-    if settings.train_minutes is not None:
-        trainer_kwargs["max_time"] = datetime.timedelta(minutes=settings.train_minutes)
+    budget = {} if settings.train_minutes is None else {"time_budget": 60.0 * settings.train_minutes}
     model = tl.train(
         sdata,
         key=KEY,
@@ -177,7 +174,7 @@ def run_demo(
         max_epochs=settings.max_epochs,
         seed=seed,
         checkpoint_dir=paths["model_dir"].resolve(),  # recorded in the store: valid from any working directory
-        **trainer_kwargs,
+        **budget,
     )
     tl.super_resolve(sdata, model, key=KEY, n_samples=settings.n_samples, seed=seed, key_added=SR_KEY)
     tl.upsample(sdata, key=KEY, method="bicubic", key_added=BICUBIC_KEY)
@@ -231,6 +228,20 @@ def _claim(out: Path, paths: dict[str, Path], *, overwrite: bool) -> None:
         else:
             p.unlink()
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _training_summary(info: dict[str, Any]) -> str:
+    """Why training stopped, and whether validation had checked it, in a few words."""
+    reason = {
+        "completed": "all planned steps",
+        "early stopping": "stopped early: validation PCC levelled off",
+        "time budget": "stopped by the time budget",
+    }.get(info.get("stopped_by", ""), str(info.get("stopped_by", "")))
+    if not info.get("validated", True):
+        return reason + "; never validated, so likely undertrained"
+    if info.get("still_improving"):
+        return reason + "; validation PCC still improving: more training may help"
+    return reason
 
 
 def _load(settings: DemoSettings, seed: int) -> SpatialData:
@@ -290,16 +301,13 @@ def _summary(
     names = {"diffst": "Diff-ST", "bicubic": "bicubic", "image_floor": "floor"}
     n_genes = len(attrs["genes"])
     info = model.info
-    stopped = ""
-    if settings.train_minutes is not None and info["seconds"] >= 60 * settings.train_minutes * 0.98:
-        stopped = f", stopped at the {settings.train_minutes:g}-minute cap"
-    elif info.get("stopped_by") == "time budget":
-        stopped = ", stopped by the training time budget"
+    stopped = _training_summary(info)
     lines = [
         f"diffst demo{' --quick' if quick else ''}: {settings.description}",
         f"  {n_genes} genes, {attrs['lr_um']:g} µm LR → {attrs['hr_um']:g} µm HR ({attrs['scale']}×), "
         f"{attrs['tile_um']:g} µm tiles (train {split['train']} / val {split['val']} / test {split['test']})",
-        f"  preset {settings.preset!r}: {info['steps']} steps in {info['seconds']:.0f} s{stopped}; "
+        f"  preset {settings.preset!r}: {info['steps']} of {info.get('planned_steps', info['steps'])} planned steps in "
+        f"{info['seconds']:.0f} s ({stopped}); "
         f"{settings.n_samples} sample{'s' if settings.n_samples > 1 else ''} per pixel",
         f"test tiles ({int(means['n_tiles'].iloc[0])}), mean over genes of the per-gene scores "
         "(normalised log1p scale; PCC, SSIM higher and RMSE lower is better):",

@@ -348,7 +348,7 @@ def check_resumable(
             f"are {fingerprint}); use another `checkpoint_dir`, `overwrite=True`, or `resume=False`."
         )
         raise ValueError(msg)
-    steps, epoch = int(ckpt.get("global_step", 0)), int(ckpt.get("epoch", 0))
+    steps = int(ckpt.get("global_step", 0))
     state = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("RunControl")), {})
     seconds = float(state.get("seconds", 0.0))
     early = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("EarlyStopping")), {})
@@ -364,8 +364,9 @@ def check_resumable(
         use = f"use its model ({model}, `dst.DiffST.load`), " if model.exists() else ""
         msg = (
             f"The run in {run} cannot continue within this call's budget: {why}. Choose: continue it with a larger "
-            f"budget (`max_epochs` above {epoch + 1} or `time_budget` above {seconds:.0f} s, with `resume=True`), "
+            f"budget (`max_epochs` of at least {steps // max(1, planned_steps // max_epochs) + 1} or `time_budget` "
+            f"above {seconds:.0f} s, with `resume=True`), "
             f"{use}or start afresh (`resume=False`)."
         )
         raise ValueError(msg)
-    return {"steps": steps, "epoch": epoch, "seconds": seconds}
+    return {"steps": steps, "seconds": seconds}

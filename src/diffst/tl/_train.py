@@ -230,7 +230,8 @@ def train(
     history = History()
     control = RunControl(ckpt_dir / "last.ckpt", sampler, cfg.batch_size, seed, time_budget=time_budget)
     progress = ProgressLog(control, planned)
-    callbacks: list[L.Callback] = [history, control, progress]
+    # progress before control: the line of the last step is printed before an interrupt stops the run
+    callbacks: list[L.Callback] = [history, progress, control]
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=ckpt_dir,
         filename="best",
@@ -342,7 +343,7 @@ def train(
         model.save(run_dir / "model.pt")
         _record(sdata, key, model)
         log.info(
-            f"trained {model.info['steps']} steps in {seconds:.0f} s ({stopped}; {guard_summary(model.info.get('guard'))})"
+            f"trained {model.info['steps']} steps in {seconds:.0f} s ({stopped}; {_summary(model.info)})"
             f"; model saved to {model.path}"
         )
     return model
@@ -422,6 +423,14 @@ def _default_dir(sdata: SpatialData, prep: Prepared, key: str, cfg: DiffSTConfig
     return Path(settings.cachedir) / "models" / name
 
 
+def _summary(info: dict[str, Any]) -> str:
+    if info.get("guard"):
+        return guard_summary(info["guard"])
+    if info.get("best_val_pcc") is not None:
+        return f"best val PCC {info['best_val_pcc']:.3f}, no guard"
+    return "not validated"
+
+
 def _ckpt_step(path: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=False).get("global_step", 0))
 
@@ -447,7 +456,11 @@ def _warn_unfinished(
     improving: bool,
     best: Any,
 ) -> None:
-    """Say in plain words when training ended before the model was validated or before validation levelled off."""
+    """Say in plain words when training ended before the model was validated or before validation levelled off.
+
+    A budget (time, or a Trainer limit) that ends training before its planned steps always says so; the planned steps
+    running out says so when validation never ran or was still improving at its last check.
+    """
     what = {
         "time budget": f"by its time budget ({time_budget:g} s)" if time_budget is not None else "by its time budget",
         "completed": "when its planned steps ran out",
@@ -467,6 +480,11 @@ def _warn_unfinished(
         log.warn(
             f"training stopped {what} after {steps} of {planned} planned steps while its validation PCC was still "
             f"improving (best {float(best):.3f}, at the last check): the model may be undertrained; {longer}"
+        )
+    elif stopped != "completed":
+        log.warn(
+            f"training stopped {what} after {steps} of {planned} planned steps, before early stopping found that "
+            f"validation had levelled off (best PCC {float(best):.3f}); the model may be undertrained; {longer}"
         )
 
 
