@@ -322,6 +322,26 @@ def test_cli_interrupt_says_how_to_resume_with_its_flags(tmp_path):
     assert "before the first checkpoint" in str(_run.interrupted(2, None, tmp_path / "none.ckpt"))
 
 
+def test_cli_ctrl_c_in_train_exits_130_with_the_resume_command(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "s.zarr"
+    toy_xenium(size_um=400, n=5_000, seed=0).write(path)
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"")
+
+    def interrupted_train(sdata, **kwargs):
+        raise _run.interrupted(7, 7, checkpoint)
+
+    monkeypatch.setattr(dst.tl, "train", interrupted_train)
+    argv = ["train", str(path), "--max-epochs", "5", "--checkpoint-dir", str(tmp_path / "run")]
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        f"diffst: interrupted after 7 steps; checkpoint at {checkpoint}; resume with `diffst train {path} "
+        f"--max-epochs 5 --checkpoint-dir {tmp_path / 'run'} --resume`"
+    )
+
+
 def test_cli_upsample_and_plot(tmp_path, capsys):
     path = tmp_path / "s.zarr"
     toy_xenium(size_um=800, n=60_000, seed=0).write(path)
