@@ -89,7 +89,7 @@ def test_visium_spot_lands_in_expected_lr_pixel_and_maps_back_onto_image():
     dst.pp.prepare(sdata, genes=GENES[:4], tile_um=200)
     attrs = sdata.attrs["diffst"]
     assert attrs["measurement"] == "spots"
-    assert attrs["um_per_px"] == pytest.approx(0.5)  # 55 µm / (2 × 55 px)
+    assert attrs["um_per_px"] == pytest.approx(0.5)  # 100 µm between array neighbours 200 px apart
     grid = Grid.from_dict(attrs["grid"])
     shapes = sdata["toy"]
     table = sdata["table"]

@@ -117,7 +117,7 @@ def test_visium_layout(vis):
     assert vis.attrs["spatialdata_io_reader"] == "visium"
     um_px = 0.5
     circles = vis.shapes[did]
-    np.testing.assert_allclose(circles["radius"], 27.5 / um_px)
+    np.testing.assert_allclose(circles["radius"], 65.0 / 2 / um_px)  # Space Ranger: the width of a 65 µm spot
     t = get_transformation(circles, get_all=True)
     sf = vis.attrs["synthetic"]["scalefactors"]
     assert isinstance(t[did], Identity)

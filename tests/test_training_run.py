@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import subprocess
@@ -280,6 +281,9 @@ def test_cli_words_name_the_flags():
         "(or None), `--resume`, `--resume auto`, start afresh (without `--resume`); `--degradation visium`; "
         "`--no-guard`; `--no-consistency`; `not_a_parameter`"
     )
+    # within one command, only its own flags: `diffst demo` has no --time-budget
+    demo = cli.CliWords(cli.build_parser(), "demo")
+    assert demo("pass a larger `time_budget`, or `overwrite=True`") == "pass a larger `time_budget`, or `--overwrite`"
 
 
 def test_cli_errors_and_warnings_use_flags(tmp_path, capsys, lines):
@@ -329,6 +333,7 @@ def test_cli_ctrl_c_in_train_exits_130_with_the_resume_command(tmp_path, capsys,
     checkpoint.parent.mkdir(parents=True)
     checkpoint.write_bytes(b"")
 
+    @functools.wraps(dst.tl.train)  # the CLI takes its defaults from the signature
     def interrupted_train(sdata, **kwargs):
         raise _run.interrupted(7, 7, checkpoint)
 

@@ -67,7 +67,11 @@ def toy_xenium(
 
 
 def toy_visium(*, n_side: int = 12, um_per_px: float = 0.5, seed: int = 0, dataset_id: str = "toy") -> SpatialData:
-    """Visium-like spots (55 µm, 100 µm hexagonal lattice) in full-resolution pixels, with an RGB image."""
+    """Visium-like spots (55 µm, 100 µm hexagonal lattice) in full-resolution pixels, with an RGB image.
+
+    As Space Ranger and ``spatialdata_io.visium`` write them: ``array_col`` steps by 2 along a row and odd rows are
+    offset by one column; the circles' radius is half ``spot_diameter_fullres``, the pixel width of a 65 µm spot.
+    """
     rng = np.random.default_rng(seed)
     rows, cols = np.meshgrid(np.arange(n_side), np.arange(n_side), indexing="ij")
     x_um = 100.0 + cols.ravel() * 100.0 + (rows.ravel() % 2) * 50.0
@@ -83,14 +87,14 @@ def toy_visium(*, n_side: int = 12, um_per_px: float = 0.5, seed: int = 0, datas
     adata.obs["spot_id"] = np.arange(n)
     adata.obs["region"] = pd.Categorical([dataset_id] * n)
     adata.obs["array_row"] = rows.ravel()
-    adata.obs["array_col"] = cols.ravel()
+    adata.obs["array_col"] = 2 * cols.ravel() + rows.ravel() % 2
     adata.obs_names = [f"S{i}" for i in range(n)]
     coords = np.column_stack([x_um, y_um]) / um_per_px
     adata.obsm["spatial"] = coords
     shapes = ShapesModel.parse(
         coords,
         geometry=0,
-        radius=np.full(n, 27.5 / um_per_px),
+        radius=np.full(n, 65.0 / 2 / um_per_px),
         index=adata.obs["spot_id"].copy(),
         transformations={dataset_id: Identity()},
     )

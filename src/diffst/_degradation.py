@@ -28,6 +28,13 @@ from ._grid import Grid
 #: Visium geometry: 55 µm spots on a 100 µm hexagonal lattice.
 VISIUM_SPOT_DIAMETER_UM = 55.0
 VISIUM_SPOT_PITCH_UM = 100.0
+#: Space Ranger's ``spot_diameter_fullres`` (and so the radius of ``spatialdata_io.visium``'s circles) is the
+#: full-resolution pixel width of a *65 µm* spot, not of the 55 µm capture spot (10x Genomics, "Space Ranger spatial
+#: outputs": scalefactors_json.json).
+VISIUM_FULLRES_SPOT_UM = 65.0
+#: Legacy Spatial Transcriptomics (ST) arrays: 100 µm spots 200 µm apart on a square lattice.
+ST_SPOT_DIAMETER_UM = 100.0
+ST_SPOT_PITCH_UM = 200.0
 
 _GENE_CHUNK = 32  # genes processed at once when gathering spot footprints (bounds memory)
 

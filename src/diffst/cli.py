@@ -33,7 +33,8 @@ PROG = "diffst"
 DEMO_ARGS = ("dataset", "out", "quick", "seed", "overwrite")
 PREPARE_ARGS = (
     "genes scale lr_um degradation image_key points_key table_key coordinate_system tile_um min_tissue split "
-    "split_block_um gene_selection layer bin_size um_per_px spot_diameter_um spot_pitch_um seed key_added overwrite"
+    "split_block_um gene_selection layer bin_size um_per_px spot_diameter_um spot_pitch_um region image_kind seed "
+    "key_added overwrite"
 ).split()
 TRAIN_ARGS = (
     "key preset max_epochs batch_size accelerator devices seed checkpoint_dir resume overwrite config patience "
@@ -63,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code) if isinstance(e.code, int) else (0 if e.code is None else 2)
     verbose = bool(getattr(args, "verbose", False))
     restore = _apply_verbosity(args)
-    words = CliWords(parser)
+    words = CliWords(parser, getattr(args, "command", None))
     try:
         with contextlib.nullcontext() if verbose else _quiet_ome_zarr(), words.in_messages():
             return int(args.func(args) or 0)
@@ -98,19 +99,22 @@ def _interrupted(e: KeyboardInterrupt, argv: Sequence[str]) -> str:
 class CliWords:
     """The library's words in the command line's: `image_key=…` → `--image-key …`, `dst.tl.train` → `diffst train`.
 
-    Applied to error messages and, while a command runs, to diffst's log lines and warnings.
+    Applied to error messages and, while a command runs, to diffst's log lines and warnings. With ``command``, only
+    that command's flags are named (a Python name it has no flag for stays as it is).
     """
 
     _NAME = re.compile(r"`(\w+)(?:=([^`]*))?`")
     _FUNC = re.compile(r"`?dst\.(?:pp|tl|pl)\.(\w+)(?:\([^`]*\))?`?")
 
-    def __init__(self, parser: argparse.ArgumentParser) -> None:
+    def __init__(self, parser: argparse.ArgumentParser, command: str | None = None) -> None:
         self.flags: dict[str, argparse.Action] = {}
         self.commands: set[str] = set()
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):
                 for name, sub in action.choices.items():
                     self.commands.add(name)
+                    if command is not None and name != command:
+                        continue  # only the flags the user can pass to this command
                     for a in sub._actions:
                         if any(o.startswith("--") for o in a.option_strings) and a.dest != "help":
                             self.flags.setdefault(a.dest, a)
@@ -448,7 +452,18 @@ def _add_prepare(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--spot-pitch-um",
         type=_positive_float,
-        help="Lattice pitch in µm for --degradation visium (default: lr_um).",
+        help="Lattice pitch in µm for --degradation visium (default: lr_um); for spot data, the array's "
+        "centre-to-centre distance (default: 100 µm Visium, 200 µm ST, from the array coordinates).",
+    )
+    p.add_argument(
+        "--region",
+        help="For a table annotating several regions: the shapes element of the spots or bins to use (default: the "
+        "one sharing a coordinate system with the image).",
+    )
+    p.add_argument(
+        "--image-kind",
+        choices=["rgb", "fluorescence"],
+        help="Brightfield H&E ('rgb') or fluorescence, overriding what is decided from the pixels.",
     )
     p.add_argument("--seed", type=int, help="Seed of the train/val/test split.")
     p.add_argument("--key-added", help="Prefix of the new elements and key of the store's attrs.")

@@ -395,8 +395,9 @@ def her2st(section: str = "C3") -> SpatialData:
       ``uns["spot_pitch_um"] = 200`` and the derived ``uns["um_per_px"]`` / ``uns["spot_pitch_px"]``.
 
     The µm per pixel is derived from the spot lattice: the median distance in pixels between array neighbours is
-    the 200 µm pitch (≈ 290 px, so ≈ 0.69 µm/px). The Visium rule 55 µm / (2 · radius) does not apply to ST; read
-    ``spot_diameter_um`` from the table's ``uns`` instead.
+    the 200 µm pitch (≈ 290 px, so ≈ 0.69 µm/px). diffst reads µm/px from that pitch (the array coordinates form a
+    square lattice, unlike Visium's hexagonal one), cross-checked against the radius, which here is
+    ``uns["spot_diameter_um"]`` wide (not Space Ranger's 65 µm convention).
 
     Examples
     --------

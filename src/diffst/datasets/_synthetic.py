@@ -30,6 +30,7 @@ from spatialdata.models import Image2DModel, PointsModel, ShapesModel, TableMode
 from spatialdata.transformations import Affine, Identity, Scale
 from xarray import DataArray, DataTree
 
+from .._degradation import VISIUM_FULLRES_SPOT_UM
 from . import _tissue as T
 
 __all__ = ["synthetic_visium", "synthetic_visium_hd", "synthetic_xenium"]
@@ -573,7 +574,9 @@ def synthetic_visium(
     -------
     A :class:`spatialdata.SpatialData` with, in coordinate system ``dataset_id`` (full-resolution pixels):
 
-    - ``shapes[dataset_id]``: spot circles (``radius`` = 27.5 µm in pixels), index ``spot_id``.
+    - ``shapes[dataset_id]``: spot circles with ``radius`` = ``spot_diameter_fullres / 2`` as
+      :func:`spatialdata_io.visium` writes them: Space Ranger's ``spot_diameter_fullres`` is the pixel width of a
+      *65 µm* spot (the capture spots themselves are 55 µm), so the radius is 32.5 µm in pixels; index ``spot_id``.
     - ``images[f"{dataset_id}_full_image"]`` (5-level pyramid), ``images[f"{dataset_id}_hires_image"]`` (longest
       side 2000 px) and ``images[f"{dataset_id}_lowres_image"]`` (600 px), RGB uint8 with channels ``r, g, b``; the
       latter two also in ``f"{dataset_id}_downscaled_hires"`` / ``_lowres``.
@@ -621,7 +624,8 @@ def synthetic_visium(
 
     token = f"visium-{seed}-{w}-{h}-{um_px}"
     images, hires, lowres = _spot_images(tissue, dataset_id, um_px, 2000, 600, ("y", "x"), token)
-    spot_diameter_fullres = spots.diameter_um / um_px
+    # Space Ranger's convention: spot_diameter_fullres is the pixel width of a 65 µm spot (the capture spot is 55 µm)
+    spot_diameter_fullres = VISIUM_FULLRES_SPOT_UM / um_px
     circles = ShapesModel.parse(
         centres_px,
         geometry=0,

@@ -6,9 +6,12 @@ Three kinds of measurement are understood:
     A points element with a gene column (Xenium, MERSCOPE/MERFISH, CosMx). Transcript coordinates are taken to be
     in µm, so µm per unit of the coordinate system follows from the points' transformation.
 ``spots``
-    A table annotating circles (Visium, ST). µm per unit follows from the spot radius and the nominal spot diameter.
+    A table annotating circles (Visium, ST). µm per unit follows from the spot pitch (100 µm between Visium array
+    neighbours, 200 µm on ST arrays) where the table has ``array_row``/``array_col``, cross-checked against the spot
+    radius (Space Ranger's ``spot_diameter_fullres`` is the pixel width of a 65 µm spot); else from the radius.
 ``bins``
-    Visium HD tables ``square_XXXum`` annotating square bins. µm per unit follows from the bin side.
+    Visium HD tables ``square_XXXum`` annotating square bins (or their circles, or rasterised labels). µm per unit
+    follows from the bin side.
 """
 
 from __future__ import annotations
@@ -21,7 +24,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from diffst._degradation import VISIUM_SPOT_DIAMETER_UM
+from diffst import _logging as log
+from diffst._degradation import (
+    ST_SPOT_DIAMETER_UM,
+    ST_SPOT_PITCH_UM,
+    VISIUM_FULLRES_SPOT_UM,
+    VISIUM_SPOT_DIAMETER_UM,
+    VISIUM_SPOT_PITCH_UM,
+)
 from diffst._spatial import (
     affine_to_cs,
     channel_names,
@@ -94,6 +104,18 @@ class Inputs:
     shapes_key: str | None = None
     bin_um: float | None = None
     spot_diameter_um: float | None = None
+    spot_pitch_um: float | None = None
+    region: str | None = None  # the table's region (``region_key`` value) whose rows are read
+    instance_column: str | None = None  # the obs column matching the shapes' index (None: the table's instance key)
+
+
+#: Largest disagreement between the µm/px of the spot pitch and of the spot radius before a warning.
+PITCH_RADIUS_TOLERANCE = 0.05
+
+
+def _regions(table: Any) -> list[str]:
+    region = table.uns.get("spatialdata_attrs", {}).get("region")
+    return [region] if isinstance(region, str) else [str(r) for r in (region or [])]
 
 
 def _spot_tables(sdata: SpatialData) -> list[str]:
@@ -106,18 +128,77 @@ def _spot_tables(sdata: SpatialData) -> list[str]:
     return out
 
 
-def _annotated_shapes(sdata: SpatialData, table_key: str) -> tuple[str, str]:
-    attrs = sdata.tables[table_key].uns.get("spatialdata_attrs", {})
-    region = attrs.get("region")
-    regions = [region] if isinstance(region, str) else list(region or [])
+def _annotated_shapes(
+    sdata: SpatialData, table_key: str, image_cs: list[str], region: str | None
+) -> tuple[str, str, str | None]:
+    """The shapes element, the table region whose rows to read, and the obs column that indexes the shapes.
+
+    A table may annotate several regions (slides concatenated): the one sharing a coordinate system with the image is
+    taken, or ``region``. A Visium HD table annotating rasterised labels (``annotate_table_by_labels=True``) reads the
+    bins of the shapes element ``*_<table key>`` beside them.
+    """
+    table = sdata.tables[table_key]
+    regions = _regions(table)
+    if region is not None:
+        if region not in regions:
+            msg = f"`region={region!r}` is not annotated by table {table_key!r}; it annotates {regions}.{suggest(region, regions)}"
+            raise ValueError(msg)
+        regions = [region]
     shapes = [r for r in regions if r in sdata.shapes]
-    if len(shapes) != 1:
+    if not shapes and _BIN_TABLE.match(table_key):
+        # annotate_table_by_labels=True: the table annotates labels; the bins are still in shapes '<id>_square_XXXum'
+        return _bins_behind_labels(sdata, table_key, regions)
+    if len(shapes) > 1:
+        near = [r for r in shapes if set(element_cs(sdata.shapes[r])) & set(image_cs)]
+        if len(near) == 1:
+            shapes = near
+        else:
+            msg = (
+                f"Table {table_key!r} annotates {len(shapes)} shapes elements {shapes}"
+                + (f", {len(near)} of them in a coordinate system of the image" if near else "")
+                + ": pass `region=` naming the one to use."
+            )
+            raise ValueError(msg)
+    if not shapes:
         msg = (
-            f"Table {table_key!r} must annotate exactly one shapes element (the spots or bins); it annotates {regions}. "
-            "Parse it with `spatialdata.models.TableModel.parse(..., region=<shapes key>, instance_key=...)`."
+            f"Table {table_key!r} annotates {regions}, none of which is a shapes element of spots or bins (shapes: "
+            f"{list(sdata.shapes.keys())}). Parse it with `spatialdata.models.TableModel.parse(..., region=<shapes "
+            "key>, instance_key=...)`, or pass `table_key=` naming the table of spot or bin counts."
         )
         raise ValueError(msg)
-    return shapes[0], attrs.get("instance_key")
+    return shapes[0], shapes[0], None
+
+
+def _bins_behind_labels(sdata: SpatialData, table_key: str, regions: list[str]) -> tuple[str, str, str | None]:
+    candidates = [k for k in sdata.shapes.keys() if k == table_key or k.endswith(f"_{table_key}")]
+    if len(candidates) != 1:
+        msg = (
+            f"Table {table_key!r} annotates {regions} (labels, as `spatialdata_io.visium_hd(..., "
+            "annotate_table_by_labels=True)` writes) and "
+            + (
+                f"several shapes {candidates} match it"
+                if candidates
+                else f"no shapes element '*_{table_key}' holds its bins"
+            )
+            + ": read the data with `annotate_table_by_labels=False`, or keep the bin shapes beside the labels."
+        )
+        raise ValueError(msg)
+    shapes_key = candidates[0]
+    table = sdata.tables[table_key]
+    attrs = table.uns.get("spatialdata_attrs", {})
+    index = sdata.shapes[shapes_key].index
+    # the labels' instance key is a relabelled copy; find the obs column that indexes the shapes
+    names = [str(attrs.get("instance_key", "")).removesuffix("_relabeled"), "location_id"] + list(table.obs.columns)
+    for name in dict.fromkeys(n for n in names if n in table.obs.columns):
+        values = table.obs[name]
+        if pd.api.types.is_integer_dtype(values) and values.isin(index).all():
+            region = regions[0] if len(regions) == 1 else None
+            return shapes_key, region, name
+    msg = (
+        f"Table {table_key!r} annotates labels {regions}, and none of its obs columns indexes the bins of shapes "
+        f"{shapes_key!r}: read the data with `spatialdata_io.visium_hd(..., annotate_table_by_labels=False)`."
+    )
+    raise ValueError(msg)
 
 
 def diffst_products(sdata: SpatialData) -> set[str]:
@@ -157,10 +238,14 @@ def resolve_inputs(
     spot_diameter_um: float | None,
     bin_size: int | None,
     hr_um: float,
+    spot_pitch_um: float | None = None,
+    region: str | None = None,
 ) -> Inputs:
     """Decide which elements to use and derive µm per unit of the coordinate system; errors name the fix."""
     image_key = _pick_image(sdata, image_key)
     image = sdata.images[image_key]
+    instance_column = None
+    table_region = None
 
     # which measurement
     kind: Literal["transcripts", "spots", "bins"]
@@ -176,6 +261,7 @@ def resolve_inputs(
             if bin_tables:
                 table_key = _choose_bin_table(bin_tables, bin_size, hr_um)
             else:
+                _check_not_segmentation_only(sdata)
                 table_key = pick_key(
                     "table of spot counts",
                     None,
@@ -190,8 +276,9 @@ def resolve_inputs(
         kind = "bins" if _BIN_TABLE.match(table_key) else "spots"
         if kind == "bins":
             bin_um = float(_BIN_TABLE.match(table_key).group(1))
-        shapes_key, _ = _annotated_shapes(sdata, table_key)
+        shapes_key, table_region, instance_column = _annotated_shapes(sdata, table_key, element_cs(image), region)
         element = sdata.shapes[shapes_key]
+        _check_shapes(element, shapes_key, table_key, kind)
 
     # coordinate system shared by the image and the measurement
     shared = [c for c in element_cs(image) if c in element_cs(element)]
@@ -225,25 +312,23 @@ def resolve_inputs(
         um_per_px = 1.0 / linear_scale(affine_to_cs(element, cs))
         source = f"transformation of points {points_key!r} to {cs!r} (transcript coordinates are in µm)"
     elif kind == "spots":
-        uns = sdata.tables[table_key].uns
-        if spot_diameter_um is not None:
-            spot_d, why = float(spot_diameter_um), "`spot_diameter_um`"
-        elif "spot_diameter_um" in uns:
-            spot_d, why = float(uns["spot_diameter_um"]), f"tables[{table_key!r}].uns['spot_diameter_um']"
-        else:
-            spot_d, why = VISIUM_SPOT_DIAMETER_UM, "the Visium spot diameter (pass `spot_diameter_um` for other arrays)"
-        radius = float(np.median(np.asarray(element["radius"], dtype=float)))
-        um_per_px = spot_d / (2.0 * radius * linear_scale(affine_to_cs(element, cs)))
-        source = (
-            f"spot radius of shapes {shapes_key!r} ({radius:.4g} units) and a {spot_d:g} µm spot diameter from {why}"
+        um_per_px, source, spot_d, spot_pitch_um = _spot_units(
+            sdata, table_key, shapes_key, table_region, instance_column, cs, spot_diameter_um, spot_pitch_um
         )
     else:
-        side = float(np.sqrt(np.median(element.geometry.iloc[: min(len(element), 1000)].area)))
+        if "radius" in element.columns:  # bins read as circles (bins_as_squares=False): the radius is half the side
+            side = 2.0 * float(np.median(np.asarray(element["radius"], dtype=float)))
+            what = f"2 × radius of the {bin_um:g} µm bin circles"
+        else:
+            side = float(np.sqrt(np.median(element.geometry.iloc[: min(len(element), 1000)].area)))
+            what = f"side of the {bin_um:g} µm bins"
+        if not np.isfinite(side) or side <= 0:
+            msg = f"The bins of shapes {shapes_key!r} have no size (side {side:g}); pass `um_per_px`."
+            raise ValueError(msg)
         um_per_px = bin_um / (side * linear_scale(affine_to_cs(element, cs)))
-        source = f"side of the {bin_um:g} µm bins in shapes {shapes_key!r} ({side:.4g} units)"
+        source = f"{what} in shapes {shapes_key!r} ({side:.4g} units)"
     if kind == "spots" and spot_d is None:
         spot_d = float(spot_diameter_um) if spot_diameter_um is not None else VISIUM_SPOT_DIAMETER_UM
-
     m = affine_to_cs(image, cs)
     image_um = um_per_px * linear_scale(m)
     ext = tuple(v * um_per_px for v in image_extent_cs(image, cs))
@@ -260,7 +345,141 @@ def resolve_inputs(
         shapes_key=shapes_key,
         bin_um=bin_um,
         spot_diameter_um=spot_d,
+        spot_pitch_um=spot_pitch_um if kind == "spots" else None,
+        region=table_region,
+        instance_column=instance_column,
     )
+
+
+def _check_not_segmentation_only(sdata: SpatialData) -> None:
+    """A Visium HD object read with only its cell segmentation has no spot or bin counts: say which option to use."""
+    segmentation = [t for t in sdata.tables if "segmentation" in t]
+    if segmentation and not _spot_tables(sdata):
+        msg = (
+            f"This SpatialData holds Visium HD cell segmentations ({segmentation}) but no binned counts: it was read "
+            "with `spatialdata_io.visium_hd(..., load_segmentations_only=True)`. diffst needs the 2/8/16 µm bins: read "
+            "it with `load_segmentations_only=False`."
+        )
+        raise ValueError(msg)
+
+
+def _check_shapes(element: Any, shapes_key: str, table_key: str, kind: str) -> None:
+    """Spots must be circles with a radius; bins squares or circles. Cells (polygons) are neither."""
+    geom = element.geometry.iloc[:1]
+    points = bool(len(geom)) and geom.geom_type.iloc[0] == "Point"
+    if kind == "spots" and (not points or "radius" not in element.columns):
+        what = "polygons (cells?)" if not points else "points without a `radius` column"
+        msg = (
+            f"Table {table_key!r} annotates shapes {shapes_key!r}, which are {what}, not spots: diffst reads spots "
+            "as circles with a radius (as `spatialdata_io.visium` writes them) or Visium HD bins (tables "
+            "'square_XXXum'). Pass `table_key=` naming the table of spot or bin counts."
+        )
+        if "segmentation" in table_key:
+            msg += " Cell segmentations are not a measurement diffst super-resolves; read the bins with `load_segmentations_only=False`."
+        raise ValueError(msg)
+    if kind == "bins" and points and "radius" not in element.columns:
+        msg = f"The bins of shapes {shapes_key!r} are points without a `radius` column; pass `um_per_px`."
+        raise ValueError(msg)
+
+
+def lattice_pitch(rows: np.ndarray, cols: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[float, str] | None:
+    """Median centre-to-centre distance of array neighbours (in the units of ``x, y``) and the lattice kind.
+
+    Visium arrays are hexagonal: ``array_row + array_col`` is even, neighbours in a row are 2 columns apart and
+    diagonal neighbours 1 row and 1 column apart, all 100 µm. Other arrays (ST) are square: neighbours 1 apart,
+    200 µm. ``None`` when fewer than 3 neighbour pairs exist.
+    """
+    rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+    if len(rows) < 2:
+        return None
+    hexagonal = bool(np.all((rows + cols) % 2 == 0))
+    steps = [(0, 2), (1, 1), (1, -1)] if hexagonal else [(0, 1), (1, 0)]
+    where = {(int(r), int(c)): i for i, (r, c) in enumerate(zip(rows, cols, strict=True))}
+    distances = []
+    for i, (r, c) in enumerate(zip(rows, cols, strict=True)):
+        for dr, dc in steps:
+            j = where.get((int(r) + dr, int(c) + dc))
+            if j is not None:
+                distances.append(np.hypot(x[i] - x[j], y[i] - y[j]))
+    if len(distances) < 3:
+        return None
+    return float(np.median(distances)), "visium" if hexagonal else "st"
+
+
+def _spot_units(
+    sdata: SpatialData,
+    table_key: str,
+    shapes_key: str,
+    region: str | None,
+    instance_column: str | None,
+    cs: str,
+    spot_diameter_um: float | None,
+    spot_pitch_um: float | None,
+) -> tuple[float, str, float, float | None]:
+    """µm per unit, where it came from, the spot diameter and the lattice pitch (µm) of a spots table."""
+    table = sdata.tables[table_key]
+    shapes = sdata.shapes[shapes_key]
+    scale = linear_scale(affine_to_cs(shapes, cs))
+    radius = float(np.median(np.asarray(shapes["radius"], dtype=float)))
+    uns_d = table.uns.get("spot_diameter_um")
+    # what the radius encodes: the table's own spot diameter (diffst's ST datasets), else Space Ranger's 65 µm
+    encoded, encoded_why = (
+        (float(uns_d), f"tables[{table_key!r}].uns['spot_diameter_um']")
+        if uns_d is not None
+        else (VISIUM_FULLRES_SPOT_UM, "Space Ranger's spot_diameter_fullres, the width of a 65 µm spot")
+    )
+    from_radius = encoded / (2.0 * radius * scale)
+    lattice = None
+    if {"array_row", "array_col"} <= set(table.obs.columns):
+        rows = _table_rows(table, region)
+        obs = table.obs.iloc[rows]
+        key = instance_column or table.uns.get("spatialdata_attrs", {}).get("instance_key")
+        ids = obs[key].to_numpy() if key in obs else obs.index.to_numpy()
+        geom = shapes.geometry.loc[ids]
+        xc, yc = transform_points(affine_to_cs(shapes, cs), geom.x.to_numpy(), geom.y.to_numpy())
+        lattice = lattice_pitch(obs["array_row"].to_numpy(), obs["array_col"].to_numpy(), xc, yc)
+    if lattice is None:
+        pitch_um = float(spot_pitch_um) if spot_pitch_um is not None else None
+        source = f"spot radius of shapes {shapes_key!r} ({radius:.4g} units) as {encoded:g} µm ({encoded_why})"
+        default_d = VISIUM_SPOT_DIAMETER_UM
+        um = from_radius
+    else:
+        distance, kind = lattice
+        default_pitch = VISIUM_SPOT_PITCH_UM if kind == "visium" else ST_SPOT_PITCH_UM
+        uns_pitch = table.uns.get("spot_pitch_um")
+        pitch_um = float(spot_pitch_um if spot_pitch_um is not None else uns_pitch or default_pitch)
+        default_d = VISIUM_SPOT_DIAMETER_UM if kind == "visium" else ST_SPOT_DIAMETER_UM
+        um = pitch_um / distance
+        name = "Visium" if kind == "visium" else "ST"
+        source = (
+            f"spot pitch: array neighbours of shapes {shapes_key!r} are {distance:.4g} units apart, {pitch_um:g} µm "
+            f"on a {name} array"
+            + (" (`spot_pitch_um`)" if spot_pitch_um is not None else " (table uns)" if uns_pitch else "")
+        )
+        if abs(from_radius / um - 1) > PITCH_RADIUS_TOLERANCE:
+            log.warn(
+                f"the spot pitch gives {um:.4g} µm per unit but the spot radius ({radius:.4g} units, read as "
+                f"{encoded:g} µm: {encoded_why}) gives {from_radius:.4g} ({100 * (from_radius / um - 1):+.0f} %); "
+                "using the pitch. Pass `um_per_px` if you know better, or `spot_pitch_um` if the array is not a "
+                f"standard {name} array."
+            )
+        else:
+            source += f"; the spot radius agrees within {100 * abs(from_radius / um - 1):.1f} %"
+    if spot_diameter_um is not None:
+        spot_d = float(spot_diameter_um)
+    elif uns_d is not None:
+        spot_d = float(uns_d)
+    else:
+        spot_d = default_d
+    return float(um), source, spot_d, pitch_um
+
+
+def _table_rows(table: Any, region: str | None) -> np.ndarray:
+    attrs = table.uns.get("spatialdata_attrs", {})
+    region_key = attrs.get("region_key")
+    if region is not None and region_key in table.obs:
+        return np.flatnonzero((table.obs[region_key].astype(str) == region).to_numpy())
+    return np.arange(table.n_obs)
 
 
 def _choose_bin_table(tables: list[str], bin_size: int | None, hr_um: float) -> str:
@@ -280,20 +499,30 @@ def _choose_bin_table(tables: list[str], bin_size: int | None, hr_um: float) -> 
     return sizes[max(fitting)]
 
 
-def image_kind(sdata: SpatialData, image_key: str) -> Literal["rgb", "fluorescence"]:
-    """``"rgb"`` for a brightfield colour image (H&E), else ``"fluorescence"``.
+def image_kind(
+    sdata: SpatialData, image_key: str, override: str | None = None
+) -> tuple[Literal["rgb", "fluorescence"], str]:
+    """``"rgb"`` for a brightfield colour image (H&E), else ``"fluorescence"``, and why, decided from the pixels.
 
-    An image with channels ``r, g, b`` is brightfield only if it is mostly bright (a stained section on a white
-    slide); an RGB rendering of fluorescence (e.g. a CosMx composite, dark background) counts as fluorescence.
+    An image of 3 or 4 channels (whatever their names: ``r, g, b``, ``0, 1, 2`` …) is brightfield when it is mostly
+    bright (a stained section on a white slide: the median over pixels of the mean of the first three channels is at
+    least 35 % of full scale); a dark colour rendering of fluorescence (e.g. a CosMx composite) is fluorescence, and
+    so is any image with 1, 2 or more than 4 channels. ``override`` (``image_kind=`` of ``prepare``) decides instead.
     """
     image = sdata.images[image_key]
-    names = [c.lower() for c in channel_names(image)]
-    if names not in (["r", "g", "b"], ["r", "g", "b", "a"]):
-        return "fluorescence"
+    names = [str(c) for c in channel_names(image)]
+    if override is not None:
+        return override, f"`image_kind={override!r}`"  # type: ignore[return-value]
+    if len(names) not in (3, 4):
+        return "fluorescence", f"{len(names)} channel{'s' if len(names) != 1 else ''} {names}"
     level = image_levels(image)[-1]
     data = np.asarray(level.data[:3], dtype=np.float32)
-    top = float(np.iinfo(level.dtype).max) if np.issubdtype(level.dtype, np.integer) else 1.0
-    return "rgb" if float(np.median(data.mean(axis=0))) >= 0.35 * top else "fluorescence"
+    top = float(np.iinfo(level.dtype).max) if np.issubdtype(level.dtype, np.integer) else max(1.0, float(data.max()))
+    brightness = float(np.median(data.mean(axis=0))) / top
+    what = f"{len(names)} channels {names}, {level.dtype}, median brightness {brightness:.0%} of full scale"
+    if brightness >= 0.35:
+        return "rgb", f"{what}: a bright background, brightfield"
+    return "fluorescence", f"{what}: a dark background, fluorescence"
 
 
 def read_measurement(sdata: SpatialData, inputs: Inputs, *, layer: str | None = None) -> Measurement:
@@ -358,13 +587,12 @@ def _read_table(sdata: SpatialData, inputs: Inputs, *, layer: str | None) -> Mea
     table = sdata.tables[inputs.table_key]
     shapes = sdata.shapes[inputs.shapes_key]
     attrs = table.uns.get("spatialdata_attrs", {})
-    instance_key = attrs.get("instance_key")
-    region_key = attrs.get("region_key")
+    instance_key = inputs.instance_column or attrs.get("instance_key")
     obs = table.obs
-    if region_key in obs:
-        rows = np.flatnonzero((obs[region_key].astype(str) == inputs.shapes_key).to_numpy())
-    else:
-        rows = np.arange(table.n_obs)
+    rows = _table_rows(table, inputs.region)
+    if not len(rows):
+        msg = f"Table {inputs.table_key!r} has no rows of region {inputs.region!r} (its `region_key` column)."
+        raise ValueError(msg)
     if layer is not None:
         if layer not in table.layers:
             msg = f"Layer {layer!r} (from `layer`) is not in tables[{inputs.table_key!r}]; it has {list(table.layers)}."

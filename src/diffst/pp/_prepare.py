@@ -27,7 +27,8 @@ from diffst._store import ElementWriter, element_names
 
 from ..model.graph import coexpression_intensity
 from ._genes import GeneSelection, robust_scale, select_genes
-from ._inputs import CONTROL_PATTERN, Measurement, image_kind, read_measurement, resolve_inputs
+from ._inputs import CONTROL_PATTERN, Measurement, read_measurement, resolve_inputs
+from ._inputs import image_kind as decide_image_kind
 from ._tiles import make_tiles, tissue_from_counts
 
 if TYPE_CHECKING:
@@ -58,6 +59,8 @@ def prepare(
     um_per_px: float | None = None,
     spot_diameter_um: float | None = None,
     spot_pitch_um: float | None = None,
+    region: str | None = None,
+    image_kind: Literal["rgb", "fluorescence"] | None = None,
     seed: int = 0,
     key_added: str = "diffst",
     overwrite: bool = False,
@@ -115,7 +118,15 @@ def prepare(
         Spot diameter for spot data (default: ``table.uns['spot_diameter_um']`` or 55 µm, Visium) and for
         ``degradation="visium"``.
     spot_pitch_um
-        Lattice pitch for ``degradation="visium"`` (default ``lr_um``).
+        Lattice pitch for ``degradation="visium"`` (default ``lr_um``). For spot data, the array's centre-to-centre
+        distance that sets µm per unit with the array coordinates (default 100 µm for Visium, 200 µm for ST arrays,
+        told apart by the lattice).
+    region
+        For a table annotating several regions (slides concatenated): the shapes element of the spots or bins to
+        use (default: the one sharing a coordinate system with the image).
+    image_kind
+        ``"rgb"`` (brightfield H&E) or ``"fluorescence"`` (DAPI, IF), overriding what is decided from the pixels (3–4
+        channels on a bright background are brightfield, whatever the channel names).
     seed
         Seed of the split.
     key_added
@@ -140,6 +151,9 @@ def prepare(
     t_start = time.perf_counter()
     names = element_names(key_added)
     _check_arguments(genes, scale, lr_um, degradation, tile_um, min_tissue, split, key_added)
+    if image_kind not in (None, "rgb", "fluorescence"):
+        msg = f"`image_kind` must be 'rgb' (brightfield, H&E), 'fluorescence' or None (decided from the image); got {image_kind!r}."
+        raise ValueError(msg)
     writer = ElementWriter(sdata, overwrite=overwrite)
     writer.check_free([names[k] for k in ("lr", "lr_mask", "hr", "tissue", "tiles", "spots")], attrs_key=key_added)
 
@@ -154,6 +168,8 @@ def prepare(
         spot_diameter_um=spot_diameter_um,
         bin_size=bin_size,
         hr_um=hr_um,
+        spot_pitch_um=spot_pitch_um,
+        region=region,
     )
     log.info(
         f"{inputs.kind} from {inputs.points_key or inputs.table_key!r}, image {inputs.image_key!r} "
@@ -274,7 +290,8 @@ def prepare(
         coexpr = coexpression_intensity(lr[:, observed_train])
         reference = "lr"
 
-    kind = image_kind(sdata, inputs.image_key)
+    kind, kind_reason = decide_image_kind(sdata, inputs.image_key, image_kind)
+    log.info(f"image {inputs.image_key!r} read as {kind} ({kind_reason}); `image_kind=` overrides")
     spec = image_spec(
         sdata.images[inputs.image_key], key=inputs.image_key, cs=inputs.cs, um_per_px=inputs.um_per_px, kind=kind
     )
@@ -309,7 +326,11 @@ def prepare(
         "degradation": {
             "name": deg_name,
             "spot_diameter_um": float(spot_d) if spot_d is not None else None,
-            "spot_pitch_um": (float(spot_pitch_um or lr_um) if deg_name == "visium" else None),
+            "spot_pitch_um": (
+                float(spot_pitch_um or lr_um)
+                if deg_name == "visium"
+                else (inputs.spot_pitch_um if deg_name == "spots" else None)
+            ),
         },
         "genes": list(chosen),
         "gene_selection": selection_info,
@@ -326,7 +347,7 @@ def prepare(
             "pixels": "HR pixels of training tiles" if reference == "hr" else "observed LR pixels of training tiles",
             "matrix": [[float(v) for v in row] for row in coexpr],
         },
-        "image": spec.to_dict() | {"image_um_per_px": inputs.image_um_per_px},
+        "image": spec.to_dict() | {"image_um_per_px": inputs.image_um_per_px, "kind_reason": kind_reason},
         "tile_um": float(tile_um),
         "min_tissue": float(min_tissue),
         "split": {"shares": [float(s) for s in split], "block_um": float(block), "seed": int(seed)}

@@ -151,8 +151,12 @@ class DiffST:
                 f"the model was trained at {self.units['lr_um']:g} → {self.units['hr_um']:g} µm (scale {self.units['scale']})"
             )
         if prep.image.kind != self.units["kind"]:
+            why = prep.attrs.get("image", {}).get("kind_reason")
             problems.append(
-                f"the data's image is {prep.image.kind}, the model was trained on {self.units['kind']} images"
+                f"the data's image is {prep.image.kind}"
+                + (f" ({why})" if why else "")
+                + f", the model was trained on {self.units['kind']} images; if the image is in fact "
+                f"{self.units['kind']}, prepare the data with `image_kind={self.units['kind']!r}` (and `overwrite=True`)"
             )
         elif len(prep.image.channels) != self.config.image_channels:
             problems.append(
