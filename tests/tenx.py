@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from PIL import Image
 
 __all__ = [
     "Folder",
+    "XENIUM_STAINS",
     "XeniumCells",
     "HDCells",
     "barcodes",
@@ -49,6 +51,7 @@ __all__ = [
     "write_xenium",
     "xenium_cell_ids",
     "grid_cells",
+    "multimodal_stains",
     "from_synthetic",
 ]
 
@@ -56,6 +59,9 @@ VISIUM_SPOT_UM = 55.0  # the capture spot
 VISIUM_SCALEFACTOR_SPOT_UM = 65.0  # what 10x's spot_diameter_fullres measures
 VISIUM_FIDUCIAL_UM = 65.0 * 144.4 / 89.4  # ratio of fiducial to spot diameter in Space Ranger's scalefactors (~105 µm)
 VISIUM_PITCH_UM = 100.0
+# XOA ≥ 2.0 with the multimodal cell segmentation kit: one morphology_focus_000k.ome.tif per stain, in this order
+# (spatialdata-io 0.7's xenium reader names the channels after these constants, not after the files' OME-XML)
+XENIUM_STAINS = ("DAPI", "ATP1A1/CD45/E-Cadherin", "18S", "AlphaSMA/Vimentin")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -578,6 +584,115 @@ def _ome_tiff(path: Path, data: np.ndarray, *, pixel_size: float, axes: str, cha
                 tif.write(lev, subfiletype=1, resolution=res, metadata=None, **opts)
 
 
+def _pyramid(a: np.ndarray) -> list[np.ndarray]:
+    """``(Y, X)`` then 2x means until the short side is < 1024 (as :func:`_ome_tiff`)."""
+    levels = [a]
+    while min(levels[-1].shape) >= 1024:
+        b = levels[-1]
+        h, w = (b.shape[0] // 2) * 2, (b.shape[1] // 2) * 2
+        levels.append(b[:h, :w].reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3)).astype(a.dtype))
+    return levels
+
+
+def _ome_tiff_multifile(
+    folder: Path, stack: np.ndarray, *, pixel_size: float, channels: Sequence[str], name: str
+) -> list[Path]:
+    """One OME-TIFF per channel of ``stack`` ``(C, Y, X)``, as XOA ≥ 2.0 writes the multimodal morphology images.
+
+    File ``k`` is ``name.format(k)``; its first IFD is channel ``k`` (with a SubIFD pyramid) and its OME-XML describes
+    the whole ``C``-channel image, each plane a ``TiffData`` naming its file by ``UUID FileName``, so that reading the
+    first file with tifffile (what ``dask_image.imread`` does through pims) gives all channels, ``(C, Y, X)``.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    n_c, h, w = stack.shape
+    if len(channels) != n_c:
+        raise ValueError(f"{n_c} planes but {len(channels)} channel names")
+    files = [name.format(k) for k in range(n_c)]
+    uuids = [f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, str(folder / f))}" for f in files]
+    dtype = {np.dtype(np.uint16): "uint16", np.dtype(np.uint8): "uint8"}[stack.dtype]
+    # TIFF strings are 7-bit ASCII: µ as a character reference
+    unit = 'PhysicalSizeXUnit="&#181;m" PhysicalSizeYUnit="&#181;m"'
+    chans = "".join(
+        f'<Channel ID="Channel:0:{c}" Name="{_xml_attr(n)}" SamplesPerPixel="1" />' for c, n in enumerate(channels)
+    )
+    tiffdata = "".join(
+        f'<TiffData FirstC="{c}" FirstT="0" FirstZ="0" IFD="0" PlaneCount="1">'
+        f'<UUID FileName="{files[c]}">{uuids[c]}</UUID></TiffData>'
+        for c in range(n_c)
+    )
+    out = []
+    for k in range(n_c):
+        xml = (
+            '<?xml version="1.0" encoding="UTF-8"?>'
+            '<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06" '
+            'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
+            'xsi:schemaLocation="http://www.openmicroscopy.org/Schemas/OME/2016-06 '
+            'http://www.openmicroscopy.org/Schemas/OME/2016-06/ome.xsd" '
+            f'UUID="{uuids[k]}" Creator="diffst tests (XOA 2.0 layout)">'
+            '<Image ID="Image:0" Name="morphology_focus">'
+            f'<Pixels ID="Pixels:0" DimensionOrder="XYZCT" Type="{dtype}" SizeX="{w}" SizeY="{h}" SizeZ="1" '
+            f'SizeC="{n_c}" SizeT="1" PhysicalSizeX="{pixel_size}" PhysicalSizeY="{pixel_size}" {unit}>'
+            f"{chans}{tiffdata}</Pixels></Image></OME>"
+        )
+        levels = _pyramid(np.ascontiguousarray(stack[k]))
+        opts: dict[str, Any] = {"tile": (256, 256), "compression": "zlib", "photometric": "minisblack"}
+        with tifffile.TiffWriter(folder / files[k], bigtiff=True) as tif:
+            for i, lev in enumerate(levels):
+                res = (1e4 / (pixel_size * 2**i), 1e4 / (pixel_size * 2**i))
+                if i == 0:
+                    tif.write(
+                        lev,
+                        subifds=len(levels) - 1,
+                        description=xml,
+                        metadata=None,
+                        resolution=res,
+                        resolutionunit="CENTIMETER",
+                        **opts,
+                    )
+                else:
+                    tif.write(lev, subfiletype=1, metadata=None, resolution=res, resolutionunit="CENTIMETER", **opts)
+        out.append(folder / files[k])
+    return out
+
+
+def _xml_attr(s: str) -> str:
+    return s.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def multimodal_stains(
+    dapi: np.ndarray, cell_mask: np.ndarray, nucleus_mask: np.ndarray, *, seed: int = 0
+) -> np.ndarray:
+    """The four XOA 2.0 morphology stains ``(4, Y, X)`` uint16 (order :data:`XENIUM_STAINS`) from DAPI and the masks.
+
+    ``DAPI`` is ``dapi`` itself; the boundary stain is the cell outlines (label changes of ``cell_mask``), 18S the
+    cell interiors outside nuclei, AlphaSMA/Vimentin the interiors of every third cell, each blurred and with
+    Poisson noise; so none of the three looks like the nuclear signal.
+    """
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    lab = cell_mask.astype(np.int64)
+    edge = np.zeros(lab.shape, bool)
+    edge[:, 1:] |= lab[:, 1:] != lab[:, :-1]
+    edge[1:, :] |= lab[1:, :] != lab[:-1, :]
+    cyto = (lab > 0) & (nucleus_mask == 0)
+    stromal = cyto & (lab % 3 == 0)
+
+    def stain(mask: np.ndarray, sigma: float, peak: float, floor: float) -> np.ndarray:
+        smooth = ndimage.gaussian_filter(mask.astype(np.float32), sigma)
+        smooth = smooth / max(float(smooth.max()), 1e-6)
+        return np.clip(rng.poisson(floor + peak * smooth), 0, 65535).astype(np.uint16)
+
+    return np.stack(
+        [
+            np.asarray(dapi, np.uint16),
+            stain(edge, 1.5, 1500.0, 40.0),
+            stain(cyto, 3.0, 900.0, 60.0),
+            stain(stromal, 2.0, 1200.0, 30.0),
+        ]
+    )
+
+
 _CONTROL_TYPES = (
     ("NegControlProbe_", "Negative Control Probe", "control_probe_counts"),
     ("NegControlCodeword_", "Negative Control Codeword", "control_codeword_counts"),
@@ -604,8 +719,10 @@ def write_xenium(
     he_image: np.ndarray | None = None,
     he_to_morphology: np.ndarray | None = None,
     layout: Literal["v2", "v1"] = "v2",
+    stains: Literal["dapi", "multimodal"] = "dapi",
     software_version: str | None = None,
     he_prefix: str = "slide",
+    seed: int = 0,
 ) -> Path:
     """Write a Xenium Onboard Analysis output folder.
 
@@ -617,9 +734,15 @@ def write_xenium(
         assigns transcripts) unless given. Feature names starting with ``NegControlProbe_``, ``NegControlCodeword_``,
         ``UnassignedCodeword_``, ``BLANK_`` or ``GenomicControl`` are control features.
     morphology
-        DAPI ``(Y, X)`` uint16 (or ``(C, Y, X)``, only its first channel is written) with ``pixel_size`` µm pixels;
-        written as ``morphology_focus/morphology_focus_0000.ome.tif`` (``layout="v2"``, XOA ≥ 2) or
-        ``morphology_focus.ome.tif`` and ``morphology_mip.ome.tif`` (``layout="v1"``, XOA 1.x).
+        DAPI ``(Y, X)`` uint16 (or ``(C, Y, X)``: its first channel is DAPI) with ``pixel_size`` µm pixels; written as
+        ``morphology_focus/morphology_focus_0000.ome.tif`` (``layout="v2"``, XOA ≥ 2) or ``morphology_focus.ome.tif``
+        and ``morphology_mip.ome.tif`` (``layout="v1"``, XOA 1.x).
+    stains
+        ``"dapi"``: the DAPI image only (no segmentation kit). ``"multimodal"`` (``layout="v2"`` only): the four stains
+        of XOA 2.0's multimodal cell segmentation, :data:`XENIUM_STAINS`, one file each,
+        ``morphology_focus/morphology_focus_0000.ome.tif`` … ``_0003.ome.tif`` (:func:`_ome_tiff_multifile`); the
+        three non-DAPI stains are ``morphology[1:4]`` when ``morphology`` has 4 channels, else
+        :func:`multimodal_stains` of the DAPI image and the segmentation (``seed`` for their noise).
     cells
         Segmentation; default :func:`grid_cells` over the morphology image.
     he_image, he_to_morphology
@@ -634,10 +757,12 @@ def write_xenium(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     version = software_version or ("xenium-2.0.0.10" if layout == "v2" else "xenium-1.9.0.3")
-    dapi = np.asarray(morphology)
-    if dapi.ndim == 3:
-        dapi = dapi[0]
-    dapi = dapi.astype(np.uint16)
+    if stains not in ("dapi", "multimodal"):
+        raise ValueError(f"stains={stains!r}: use 'dapi' or 'multimodal'")
+    if stains == "multimodal" and layout != "v2":
+        raise ValueError("the multimodal morphology stains are an XOA ≥ 2.0 layout: use layout='v2'")
+    morph = np.asarray(morphology)
+    dapi = (morph[0] if morph.ndim == 3 else morph).astype(np.uint16)
     shape = dapi.shape
     if cells is None:
         cells = grid_cells((0.0, 0.0, shape[1] * pixel_size, shape[0] * pixel_size))
@@ -815,7 +940,19 @@ def write_xenium(
         store.close()
 
     # --- images ---
-    if layout == "v2":
+    if stains == "multimodal":
+        if morph.ndim == 3 and morph.shape[0] == len(XENIUM_STAINS):
+            stack = morph.astype(np.uint16)
+        else:
+            stack = multimodal_stains(dapi, cell_mask, nuc_mask, seed=seed)
+        _ome_tiff_multifile(
+            path / "morphology_focus",
+            stack,
+            pixel_size=pixel_size,
+            channels=XENIUM_STAINS,
+            name="morphology_focus_{:04d}.ome.tif",
+        )
+    elif layout == "v2":
         _ome_tiff(
             path / "morphology_focus" / "morphology_focus_0000.ome.tif",
             dapi,
@@ -924,8 +1061,8 @@ def from_synthetic(
       µm, the synthetic cell and nucleus boundaries and the H&E with its alignment. ``truth["transcripts"]`` is the
       written table (``x_location``, ``y_location`` in µm, float32).
 
-    Extra ``kwargs`` go to the writer (e.g. ``positions="csv_v1"``, ``layout="v1"``, ``fullres=None``); ``he_um_per_px``
-    and ``he_rotation_deg`` (Xenium) go to the synthetic generator.
+    Extra ``kwargs`` go to the writer (e.g. ``positions="csv_v1"``, ``layout="v1"``, ``stains="multimodal"``,
+    ``fullres=None``); ``he_um_per_px`` and ``he_rotation_deg`` (Xenium) go to the synthetic generator.
     """
     import diffst as dst
 
@@ -1070,6 +1207,7 @@ def from_synthetic(
             cells=cells,
             he_image=he,
             he_to_morphology=he_to_global,
+            seed=seed,
             **kwargs,
         )
         return Folder(
@@ -1077,7 +1215,13 @@ def from_synthetic(
             path,
             um_per_px=ps,
             genes=genes,
-            truth={"transcripts": tx, "he_to_global": he_to_global, "n_cells": len(ids), "size_um": (w, h)},
+            truth={
+                "transcripts": tx,
+                "he_to_global": he_to_global,
+                "n_cells": len(ids),
+                "size_um": (w, h),
+                "stains": list(XENIUM_STAINS) if kwargs.get("stains") == "multimodal" else ["DAPI"],
+            },
         )
 
     msg = f"kind={kind!r}: use 'visium', 'visium_hd' or 'xenium'"

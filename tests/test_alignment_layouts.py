@@ -15,12 +15,7 @@ from diffst._grid import Grid
 SHARED_DATA = Path(__file__).parents[1].parent / "shared" / "data"
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    before = dst.settings.verbosity
-    dst.settings.verbosity = 0
-    yield
-    dst.settings.verbosity = before
+pytestmark = pytest.mark.usefixtures("quiet")
 
 
 def _affine(element, cs):

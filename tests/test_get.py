@@ -22,12 +22,7 @@ PX = 0.2125  # µm per `global` unit of the synthetic Xenium data
 HR = 10.0  # HR pixel size in µm (lr_um 40, scale 4)
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    before = dst.settings.verbosity
-    dst.settings.verbosity = 0
-    yield
-    dst.settings.verbosity = before
+pytestmark = pytest.mark.usefixtures("quiet")
 
 
 @pytest.fixture(scope="module")

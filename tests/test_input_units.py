@@ -3,8 +3,6 @@ regions in one table, Visium HD bins as circles or behind labels, segmentation-o
 
 from __future__ import annotations
 
-import logging
-
 import anndata as ad
 import geopandas as gpd
 import numpy as np
@@ -19,25 +17,8 @@ import diffst as dst
 from diffst.pp._inputs import lattice_pitch
 from diffst.tl._data import Prepared
 
+from .models import untrained
 from .toy import toy_visium, toy_xenium
-
-
-class _Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
-@pytest.fixture
-def lines():
-    handler = _Lines()
-    logger = logging.getLogger("diffst")
-    logger.addHandler(handler)
-    yield handler.lines
-    logger.removeHandler(handler)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -57,7 +38,7 @@ def test_lattice_pitch_tells_visium_from_st():
     assert lattice_pitch(np.array([0]), np.array([0]), np.array([0.0]), np.array([0.0])) is None
 
 
-def test_visium_um_per_px_comes_from_the_pitch_under_the_65_um_convention(lines):
+def test_visium_um_per_px_comes_from_the_pitch_under_the_65_um_convention(log_lines):
     sdata = toy_visium(um_per_px=0.6)
     dst.pp.prepare(sdata, genes=3, tile_um=200)
     attrs = sdata.attrs["diffst"]
@@ -65,16 +46,16 @@ def test_visium_um_per_px_comes_from_the_pitch_under_the_65_um_convention(lines)
     assert "spot pitch" in attrs["um_per_px_source"] and "Visium array" in attrs["um_per_px_source"]
     assert "radius agrees" in attrs["um_per_px_source"]
     assert attrs["degradation"] == {"name": "spots", "spot_diameter_um": 55.0, "spot_pitch_um": 100.0}
-    assert not any("using the pitch" in line for line in lines)
+    assert not any("using the pitch" in line for line in log_lines)
 
 
-def test_a_radius_that_disagrees_with_the_pitch_is_a_warning_naming_both(lines):
+def test_a_radius_that_disagrees_with_the_pitch_is_a_warning_naming_both(log_lines):
     sdata = toy_visium(um_per_px=0.5)
     shapes = sdata.shapes["toy"]
     shapes["radius"] = 27.5 / 0.5  # written as if the spot were 55 µm wide: 15 % off the 10x convention
     dst.pp.prepare(sdata, genes=3, tile_um=200)
     assert sdata.attrs["diffst"]["um_per_px"] == pytest.approx(0.5, rel=1e-6)  # the pitch wins
-    warning = next(line for line in lines if "using the pitch" in line)
+    warning = next(line for line in log_lines if "using the pitch" in line)
     assert "0.5 µm per unit" in warning and "0.5909" in warning and "+18 %" in warning
 
 
@@ -135,12 +116,10 @@ def test_a_dark_three_channel_image_is_fluorescence():
     assert "dark background" in sdata.attrs["diffst"]["image"]["kind_reason"]
 
 
-def test_the_image_kind_mismatch_says_why_and_how_to_change_it(tmp_path):
+def test_the_image_kind_mismatch_says_why_and_how_to_change_it():
     sdata = toy_xenium(size_um=800, n=60_000, seed=0)
     dst.pp.prepare(sdata, genes=5, lr_um=40, scale=4, tile_um=160)
-    model = dst.tl.train(
-        sdata, preset="tiny", max_epochs=1, val_steps=2, guard=False, checkpoint_dir=tmp_path, time_budget=None
-    )
+    model = untrained(Prepared.from_sdata(sdata, "diffst"))
     other = toy_xenium(size_um=800, n=60_000, seed=0)
     dst.pp.prepare(other, genes=model.genes, lr_um=40, scale=4, tile_um=160, image_kind="rgb")
     with pytest.raises(

@@ -18,8 +18,9 @@ from spatialdata.transformations import get_transformation  # noqa: E402
 
 import diffst as dst  # noqa: E402
 from diffst._grid import Grid  # noqa: E402
+from diffst._image import ImageSpec  # noqa: E402
 
-from .tenx import VISIUM_SCALEFACTOR_SPOT_UM, from_synthetic  # noqa: E402
+from .tenx import VISIUM_SCALEFACTOR_SPOT_UM, XENIUM_STAINS, from_synthetic  # noqa: E402
 
 VISIUM_SIZE_UM = 600.0
 HD_SIZE_UM = 400.0
@@ -229,6 +230,12 @@ def _read_hd(folder, **kw):
     return spatialdata_io.visium_hd(folder.path, **folder.reader_kwargs(), **kw)
 
 
+def _block_sums(hr, s):
+    """Sum of every ``s × s`` block of ``(..., H, W)`` (what bin degradation does)."""
+    *lead, h, w = hr.shape
+    return hr.reshape(*lead, h // s, s, w // s, s).sum(axis=(-3, -1))
+
+
 def _aggregate(counts, k):
     r, c, g = counts.shape
     rr, cc = -(-r // k), -(-c // k)
@@ -303,6 +310,82 @@ def _check_hd_hr(sdata, folder):
         expected = _histogram(hr, cs, bx, by, agg[..., g].ravel())
         assert np.allclose(hr.sel(c=gene).values, expected)
         assert expected.sum() > 0
+
+
+@pytest.mark.slow
+def test_visium_hd_prepare_train_super_resolve_alignment(visium_hd, tmp_path):
+    """Visium HD read with the reader's defaults, prepared, trained and super-resolved: the SR map sits on the HR
+    grid, a known 8 µm bin lands where ``Grid.pixel_index`` says, in full-resolution pixels and µm alike."""
+    with pytest.warns(FutureWarning, match="load_segmentations_only"):
+        sdata = spatialdata_io.visium_hd(visium_hd.path, **visium_hd.reader_kwargs())
+    dst.pp.prepare(sdata, genes=5, lr_um=80, scale=10, tile_um=160)
+    attrs = sdata.attrs["diffst"]
+    cs = attrs["coordinate_system"]
+    u = attrs["um_per_px"]  # µm per full-resolution pixel, as prepare measured it
+    assert cs == visium_hd.dataset_id
+    assert attrs["sources"]["table_key"] == "square_008um"
+    assert u == pytest.approx(visium_hd.um_per_px, rel=0.02)
+    _check_hd_hr(sdata, visium_hd)
+
+    model = dst.tl.train(
+        sdata,
+        preset="tiny",
+        max_epochs=1,
+        val_steps=2,
+        guard=False,
+        time_budget=None,
+        checkpoint_dir=tmp_path / "run",
+        enable_progress_bar=False,
+    )
+    dst.tl.super_resolve(sdata, model, n_samples=1, steps=2)
+    hr = sdata["diffst_hr"]
+    sr = sdata["diffst_sr"]
+    m = _affine(sr, cs)
+    assert np.allclose(m, _affine(hr, cs))
+    grid = Grid.from_dict(attrs["grid"])
+    # units: an SR pixel spans hr_um of tissue, in full-resolution pixels of u µm; values are counts per HR pixel
+    assert grid.hr_um == pytest.approx(8.0)
+    assert np.hypot(*m[:2, 0]) * u == pytest.approx(grid.hr_um, rel=1e-6)
+    assert np.hypot(*m[:2, 1]) * u == pytest.approx(grid.hr_um, rel=1e-6)
+    assert sdata.attrs["diffst_sr"]["units"] == "counts"
+
+    # a known 8 µm bin with counts of a gene, its centre well inside an HR pixel
+    x0, y0 = visium_hd.truth["origin_px"]
+    agg = _aggregate(visium_hd.truth["counts"], 4)  # (rows, cols, genes) of 8 µm bins
+    gene = attrs["genes"][0]
+    g = visium_hd.genes.index(gene)
+    rr, cc = np.nonzero(agg[..., g] > 0)
+    bx_px = x0 + (cc + 0.5) * 8 / visium_hd.um_per_px  # bin centres, full-resolution pixels
+    by_px = y0 + (rr + 0.5) * 8 / visium_hd.um_per_px
+    fx = (bx_px * u - grid.origin_um[0]) / grid.hr_um
+    fy = (by_px * u - grid.origin_um[1]) / grid.hr_um
+    ok = (
+        (np.abs(fx - np.round(fx)) > 0.1)
+        & (np.abs(fy - np.round(fy)) > 0.1)
+        & (fx >= 0)
+        & (fy >= 0)
+        & (fx < grid.hr_shape[1])
+        & (fy < grid.hr_shape[0])
+    )
+    assert ok.sum() > 10
+    i = int(np.flatnonzero(ok)[ok.sum() // 2])
+    row, col = grid.pixel_index(np.array([bx_px[i] * u]), np.array([by_px[i] * u]), level="hr")
+    row, col = int(row[0]), int(col[0])
+    c_px, r_px = _to_pixels(hr, cs, [bx_px[i]], [by_px[i]])
+    assert (row, col) == (int(np.floor(r_px[0])), int(np.floor(c_px[0])))
+    assert hr.sel(c=gene).values[row, col] >= agg[rr[i], cc[i], g] > 0
+    cx, cy, _ = m @ np.array([col + 0.5, row + 0.5, 1.0])
+    half = 0.5 * grid.hr_um / u  # half an HR pixel, in full-resolution pixels
+    assert abs(cx - bx_px[i]) <= half and abs(cy - by_px[i]) <= half
+
+    mean = np.asarray(_level0(sr).values)
+    assert mean.shape == (len(attrs["genes"]), *hr.shape[-2:])
+    assert np.isfinite(mean).all() and mean.min() >= 0
+    # consistency: every observed tissue LR pixel keeps its counts
+    lr = np.asarray(sdata["diffst_lr"].values)
+    observed = (np.asarray(sdata["diffst_lr_mask"].values)[0] > 0) & (np.asarray(sdata["diffst_tissue"].values) > 0)
+    assert observed.sum() > 0
+    np.testing.assert_allclose(_block_sums(mean, grid.scale)[:, observed], lr[:, observed], rtol=1e-3, atol=1e-3)
 
 
 def test_visium_hd_prepare_circles(visium_hd):
@@ -413,6 +496,73 @@ def test_xenium_v1_layout(tmp_path):
     assert sdata["table"].n_obs == folder.truth["n_cells"]
     dst.pp.prepare(sdata, genes=5, lr_um=40, scale=4, tile_um=80, image_key="morphology_focus")
     assert sdata.attrs["diffst"]["um_per_px"] == pytest.approx(folder.um_per_px)
+
+
+@pytest.fixture(scope="module")
+def xenium_multimodal(tmp_path_factory):
+    return from_synthetic(
+        "xenium", tmp_path_factory.mktemp("xenium_mm") / "outs", size_um=XENIUM_SIZE_UM, stains="multimodal"
+    )
+
+
+# pims (which dask_image.imread reads the OME series with) reads the planes of the other three files after tifffile has
+# closed them; tifffile reopens them and warns
+@pytest.mark.filterwarnings("ignore:.*reading array from closed file:UserWarning")
+@pytest.mark.parametrize("order", ["xoa", "dapi_third"])
+def test_xenium_multimodal_morphology_focus(xenium_multimodal, order):
+    """XOA ≥ 2.0 with the multimodal segmentation kit: four morphology_focus_000k.ome.tif, which the reader combines
+    into one 4-channel image named after the stains; diffst must read it as fluorescence, take DAPI (found by name,
+    also when it is not the first channel) as the nuclear stain of the image floor, and the floor must keep every
+    LR pixel's counts."""
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import get_transformation as get_tf
+
+    folder = xenium_multimodal
+    files = sorted((folder.path / "morphology_focus").glob("*.ome.tif"))
+    assert [f.name for f in files] == [f"morphology_focus_{k:04d}.ome.tif" for k in range(4)]
+    sdata = spatialdata_io.xenium(folder.path)
+    focus = sdata["morphology_focus"]
+    level0 = _level0(focus)
+    assert level0.sizes["c"] == 4
+    assert [str(c) for c in level0.coords["c"].values] == list(XENIUM_STAINS) == folder.truth["stains"]
+    # the four files, one channel each (not one file read four times)
+    arr = np.asarray(level0.values)
+    for k, f in enumerate(files):
+        with tifffile.TiffFile(f) as tif:
+            assert np.array_equal(arr[k], tif.pages[0].asarray())
+    assert not np.array_equal(arr[0], arr[1])
+    assert np.allclose(_affine(focus, "global"), np.eye(3))
+
+    image_key = "morphology_focus"
+    if order == "dapi_third":
+        perm = [1, 2, 0, 3]
+        image_key = "morphology_permuted"
+        sdata.images[image_key] = Image2DModel.parse(
+            level0.data[perm],
+            dims=("c", "y", "x"),
+            c_coords=[XENIUM_STAINS[k] for k in perm],
+            transformations=get_tf(focus, get_all=True),
+            scale_factors=[2, 2],
+        )
+    names = [str(c) for c in _level0(sdata[image_key]).coords["c"].values]
+    dst.pp.prepare(sdata, genes=5, lr_um=40, scale=4, tile_um=160, image_key=image_key)
+    attrs = sdata.attrs["diffst"]
+    assert attrs["sources"]["image_key"] == image_key
+    assert attrs["um_per_px"] == pytest.approx(folder.um_per_px)
+    assert attrs["image"]["kind"] == "fluorescence"
+    assert list(attrs["image"]["channels"]) == names
+    assert ImageSpec.from_dict(attrs["image"]).nuclear_channel == names.index("DAPI") == (2 if order != "xoa" else 0)
+
+    dst.tl.upsample(sdata, method="image")
+    floor = np.asarray(_level0(sdata["image_floor_sr"]).values)
+    lr = np.asarray(sdata["diffst_lr"].values)
+    grid = Grid.from_dict(attrs["grid"])
+    assert floor.shape == (len(attrs["genes"]), *grid.hr_shape)
+    assert np.isfinite(floor).all() and floor.min() >= 0
+    assert np.allclose(_affine(sdata["image_floor_sr"], "global"), _affine(sdata["diffst_hr"], "global"))
+    observed = (np.asarray(sdata["diffst_lr_mask"].values)[0] > 0) & (np.asarray(sdata["diffst_tissue"].values) > 0)
+    assert observed.sum() > 10
+    np.testing.assert_allclose(_block_sums(floor, grid.scale)[:, observed], lr[:, observed], rtol=1e-4, atol=1e-4)
 
 
 def test_xenium_he_image_kind(xenium):

@@ -25,12 +25,7 @@ from .toy import toy_visium, toy_xenium
 FAST = {"preset": "tiny", "val_steps": 2, "enable_progress_bar": False}
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    before = dst.settings.verbosity
-    dst.settings.verbosity = 0
-    yield
-    dst.settings.verbosity = before
+pytestmark = pytest.mark.usefixtures("quiet")
 
 
 def _prepared(seed=0, degradation="bin", he=False, **kw):

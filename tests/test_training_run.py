@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from diffst import cli
 from diffst.tl import _run
 from diffst.tl._data import Prepared, WindowSampler
 
+from .models import untrained
 from .test_train import _prepared
 from .toy import toy_xenium
 
@@ -32,26 +32,6 @@ def prepared():
 
 def _state(model: dst.DiffST) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.net.state_dict().items()}
-
-
-class _Lines(logging.Handler):
-    """Collects the diffst logger's lines (it does not propagate to pytest's caplog)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
-@pytest.fixture
-def lines():
-    handler = _Lines()
-    logger = logging.getLogger("diffst")
-    logger.addHandler(handler)
-    yield handler.lines
-    logger.removeHandler(handler)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -100,6 +80,7 @@ print("FINISHED", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_sigint_saves_a_checkpoint_says_how_to_resume_and_resuming_matches_an_uninterrupted_run(prepared, tmp_path):
     reference = dst.tl.train(prepared, max_epochs=3, checkpoint_dir=tmp_path / "reference", **RUN)
 
@@ -159,7 +140,7 @@ def test_a_checkpoint_is_written_at_least_every_interval(prepared, tmp_path, mon
 # --------------------------------------------------------------------------------------------------------------------
 # resumable, never by surprise
 # --------------------------------------------------------------------------------------------------------------------
-def test_default_runs_never_share_checkpoints_and_resume_only_when_asked(tmp_path, lines):
+def test_default_runs_never_share_checkpoints_and_resume_only_when_asked(tmp_path, log_lines):
     sdata = _prepared()
     sdata.write(tmp_path / "s.zarr")
     import spatialdata as sd
@@ -172,13 +153,13 @@ def test_default_runs_never_share_checkpoints_and_resume_only_when_asked(tmp_pat
     assert first.path.parent != second.path.parent  # each run in its own folder
     assert first.path.parent.parent == second.path.parent.parent  # of the same data, configuration and seed
     assert torch.equal(next(iter(_state(first).values())), next(iter(_state(second).values())))
-    lines.clear()
+    log_lines.clear()
     # resume=True continues the latest run of the family, and says where from
     longer = dst.tl.train(backed, max_epochs=2, resume=True, **RUN)
     assert longer.path.parent == second.path.parent
     assert longer.info["steps"] == 2 * first.info["steps"]
-    assert any(f"resuming the run there from step {first.info['steps']}" in line for line in lines)
-    assert any(line.startswith(f"resuming at step {first.info['steps']} of 20") for line in lines)
+    assert any(f"resuming the run there from step {first.info['steps']}" in line for line in log_lines)
+    assert any(line.startswith(f"resuming at step {first.info['steps']} of 20") for line in log_lines)
     # "auto": the same when there is such a run; another configuration is another family: a fresh start
     auto = dst.tl.train(backed, max_epochs=1, resume="auto", config={"learning_rate": 7e-4}, **RUN)
     assert auto.path.parent.parent != first.path.parent.parent
@@ -214,32 +195,32 @@ def test_a_checkpoint_of_other_data_is_refused(prepared, tmp_path):
 # --------------------------------------------------------------------------------------------------------------------
 # bounded: why training stopped, in plain words
 # --------------------------------------------------------------------------------------------------------------------
-def test_stopping_before_the_first_validation_is_said_plainly(prepared, tmp_path, lines):
+def test_stopping_before_the_first_validation_is_said_plainly(prepared, tmp_path, log_lines):
     model = dst.tl.train(
         prepared, max_epochs=2, checkpoint_dir=tmp_path, preset="tiny", val_steps=2, guard=False,
         check_val_every_n_epoch=5,
     )  # fmt: skip
     assert model.info["stopped_by"] == "completed" and model.info["validated"] is False
-    assert any("before its first validation" in line and "likely undertrained" in line for line in lines)
+    assert any("before its first validation" in line and "likely undertrained" in line for line in log_lines)
 
 
-def test_the_time_budget_stops_training_records_it_and_counts_across_resumes(prepared, tmp_path, lines):
+def test_the_time_budget_stops_training_records_it_and_counts_across_resumes(prepared, tmp_path, log_lines):
     model = dst.tl.train(prepared, max_epochs=500, checkpoint_dir=tmp_path, time_budget=1.5, **RUN)
     assert model.info["stopped_by"] == "time budget"
     assert 1.5 <= model.info["trained_seconds"] < 30
     assert model.info["steps"] < model.info["planned_steps"] == 5000
-    assert any("stopped by its time budget (1.5 s)" in line for line in lines)
+    assert any("stopped by its time budget (1.5 s)" in line for line in log_lines)
     # the budget is of the whole run: resuming it with the same budget has nothing left to do
     with pytest.raises(ValueError, match="time budget is 1.5 s"):
         dst.tl.train(prepared, max_epochs=500, checkpoint_dir=tmp_path, time_budget=1.5, resume=True, **RUN)
 
 
-def test_progress_lines_carry_step_loss_validation_and_time_left(prepared, tmp_path, lines, monkeypatch):
+def test_progress_lines_carry_step_loss_validation_and_time_left(prepared, tmp_path, log_lines, monkeypatch):
     monkeypatch.setattr(dst.settings, "progress_every", 0.0)
     dst.tl.train(prepared, max_epochs=2, checkpoint_dir=tmp_path, **RUN)
-    plan = [line for line in lines if "steps planned" in line]
+    plan = [line for line in log_lines if "steps planned" in line]
     assert len(plan) == 1 and plan[0].startswith("20 steps planned; ")
-    step_lines = [line for line in lines if line.startswith("step ")]
+    step_lines = [line for line in log_lines if line.startswith("step ")]
     assert [line.split()[1] for line in step_lines] == [f"{i}/20" for i in range(1, 21)]
     late = step_lines[-1]
     assert "loss " in late and "val PCC " in late and "at step 10 (bicubic " in late and "floor " in late
@@ -249,8 +230,8 @@ def test_progress_lines_carry_step_loss_validation_and_time_left(prepared, tmp_p
 # --------------------------------------------------------------------------------------------------------------------
 # model and data agree on the degradation
 # --------------------------------------------------------------------------------------------------------------------
-def test_a_model_trained_on_bins_warns_on_spot_data(prepared, tmp_path):
-    model = dst.tl.train(prepared, max_epochs=1, checkpoint_dir=tmp_path, **RUN)
+def test_a_model_trained_on_bins_warns_on_spot_data(prepared):
+    model = untrained(Prepared.from_sdata(prepared, "diffst"))  # the contract, not the weights, is under test
     assert model.units["degradation"] == "bin" and model.units["spot_diameter_um"] is None
     spots = toy_xenium(size_um=800, n=60_000, seed=0)
     dst.pp.prepare(spots, genes=model.genes, lr_um=40, scale=4, tile_um=160, degradation="visium")
@@ -258,7 +239,7 @@ def test_a_model_trained_on_bins_warns_on_spot_data(prepared, tmp_path):
         model.check_compatible(Prepared.from_sdata(spots, "diffst"))
     assert model.degradation_mismatch(Prepared.from_sdata(prepared, "diffst")) is None
     # a spot model on spots of another size
-    spot_model = dst.tl.train(spots, max_epochs=1, checkpoint_dir=tmp_path / "spots", **RUN)
+    spot_model = untrained(Prepared.from_sdata(spots, "diffst"))
     assert spot_model.units["spot_diameter_um"] == pytest.approx(22.0)
     wide = toy_xenium(size_um=800, n=60_000, seed=0)
     dst.pp.prepare(wide, genes=model.genes, lr_um=40, scale=4, tile_um=160, degradation="visium", spot_diameter_um=30)
@@ -286,7 +267,7 @@ def test_cli_words_name_the_flags():
     assert demo("pass a larger `time_budget`, or `overwrite=True`") == "pass a larger `time_budget`, or `--overwrite`"
 
 
-def test_cli_errors_and_warnings_use_flags(tmp_path, capsys, lines):
+def test_cli_errors_and_warnings_use_flags(tmp_path, capsys, log_lines):
     path = tmp_path / "s.zarr"
     toy_xenium(size_um=800, n=60_000, seed=0).write(path)
     prepare = ["prepare", str(path), "--genes", "3", "--lr-um", "40", "--scale", "4", "--tile-um", "160"]
@@ -306,10 +287,10 @@ def test_cli_errors_and_warnings_use_flags(tmp_path, capsys, lines):
     assert "`--max-epochs` of at least 4" in err and "without `--resume`" in err and "max_epochs" not in err
     # a warning during a command, through the logger (--quiet silences progress, not warnings):
     # "… before its first validation … pass a larger `max_epochs`"
-    lines.clear()
+    log_lines.clear()
     assert cli.main(train(4, "--resume", "--time-budget", "none")) == 0
-    assert any("pass a larger `--max-epochs`" in line for line in lines)
-    assert not any("`max_epochs`" in line for line in lines)
+    assert any("pass a larger `--max-epochs`" in line for line in log_lines)
+    assert not any("`max_epochs`" in line for line in log_lines)
 
 
 def test_cli_interrupt_says_how_to_resume_with_its_flags(tmp_path):

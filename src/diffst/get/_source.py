@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._genes import resolve_genes
 from .._spatial import affine_to_cs, channel_names, element_cs, image_levels, suggest
 from ..tl._data import Prepared
 from ..tl._evaluate import _check_same_grid
@@ -34,17 +35,12 @@ class HRSource:
         """Channel indices and names of ``genes`` (default: all channels), with a clear error for unknown ones."""
         if genes is None:
             return list(range(len(self.genes))), list(self.genes)
-        genes = [genes] if isinstance(genes, str) else list(genes)
-        if not genes:
-            msg = "`genes` is empty; pass gene names, or None for all genes."
-            raise ValueError(msg)
-        unknown = [g for g in genes if g not in self.genes]
-        if unknown:
-            msg = f"Genes {unknown} are not channels of {self.key!r} (it has {self.genes}).{suggest(unknown[0], self.genes)}"
-            raise KeyError(msg)
-        if len(set(genes)) != len(genes):
-            msg = f"`genes` lists a gene twice: {genes}."
-            raise ValueError(msg)
+        genes = resolve_genes(
+            genes,
+            self.genes,
+            empty="or None for all genes",
+            unknown=lambda missing: f"Genes {missing} are not channels of {self.key!r} (it has {self.genes}).",
+        )
         return [self.genes.index(g) for g in genes], genes
 
     def hr_affine(self, cs: str) -> np.ndarray:

@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from .._genes import resolve_genes
 from .._image import read_tile
 from .._normalise import lr_per_hr_pixel
-from .._spatial import image_levels, suggest
+from .._spatial import image_levels
 from ..tl._data import Prepared
 from ..tl._output import read_sr
 from ._utils import add_scale_bar, nice_length, pyplot
@@ -236,18 +237,13 @@ def gene_maps(
 
 
 def _check_genes(genes: str | Sequence[str] | None, available: list[str], key: str) -> list[str]:
-    if genes is None:
-        return available[:3]
-    chosen = [genes] if isinstance(genes, str) else [str(g) for g in genes]
-    if not chosen:
-        msg = "`genes` is empty; pass one or more gene names (or None for the first three)."
-        raise ValueError(msg)
-    missing = [g for g in chosen if g not in available]
-    if missing:
-        hint = suggest(missing[0], available)
-        msg = f"Genes {missing} are not in the SR result {key!r}, which has {available}.{hint}"
-        raise KeyError(msg)
-    return chosen
+    return resolve_genes(
+        genes,
+        available,
+        default=available[:3],
+        empty="or None for the first three",
+        unknown=lambda missing: f"Genes {missing} are not in the SR result {key!r}, which has {available}.",
+    )
 
 
 def _snap(grid: Grid, bbox: tuple[float, float, float, float], what: str) -> _Region:

@@ -9,7 +9,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
-from diffst._spatial import suggest
+from diffst._genes import resolve_genes
 
 from ._inputs import CONTROL_PATTERN
 
@@ -72,20 +72,12 @@ def select_genes(
     if isinstance(genes, str):
         genes = [genes]
     if not isinstance(genes, int | np.integer):
-        wanted = [str(g) for g in genes]
-        if not wanted:
-            msg = "`genes` is an empty list; pass gene names or an int (how many genes to select)."
-            raise ValueError(msg)
-        dup = sorted({g for g in wanted if wanted.count(g) > 1})
-        if dup:
-            msg = f"`genes` lists {dup} more than once."
-            raise ValueError(msg)
-        known = set(names)
-        missing = [g for g in wanted if g not in known]
-        if missing:
-            hints = "".join(f"\n  {g!r}:{suggest(g, names) or ' no close match'}" for g in missing[:10])
-            msg = f"{len(missing)} of the requested genes are not measured in this data:{hints}"
-            raise ValueError(msg)
+        wanted = resolve_genes(
+            list(genes),
+            names,
+            empty="or an int (how many genes to select)",
+            unknown=lambda missing: f"{len(missing)} of the requested genes are not measured in this data:",
+        )
         return wanted, {"method": "given"}
 
     n_wanted = int(genes)

@@ -12,6 +12,7 @@ import pandas as pd
 
 from .. import metrics
 from .._degradation import BinDegradation, SpotDegradation, degradation_for
+from .._genes import resolve_genes
 from .._grid import Grid
 from .._normalise import to_model_units
 from .._spatial import affine_to_cs, channel_names, image_levels, suggest
@@ -281,23 +282,15 @@ def _check_genes(genes: Sequence[str] | None, sr_genes: list[str], prep: Prepare
             msg = f"SR result {key!r} has genes {outside} that the prepared data {prep.key!r} do not; pass `genes`."
             raise ValueError(msg)
         return list(sr_genes)
-    if isinstance(genes, str):
-        genes = [genes]
-    genes = list(genes)
-    if not genes:
-        msg = "`genes` is empty; pass gene names or None for all genes of the SR result."
-        raise ValueError(msg)
-    unknown = [g for g in genes if g not in sr_genes]
-    if unknown:
-        hint = suggest(unknown[0], sr_genes)
-        msg = f"Genes {unknown} are not in the SR result {key!r} (it has {sr_genes}).{hint}"
-        raise ValueError(msg)
+    genes = resolve_genes(
+        genes,
+        sr_genes,
+        empty="or None for all genes of the SR result",
+        unknown=lambda missing: f"Genes {missing} are not in the SR result {key!r} (it has {sr_genes}).",
+    )
     bad = [g for g in genes if g not in prep.genes]
     if bad:
         msg = f"Genes {bad} are not among the prepared genes of {prep.key!r}; they cannot be scored."
-        raise ValueError(msg)
-    if len(set(genes)) != len(genes):
-        msg = f"`genes` lists a gene twice: {genes}."
         raise ValueError(msg)
     return genes
 

@@ -18,10 +18,10 @@ from scipy import ndimage
 
 from .. import _logging as log
 from .._degradation import BinDegradation, SpotDegradation, degradation_for
+from .._genes import resolve_genes
 from .._grid import Grid
 from .._normalise import to_counts
 from .._settings import settings
-from .._spatial import suggest
 from ..model import Diffusion
 from ._data import Prepared, TileSource
 from ._model import DiffST, fingerprint
@@ -269,18 +269,14 @@ def _prepare_for(sdata: SpatialData, model: DiffST, key: str) -> None:
 
 
 def _resolve_genes(genes: str | list[str] | None, model: DiffST) -> list[str]:
-    if genes is None:
-        return list(model.genes)
-    want = [genes] if isinstance(genes, str) else list(genes)
-    unknown = [g for g in want if g not in model.genes]
-    if unknown:
-        hints = "".join(f"\n  {g!r}:{suggest(g, model.genes) or ' no close match'}" for g in unknown[:10])
-        msg = f"The model does not know {len(unknown)} of the requested genes (it predicts {len(model.genes)}):{hints}"
-        raise ValueError(msg)
-    if not want:
-        msg = "`genes` is empty; pass gene names or None for all the model's genes."
-        raise ValueError(msg)
-    return want
+    return resolve_genes(
+        genes,
+        model.genes,
+        empty="or None for all the model's genes",
+        unknown=lambda missing: (
+            f"The model does not know {len(missing)} of the requested genes (it predicts {len(model.genes)}):"
+        ),
+    )
 
 
 def blend_weights(size: int, overlap: int) -> np.ndarray:
