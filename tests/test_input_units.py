@@ -257,3 +257,27 @@ def test_visium_hd_segmentation_only_names_the_reader_option():
         dst.pp.prepare(seg, genes=2, lr_um=160, scale=10, tile_um=320)
     with pytest.raises(ValueError, match=r"which are polygons \(cells\?\), not spots.*load_segmentations_only=False"):
         dst.pp.prepare(seg, genes=2, lr_um=160, scale=10, tile_um=320, table_key="cell_segmentations")
+
+
+def test_xenium_morphology_with_the_all_zero_dummy_channel_of_early_readers():
+    """spatialdata-io 0.1.x gave Xenium's morphology image an all-zero second channel named 'dummy'."""
+    from diffst._image import ImageSpec
+    from diffst.tl._data import TileSource
+
+    sdata = toy_xenium(size_um=800, n=60_000, seed=0)
+    dapi = sdata.images["morphology_focus"]
+    sdata.images["morphology_focus"] = Image2DModel.parse(
+        np.concatenate([dapi.values, np.zeros_like(dapi.values)]), dims=("c", "y", "x"), c_coords=["DAPI", "dummy"],
+        transformations={"global": Identity()},
+    )  # fmt: skip
+    dst.pp.prepare(sdata, genes=4, lr_um=40, scale=4, tile_um=160)
+    spec = ImageSpec.from_dict(sdata.attrs["diffst"]["image"])
+    assert spec.kind == "fluorescence" and spec.channels == ("DAPI", "dummy") and spec.nuclear_channel == 0
+    prep = Prepared.from_sdata(sdata, "diffst")
+    item = TileSource.from_sdata(sdata, prep).read(0, 0, 4, 5.0, prep.hr_scale)
+    assert np.isfinite(item["image"]).all() and float(np.abs(item["image"][1]).max()) == 0.0
+    dst.tl.upsample(sdata, method="image")
+    from diffst._spatial import image_levels
+
+    floor = np.asarray(image_levels(sdata["image_floor_sr"])[0].values)
+    assert np.isfinite(floor).all() and floor.sum() > 0
