@@ -386,3 +386,23 @@ def test_benchmark_dot_order_axes_and_errors():
         pl.benchmark(table, method_col="tool")
     with pytest.raises(KeyError, match=r"\['c'\] in `order`"):
         pl.benchmark(table, order=["c"])
+
+
+def test_plots_draw_into_a_given_axes_and_save(xenium, tmp_path):
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    left.plot([0, 1], [0, 1], gid="mine")
+    out = pl.gene_maps(xenium, ["G1", "G2"], ax=right, save=tmp_path / "maps.png")
+    assert out is fig and right not in fig.axes and left in fig.axes  # the axes' place, the rest untouched
+    panels = _panels(fig)
+    assert sorted(panels) == sorted((g, c) for g in ("G1", "G2") for c in ("lr", "sr", "truth", "std"))
+    assert all(p.get_position().x0 >= 0.45 for p in panels.values())  # in the right half, where `right` was
+    assert not fig._suptitle  # the user's figure keeps its own title
+    assert (tmp_path / "maps.png").stat().st_size > 10_000
+    history = pl.training_history(_history(), save=tmp_path / "curves.pdf")
+    assert (tmp_path / "curves.pdf").read_bytes()[:4] == b"%PDF" and history.axes
+    with pytest.raises(FileNotFoundError, match="folder .* does not exist"):
+        pl.gene_maps(xenium, ["G1"], save=tmp_path / "nope" / "x.png")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        pl.benchmark(pd.DataFrame({"method": ["a"], "pcc": [0.5]}).set_index("method"), save=tmp_path / "no" / "b.svg")

@@ -280,6 +280,19 @@ def test_without_any_model_it_prepares_and_trains_with_the_defaults(monkeypatch)
     assert "diffst_sr" in sdata.images and "diffst_hr" in sdata.images
 
 
+def test_inplace_false_leaves_a_raw_spatialdata_untouched(trained):
+    sdata, model = trained
+    raw = toy_xenium(size_um=800, n=60_000, seed=9)
+    before = {kind: set(getattr(raw, kind)) for kind in ("images", "labels", "points", "shapes", "tables")}
+    out = dst.tl.super_resolve(raw, model, inplace=False)  # it must prepare to run, but not in `raw`
+    assert out["mean"].shape[0] == len(model.genes)
+    assert {kind: set(getattr(raw, kind)) for kind in before} == before
+    assert "diffst" not in raw.attrs
+    inplace = toy_xenium(size_um=800, n=60_000, seed=9)
+    dst.tl.super_resolve(inplace, model)
+    assert np.allclose(_mean(inplace), out["mean"].values)
+
+
 def test_raw_spatialdata_is_prepared_with_the_models_genes_and_units(trained):
     sdata, model = trained
     raw = toy_xenium(size_um=800, n=60_000, seed=9)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
 
-from ._utils import figure_of, pyplot
+from ._utils import check_save, figure_of, finish, pyplot
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -46,6 +47,8 @@ def benchmark(
     order: Sequence[str] | None = None,
     axes: Axes | Sequence[Axes] | None = None,
     panel_size: float = 3.0,
+    show: bool = False,
+    save: str | Path | None = None,
 ) -> Figure:
     """Compare methods on benchmark metrics, one panel per metric, the best method of each marked.
 
@@ -88,6 +91,10 @@ def benchmark(
         Axes to draw into, one per metric; by default a new figure with the panels side by side.
     panel_size
         Width of one panel in inches, for a new figure.
+    show
+        Show the figure (``plt.show()``); in a notebook the returned figure is shown anyway.
+    save
+        Also write the figure to this file (PNG, PDF, SVG … from the suffix; 150 dpi for raster formats).
 
     Returns
     -------
@@ -102,6 +109,7 @@ def benchmark(
     >>> dst.pl.benchmark(table)  # doctest: +SKIP
 
     """
+    save_path = check_save(save)
     if kind not in ("bar", "dot"):
         msg = f"`kind` must be 'bar' or 'dot'; got {kind!r}."
         raise ValueError(msg)
@@ -205,7 +213,7 @@ def benchmark(
             loc="center left",
             bbox_to_anchor=(1, 0.5),
         )
-    return fig
+    return finish(fig, show=show, save=save_path)
 
 
 def _to_long(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -14,7 +15,7 @@ from .._normalise import lr_per_hr_pixel
 from .._spatial import image_levels
 from ..tl._data import Prepared
 from ..tl._output import read_sr
-from ._utils import add_scale_bar, nice_length, pyplot
+from ._utils import add_scale_bar, check_save, finish, nice_length, pyplot
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -58,6 +59,9 @@ def gene_maps(
     vmax_percentile: float = 99.5,
     scale_bar_um: float | Literal[False] | None = None,
     panel_size: float = 2.5,
+    ax: Axes | None = None,
+    show: bool = False,
+    save: str | Path | None = None,
 ) -> Figure:
     """Super-resolved gene maps beside their low-resolution input and the truth, over the tissue image.
 
@@ -110,7 +114,14 @@ def gene_maps(
         Length of the scale bar drawn on the first panel of each row; by default a round length near a fifth of the
         region's width. ``False`` draws none.
     panel_size
-        Width of one panel in inches (the height follows the region's aspect ratio).
+        Width of one panel in inches (the height follows the region's aspect ratio), for a new figure.
+    ax
+        Draw into the place of this axes of an existing figure (it is replaced by the grid of panels), e.g. one cell
+        of a larger layout; by default a new figure.
+    show
+        Show the figure (``plt.show()``); in a notebook the returned figure is shown anyway.
+    save
+        Also write the figure to this file (PNG, PDF, SVG … from the suffix; 150 dpi for raster formats).
 
     Returns
     -------
@@ -123,6 +134,8 @@ def gene_maps(
     >>> dst.pl.gene_maps(sdata, "KRT8", region=(1000, 1000, 1400, 1400), units="counts")  # doctest: +SKIP
 
     """
+    target_ax = ax  # `ax` names each panel below
+    save_path = check_save(save)
     if units not in ("counts", "log1p"):
         msg = f"`units` must be 'counts' or 'log1p'; got {units!r}."
         raise ValueError(msg)
@@ -182,11 +195,19 @@ def gene_maps(
         width_ratios += [1.0] + ([0.06] if own_std_bar else [])
     aspect = float(np.clip((y1 - y0) / (x1 - x0), 0.25, 4.0))
     n_panels = len(expr_cols) + int(has_std)
-    fig = pyplot().figure(
-        figsize=(panel_size * n_panels + 0.9 * (1 + int(own_std_bar)) + 0.4, panel_size * aspect * len(genes) + 0.9),
-        layout="constrained",
-    )
-    gs = fig.add_gridspec(len(genes), len(width_ratios), width_ratios=width_ratios)
+    if target_ax is None:
+        fig = pyplot().figure(
+            figsize=(
+                panel_size * n_panels + 0.9 * (1 + int(own_std_bar)) + 0.4,
+                panel_size * aspect * len(genes) + 0.9,
+            ),
+            layout="constrained",
+        )
+        gs = fig.add_gridspec(len(genes), len(width_ratios), width_ratios=width_ratios)
+    else:
+        fig = target_ax.figure
+        gs = target_ax.get_subplotspec().subgridspec(len(genes), len(width_ratios), width_ratios=width_ratios)
+        target_ax.remove()
     unit_label = f"log1p(counts / {grid.hr_um:g} µm px)" if units == "log1p" else f"counts / {grid.hr_um:g} µm px"
     bar_um = _scale_bar_length(scale_bar_um, x1 - x0)
 
@@ -229,11 +250,10 @@ def gene_maps(
                 cb = fig.colorbar(im, cax=fig.add_subplot(gs[i, len(width_ratios) - 1]))
                 cb.set_label(f"std, {unit_label}", fontsize="small")
                 cb.ax.tick_params(labelsize="small")
-    fig.suptitle(
-        f"{key} ({attrs.get('method', '?')}) · {reg.what}: x {x0:g}–{x1:g} µm, y {y0:g}–{y1:g} µm",
-        fontsize="medium",
-    )
-    return fig
+    title = f"{key} ({attrs.get('method', '?')}) · {reg.what}: x {x0:g}–{x1:g} µm, y {y0:g}–{y1:g} µm"
+    if target_ax is None:
+        fig.suptitle(title, fontsize="medium")
+    return finish(fig, show=show, save=save_path)
 
 
 def _check_genes(genes: str | Sequence[str] | None, available: list[str], key: str) -> list[str]:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from ._utils import figure_of, pyplot
+from ._utils import check_save, figure_of, finish, pyplot
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -34,6 +35,8 @@ def training_history(
     x: str = "epoch",
     axes: Axes | Sequence[Axes] | None = None,
     panel_size: float = 3.5,
+    show: bool = False,
+    save: str | Path | None = None,
 ) -> Figure:
     """Training and validation curves of a Diff-ST model.
 
@@ -58,6 +61,10 @@ def training_history(
         figure with the panels side by side.
     panel_size
         Width of one panel in inches, for a new figure.
+    show
+        Show the figure (``plt.show()``); in a notebook the returned figure is shown anyway.
+    save
+        Also write the figure to this file (PNG, PDF, SVG … from the suffix; 150 dpi for raster formats).
 
     Returns
     -------
@@ -69,6 +76,7 @@ def training_history(
     >>> dst.pl.training_history(model)  # doctest: +SKIP
 
     """
+    save_path = check_save(save)
     df = _history_frame(model_or_history)
     if x not in df.columns:
         msg = f"The history has no column {x!r} for the x axis; it has {list(df.columns)}."
@@ -113,7 +121,7 @@ def training_history(
         ax.grid(alpha=0.3)
         if len(ax.get_lines()) > 1:
             ax.legend(fontsize="small", frameon=False)
-    return fig
+    return finish(fig, show=show, save=save_path)
 
 
 def _history_frame(obj: Any) -> pd.DataFrame:

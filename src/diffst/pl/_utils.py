@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -61,3 +62,23 @@ def figure_of(axes: Any) -> Figure:
         return first.get_figure(root=True)
     except TypeError:  # matplotlib < 3.10 has no `root`
         return first.figure
+
+
+def check_save(save: str | Path | None) -> Path | None:
+    """The path ``save=`` names, checked before anything is drawn (its folder must exist)."""
+    if save is None:
+        return None
+    path = Path(save).expanduser()
+    if not path.parent.exists():
+        msg = f"Cannot save the figure to {str(path)!r}: the folder {str(path.parent)!r} does not exist."
+        raise FileNotFoundError(msg)
+    return path
+
+
+def finish(fig: Figure, *, show: bool, save: Path | None, dpi: float = 150) -> Figure:
+    """Save the figure (the format from the suffix) and show it (``plt.show()``) when asked; return it."""
+    if save is not None:
+        fig.savefig(save, dpi=dpi, bbox_inches="tight")
+    if show:
+        pyplot().show()
+    return fig

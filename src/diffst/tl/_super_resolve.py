@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import shutil
 import tempfile
 import time
@@ -99,7 +100,9 @@ def super_resolve(
     overwrite
         Replace an existing result of that name.
     inplace
-        Write into ``sdata`` (``True``) or return the maps without touching it.
+        Write into ``sdata`` (``True``) or return the maps without touching it: with ``False``, a preparation or a
+        training the call needs (no prepared data, no model) is done on a detached copy, and ``sdata`` (elements,
+        attrs, store) stays exactly as it was.
     block_lr
         Output chunk side in LR pixels (memory per chunk grows with its square).
 
@@ -114,6 +117,9 @@ def super_resolve(
     _check_arguments(sampler, steps, n_samples, tile_overlap, batch_size, units, block_lr)
     if inplace:
         check_sr_free(sdata, key_added, overwrite=overwrite)
+    else:
+        # a preparation or a training this call needs goes into a detached copy: `sdata` is left exactly as it was
+        sdata = _detached(sdata)
     model = _resolve_model(sdata, model, key)
     if key not in sdata.attrs:
         _prepare_for(sdata, model, key)
@@ -249,6 +255,20 @@ def _resolve_model(sdata: SpatialData, model: DiffST | str | Path | None, key: s
         prepare(sdata, key_added=key)
     log.info("no trained model for this SpatialData: training one with the defaults (dst.tl.train)")
     return train(sdata, key=key)
+
+
+def _detached(sdata: SpatialData) -> SpatialData:
+    """A shallow, unbacked copy: the same elements (not copied), its own element dicts and a deep copy of the attrs."""
+    from spatialdata import SpatialData
+
+    return SpatialData(
+        images=dict(sdata.images),
+        labels=dict(sdata.labels),
+        points=dict(sdata.points),
+        shapes=dict(sdata.shapes),
+        tables=dict(sdata.tables),
+        attrs=copy.deepcopy(dict(sdata.attrs)),
+    )
 
 
 def _prepare_for(sdata: SpatialData, model: DiffST, key: str) -> None:
