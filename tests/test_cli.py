@@ -111,7 +111,8 @@ def test_prepare_then_evaluate_round_trip(store, tmp_path, capsys):
 
 
 def test_data_errors_exit_1_with_a_message_and_no_traceback(store, tmp_path, capsys):
-    assert cli.main(["prepare", str(store), *PREPARE[2:], "--genes", "NOPE,G1"]) == 1
+    # --quiet: the progress lines before the error (which reach capsys now that diffst loads lazily) stay out
+    assert cli.main(["--quiet", "prepare", str(store), *PREPARE[2:], "--genes", "NOPE,G1"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("diffst: error: ") and "NOPE" in err
     assert "Traceback" not in err
@@ -177,3 +178,20 @@ def test_demo_quick_writes_store_figure_metrics_and_refuses_to_overwrite(tmp_pat
     assert cli.main(["demo", "--quick", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert "already holds a diffst demo" in err and "--overwrite" in err
+
+
+def test_top_level_help_lists_every_command_and_imports_no_heavy_library():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from diffst import cli; status = cli.main(['--help']); "
+        "print(status, sorted(m for m in ('torch', 'lightning', 'spatialdata', 'dask') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    *help_lines, last = result.stdout.strip().splitlines()
+    assert last == "0 []"
+    text = "\n".join(help_lines)
+    for command in ("demo", "prepare", "train", "super-resolve", "upsample", "evaluate", "plot"):
+        assert f"    {command}" in text, command

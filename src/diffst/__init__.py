@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
-from . import datasets, get, pl, pp, tl
 from ._settings import settings
-from .tl import DiffST
+
+if TYPE_CHECKING:  # imported on first use (below), so that `diffst --help` does not load torch
+    from . import datasets, get, pl, pp, tl
+    from .tl import DiffST
 
 try:
     __version__ = version("diffst")
@@ -14,3 +18,23 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+unknown"
 
 __all__ = ["DiffST", "__version__", "datasets", "get", "pl", "pp", "settings", "tl"]
+
+_SUBMODULES = {"datasets", "get", "pl", "pp", "tl"}
+
+
+def __getattr__(name: str) -> Any:
+    """``dst.pp``, ``dst.tl`` … and ``dst.DiffST``, imported when first used (PEP 562)."""
+    if name in _SUBMODULES:
+        module = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
+    if name == "DiffST":
+        cls = importlib.import_module(".tl", __name__).DiffST
+        globals()[name] = cls
+        return cls
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

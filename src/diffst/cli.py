@@ -47,6 +47,18 @@ EVALUATE_ARGS = ("key", "truth_key", "split", "genes")
 UPSAMPLE_ARGS = ("key", "method", "key_added", "units", "consistency", "overwrite")
 PLOT_ARGS = ("key", "region", "tile", "split", "units", "show_image", "panel_size")
 
+#: One line per command, for `diffst --help` (which builds only the command it is asked about, so it imports nothing
+#: heavy).
+SUMMARIES = {
+    "demo": "Run the whole Diff-ST workflow on built-in data and compare it with bicubic up-sampling.",
+    "prepare": "Build low- and high-resolution gene rasters, tiles and a train/val/test split (dst.pp.prepare).",
+    "train": "Train a Diff-ST model on the prepared tiles (dst.tl.train).",
+    "super-resolve": "Super-resolve the gene maps over the whole tissue (dst.tl.super_resolve).",
+    "upsample": "Up-sample the LR gene maps without a model: the baselines (dst.tl.upsample).",
+    "plot": "Draw gene maps of a result over the tissue image: LR | SR mean | truth | SR std (dst.pl.gene_maps).",
+    "evaluate": "Score a super-resolved result against the HR truth on held-out tiles (dst.tl.evaluate).",
+}
+
 #: Exceptions that mean "the input or the data are wrong", reported without a traceback.
 _DATA_ERRORS = (ValueError, KeyError, OSError, ImportError)
 
@@ -56,8 +68,9 @@ _DATA_ERRORS = (ValueError, KeyError, OSError, ImportError)
 # --------------------------------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``diffst`` command line; returns the exit status (0 success, 1 data error, 2 usage error)."""
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    # only the command asked for is built in full: `diffst --help` then loads neither torch nor spatialdata
+    parser = build_parser([a for a in argv if a in SUMMARIES][:1])
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse exits on --help, --version and usage errors
@@ -247,8 +260,12 @@ class _Formatter(argparse.HelpFormatter):
         return text
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``diffst`` argument parser with its subcommands."""
+def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``diffst`` argument parser with its subcommands.
+
+    ``commands``: the subcommands to build with their options (each takes its defaults from the library function's
+    signature, which imports it); the others are listed by name and summary only. ``None``: all of them.
+    """
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: the options may come before or after the subcommand without one position resetting the other
     common.add_argument(
@@ -285,13 +302,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _add_demo(sub, common)
-    _add_prepare(sub, common)
-    _add_train(sub, common)
-    _add_super_resolve(sub, common)
-    _add_upsample(sub, common)
-    _add_evaluate(sub, common)
-    _add_plot(sub, common)
+    adders = {
+        "demo": _add_demo,
+        "prepare": _add_prepare,
+        "train": _add_train,
+        "super-resolve": _add_super_resolve,
+        "upsample": _add_upsample,
+        "evaluate": _add_evaluate,
+        "plot": _add_plot,
+    }
+    for name, add in adders.items():
+        if commands is None or name in commands:
+            add(sub, common)
+        else:  # listed with its summary; its options (and the library they come from) are loaded when it is used
+            sub.add_parser(name, help=SUMMARIES[name], parents=[common])
     return parser
 
 
@@ -317,7 +341,7 @@ def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
         sub,
         common,
         "demo",
-        "Run the whole Diff-ST workflow on built-in data and compare it with bicubic up-sampling.",
+        SUMMARIES["demo"],
         "Prepares 25 genes (100 µm LR → 10 µm HR, 400 µm tiles on the synthetic slide), trains the default preset "
         "with its default budget (about 750 steps, capped at 6 minutes of training so that the demo ends within "
         "about 10 minutes on a 2-core CPU; the best validation checkpoint is kept), super-resolves with 4 samples, "
@@ -357,7 +381,7 @@ def _add_prepare(sub: Any, common: argparse.ArgumentParser) -> None:
         sub,
         common,
         "prepare",
-        "Build low- and high-resolution gene rasters, tiles and a train/val/test split (dst.pp.prepare).",
+        SUMMARIES["prepare"],
         "Works on transcripts (Xenium, MERFISH, CosMx), spots (Visium, ST) and Visium HD bins with an H&E or "
         "fluorescence image. Writes into the store, under --key-added (default 'diffst'):\n"
         "  images['diffst_lr']       LR counts per LR pixel (channels = genes)\n"
@@ -486,7 +510,7 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
         sub,
         common,
         "train",
-        "Train a Diff-ST model on the prepared tiles (dst.tl.train).",
+        SUMMARIES["train"],
         "Needs HR truth (transcripts or Visium HD bins). Prints a progress line every 30 s (step, loss, validation "
         "PCC, time left), stops early when the validation PCC stops improving or when --time-budget runs out, writes "
         "a checkpoint at least every minute and on Ctrl-C (then says how to resume with --resume), and saves the "
@@ -574,7 +598,7 @@ def _add_super_resolve(sub: Any, common: argparse.ArgumentParser) -> None:
         sub,
         common,
         "super-resolve",
-        "Super-resolve the gene maps over the whole tissue (dst.tl.super_resolve).",
+        SUMMARIES["super-resolve"],
         "Covers the tissue with overlapping model windows, samples each, blends the seams and, with --n-samples > 1, "
         "also gives the per-pixel standard deviation. Writes into the store:\n"
         "  images['diffst_sr']      the SR map on the HR grid (pixels of lr_um / scale µm; channels = genes; --units), "
@@ -649,7 +673,7 @@ def _add_upsample(sub: Any, common: argparse.ArgumentParser) -> None:
         sub,
         common,
         "upsample",
-        "Up-sample the LR gene maps without a model: the baselines (dst.tl.upsample).",
+        SUMMARIES["upsample"],
         "'bicubic' and 'nearest' interpolate the LR counts; 'image' is the training-free image floor (bicubic weighted "
         "by the nuclear stain of the tissue image, kept consistent with every LR pixel). Writes images['<key-added>'] "
         "(default '<method>_sr', e.g. 'bicubic_sr') on the HR grid, which `diffst evaluate` and `diffst plot` read.",
@@ -680,7 +704,7 @@ def _add_plot(sub: Any, common: argparse.ArgumentParser) -> None:
         sub,
         common,
         "plot",
-        "Draw gene maps of a result over the tissue image: LR | SR mean | truth | SR std (dst.pl.gene_maps).",
+        SUMMARIES["plot"],
         "One row per gene, over the same region of the slide in µm (by default a test tile). Writes the figure to "
         "--output (PNG, PDF or SVG by its suffix).",
     )
@@ -716,7 +740,7 @@ def _add_evaluate(sub: Any, common: argparse.ArgumentParser) -> None:
         sub,
         common,
         "evaluate",
-        "Score a super-resolved result against the HR truth on held-out tiles (dst.tl.evaluate).",
+        SUMMARIES["evaluate"],
         "Scores the SR map on the prepared HR grid (pixels of hr_um = lr_um / scale µm, e.g. 10 µm) against the HR "
         "truth, per gene, averaged over the tiles of --split, on the normalised scale x = 2·log1p(counts)/s_g − 1: signed "
         "Pearson r (pcc), rmse, ssim; lr_consistency Σ|D(SR) − LR| / Σ LR in counts; and the paper-compatible "
