@@ -94,7 +94,9 @@ def test_sigint_saves_a_checkpoint_says_how_to_resume_and_resuming_matches_an_un
             break
     out, err = proc.communicate(timeout=300)
     assert "FINISHED" not in out
-    assert proc.returncode in (-signal.SIGINT, 130), err[-2000:]  # a plain KeyboardInterrupt: ended as by Ctrl-C
+    # a plain KeyboardInterrupt ends the script; its exit status is the interpreter's (130 / -SIGINT, or 1 when a
+    # library's exit hook runs Python code after it, as torch._dynamo's can), so only "not 0" is checked
+    assert proc.returncode != 0, err[-2000:]
     checkpoint = run / "checkpoints" / "last.ckpt"
     assert checkpoint.exists()
     steps = int(torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"])
@@ -103,7 +105,7 @@ def test_sigint_saves_a_checkpoint_says_how_to_resume_and_resuming_matches_an_un
         f"interrupted after {steps} steps; checkpoint at {checkpoint}; resume with `dst.tl.train(..., resume=True)`"
     )
     assert message in err
-    assert "KeyboardInterrupt" in err
+    assert f"KeyboardInterrupt: {message}" in err  # raised (not a SystemExit), with the message
     # progress lines reached a pipe (not a terminal): the plan with the measured speed, then step lines
     assert "30 steps planned;" in err and "s per step" in err
     assert f"step {steps}/30 · epoch 2 · loss " in err

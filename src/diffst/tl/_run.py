@@ -42,7 +42,7 @@ class Interrupted(Exception):
 def interrupted(steps: int, saved_step: int | None, checkpoint: Path) -> KeyboardInterrupt:
     """The :class:`KeyboardInterrupt` that :func:`diffst.tl.train` raises after Ctrl-C, saying where the checkpoint is.
 
-    A plain ``KeyboardInterrupt`` (so that a script still ends as Ctrl-C ends it, exit status 130), with the
+    A plain ``KeyboardInterrupt`` (so that a script still ends as Ctrl-C ends it), with the
     attributes ``steps`` (done), ``saved_step`` (of the checkpoint, ``None`` when none was written) and
     ``checkpoint`` (its path); ``resume_hint(e, text)`` words the message for another interface (the CLI).
     """
