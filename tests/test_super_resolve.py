@@ -189,6 +189,7 @@ def test_progress_bar_counts_every_window_sampling(monkeypatch):
 
     monkeypatch.setattr(_super_resolve._Job, "_sample_windows", counting)
     monkeypatch.setattr("tqdm.auto.tqdm", Bar)
+    monkeypatch.setattr(_super_resolve, "_interactive", lambda: True)  # a terminal: the bar
     dst.settings.verbosity = 1
     # small chunks: windows near chunk borders are sampled once per chunk they reach, and the bar knows it
     dst.tl.super_resolve(sdata, model, block_lr=7)
@@ -198,6 +199,20 @@ def test_progress_bar_counts_every_window_sampling(monkeypatch):
     dst.settings.verbosity = 0
     dst.tl.super_resolve(sdata, model, block_lr=7, key_added="again")
     assert len(bars) == 1
+
+
+def test_progress_in_a_log_file_is_plain_lines(monkeypatch, log_lines):
+    sdata = _prepared()
+    model = untrained(Prepared.from_sdata(sdata, "diffst"))
+    monkeypatch.setattr(_super_resolve, "_interactive", lambda: False)  # output to a file
+    monkeypatch.setattr(dst.settings, "progress_every", 0.0)
+    monkeypatch.setattr(dst.settings, "verbosity", 1)
+    dst.tl.super_resolve(sdata, model, block_lr=7)
+    lines = [line for line in log_lines if line.startswith("super-resolving: ")]
+    counts = [tuple(int(v) for v in line.split()[1].split("/")) for line in lines]
+    assert counts and counts[-1][0] == counts[-1][1] > 0  # the last line: all windows done
+    assert [n for n, _ in counts] == sorted(n for n, _ in counts) and all("left" in line for line in lines)
+    assert _super_resolve._progress is None
 
 
 def test_same_seed_same_map_different_seed_different(trained):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -576,17 +577,46 @@ def _chunks(n: int, b: int) -> tuple[int, ...]:
     return tuple([b] * (n // b) + ([n % b] if n % b else []))
 
 
+def _interactive() -> bool:
+    """A terminal or a notebook, where a tqdm bar redraws in place (in a log file its redraws would pile up)."""
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
+
+
+class _LogProgress:
+    """The bar's ``update`` as plain log lines every ``dst.settings.progress_every`` seconds (output to a file)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.n = int(total), 0
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, n: int) -> None:
+        self.n += int(n)
+        now = time.perf_counter()
+        if now - self.last >= settings.progress_every or self.n >= self.total:
+            self.last = now
+            spent = now - self.t0
+            left = spent / self.n * (self.total - self.n) if self.n else float("nan")
+            log.info(f"super-resolving: {self.n}/{self.total} windows · {spent:.0f} s · about {left:.0f} s left")
+
+
 @contextlib.contextmanager
 def _progress_bar(total: int, show: bool):
-    """Install a tqdm bar over ``total`` window samplings as this process's :data:`_progress` while the block runs."""
+    """Install a progress display over ``total`` window samplings as this process's :data:`_progress`.
+
+    A tqdm bar in a terminal or a notebook, plain log lines otherwise.
+    """
     global _progress
     if not show:
         yield
         return
-    from tqdm.auto import tqdm
+    if _interactive():
+        from tqdm.auto import tqdm
 
-    with tqdm(total=total, desc="super-resolving", unit="window") as bar:
-        _progress = bar
+        bar: Any = tqdm(total=total, desc="super-resolving", unit="window")
+    else:
+        bar = contextlib.nullcontext(_LogProgress(total))
+    with bar as progress:
+        _progress = progress
         try:
             yield
         finally:
