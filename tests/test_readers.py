@@ -62,6 +62,13 @@ def _histogram(element, cs, x, y, weights=None):
     return np.bincount(row[ok] * w + col[ok], weights=wts[ok], minlength=h * w).reshape(h, w)
 
 
+def _train_a_few_steps(sdata, run):
+    """One epoch of the tiny preset: enough to run super_resolve through a trained model's code path."""
+    return dst.tl.train(
+        sdata, preset="tiny", max_epochs=1, val_steps=2, guard=False, time_budget=None, checkpoint_dir=run
+    )
+
+
 # ====================================================================================================================
 # Visium
 # ====================================================================================================================
@@ -327,16 +334,7 @@ def test_visium_hd_prepare_train_super_resolve_alignment(visium_hd, tmp_path):
     assert u == pytest.approx(visium_hd.um_per_px, rel=0.02)
     _check_hd_hr(sdata, visium_hd)
 
-    model = dst.tl.train(
-        sdata,
-        preset="tiny",
-        max_epochs=1,
-        val_steps=2,
-        guard=False,
-        time_budget=None,
-        checkpoint_dir=tmp_path / "run",
-        enable_progress_bar=False,
-    )
+    model = _train_a_few_steps(sdata, tmp_path / "run")
     dst.tl.super_resolve(sdata, model, n_samples=1, steps=2)
     hr = sdata["diffst_hr"]
     sr = sdata["diffst_sr"]
@@ -595,15 +593,7 @@ def test_xenium_prepare_train_super_resolve_alignment(xenium, tmp_path):
         assert got.sum() == pytest.approx(expected.sum(), rel=1e-3)
         assert np.abs(got - expected).sum() <= 1e-3 * expected.sum() + 2  # float32 positions on pixel edges
 
-    model = dst.tl.train(
-        sdata,
-        preset="tiny",
-        max_epochs=1,
-        val_steps=2,
-        guard=False,
-        checkpoint_dir=tmp_path / "run",
-        enable_progress_bar=False,
-    )
+    model = _train_a_few_steps(sdata, tmp_path / "run")
     dst.tl.super_resolve(sdata, model, n_samples=1, steps=2)
     sr = sdata["diffst_sr"]
     assert np.allclose(_affine(sr, "global"), _affine(hr, "global"))
