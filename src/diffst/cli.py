@@ -319,11 +319,12 @@ def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentPars
     return parser
 
 
-def _subparser(sub: Any, common: argparse.ArgumentParser, name: str, summary: str, description: str):
-    p = sub.add_parser(
+def _subparser(sub: Any, common: argparse.ArgumentParser, name: str, description: str):
+    """A command's parser: its one-line summary (from ``SUMMARIES``) above ``description``."""
+    summary = SUMMARIES[name]
+    return sub.add_parser(
         name, help=summary, description=f"{summary}\n\n{description}", formatter_class=_Formatter, parents=[common]
     )
-    return p
 
 
 def _library_defaults(p: argparse.ArgumentParser, func: Callable[..., Any], names: Sequence[str]) -> None:
@@ -341,7 +342,6 @@ def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
         sub,
         common,
         "demo",
-        SUMMARIES["demo"],
         "Prepares 25 genes (100 µm LR → 10 µm HR, 400 µm tiles on the synthetic slide), trains the default preset "
         "with its default budget (about 750 steps, capped at 6 minutes of training so that the demo ends within "
         "about 10 minutes on a 2-core CPU; the best validation checkpoint is kept), super-resolves with 4 samples, "
@@ -381,7 +381,6 @@ def _add_prepare(sub: Any, common: argparse.ArgumentParser) -> None:
         sub,
         common,
         "prepare",
-        SUMMARIES["prepare"],
         "Works on transcripts (Xenium, MERFISH, CosMx), spots (Visium, ST) and Visium HD bins with an H&E or "
         "fluorescence image. Writes into the store, under --key-added (default 'diffst'):\n"
         "  images['diffst_lr']       LR counts per LR pixel (channels = genes)\n"
@@ -510,7 +509,6 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
         sub,
         common,
         "train",
-        SUMMARIES["train"],
         "Needs HR truth (transcripts or Visium HD bins). Prints a progress line every 30 s (step, loss, validation "
         "PCC, time left), stops early when the validation PCC stops improving or when --time-budget runs out, writes "
         "a checkpoint at least every minute and on Ctrl-C (then says how to resume with --resume), and saves the "
@@ -598,7 +596,6 @@ def _add_super_resolve(sub: Any, common: argparse.ArgumentParser) -> None:
         sub,
         common,
         "super-resolve",
-        SUMMARIES["super-resolve"],
         "Covers the tissue with overlapping model windows, samples each, blends the seams and, with --n-samples > 1, "
         "also gives the per-pixel standard deviation. Writes into the store:\n"
         "  images['diffst_sr']      the SR map on the HR grid (pixels of lr_um / scale µm; channels = genes; --units), "
@@ -673,7 +670,6 @@ def _add_upsample(sub: Any, common: argparse.ArgumentParser) -> None:
         sub,
         common,
         "upsample",
-        SUMMARIES["upsample"],
         "'bicubic' and 'nearest' interpolate the LR counts; 'image' is the training-free image floor (bicubic weighted "
         "by the nuclear stain of the tissue image, kept consistent with every LR pixel). Writes images['<key-added>'] "
         "(default '<method>_sr', e.g. 'bicubic_sr') on the HR grid, which `diffst evaluate` and `diffst plot` read.",
@@ -704,7 +700,6 @@ def _add_plot(sub: Any, common: argparse.ArgumentParser) -> None:
         sub,
         common,
         "plot",
-        SUMMARIES["plot"],
         "One row per gene, over the same region of the slide in µm (by default a test tile). Writes the figure to "
         "--output (PNG, PDF or SVG by its suffix).",
     )
@@ -740,7 +735,6 @@ def _add_evaluate(sub: Any, common: argparse.ArgumentParser) -> None:
         sub,
         common,
         "evaluate",
-        SUMMARIES["evaluate"],
         "Scores the SR map on the prepared HR grid (pixels of hr_um = lr_um / scale µm, e.g. 10 µm) against the HR "
         "truth, per gene, averaged over the tiles of --split, on the normalised scale x = 2·log1p(counts)/s_g − 1: signed "
         "Pearson r (pcc), rmse, ssim; lr_consistency Σ|D(SR) − LR| / Σ LR in counts; and the paper-compatible "
@@ -957,11 +951,19 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_plot(args: argparse.Namespace) -> int:
-    output = Path(args.output).expanduser()
+def _output_file(text: str | None) -> Path | None:
+    """The ``--output`` path, checked before any work: its folder must exist."""
+    if text is None:
+        return None
+    output = Path(text).expanduser()
     if not output.parent.exists():
         msg = f"Cannot write --output {str(output)!r}: the folder {str(output.parent)!r} does not exist."
         raise FileNotFoundError(msg)
+    return output
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    output = _output_file(args.output)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -977,10 +979,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .tl import evaluate
 
-    output = Path(args.output).expanduser() if args.output else None
-    if output is not None and not output.parent.exists():
-        msg = f"Cannot write --output {str(output)!r}: the folder {str(output.parent)!r} does not exist."
-        raise FileNotFoundError(msg)
+    output = _output_file(args.output)
     sdata = _read(args.path)
     df = evaluate(sdata, **_kwargs(args, EVALUATE_ARGS))
     import pandas as pd

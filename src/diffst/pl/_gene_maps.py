@@ -134,7 +134,6 @@ def gene_maps(
     >>> dst.pl.gene_maps(sdata, "KRT8", region=(1000, 1000, 1400, 1400), units="counts")  # doctest: +SKIP
 
     """
-    target_ax = ax  # `ax` names each panel below
     save_path = check_save(save)
     if units not in ("counts", "log1p"):
         msg = f"`units` must be 'counts' or 'log1p'; got {units!r}."
@@ -195,7 +194,7 @@ def gene_maps(
         width_ratios += [1.0] + ([0.06] if own_std_bar else [])
     aspect = float(np.clip((y1 - y0) / (x1 - x0), 0.25, 4.0))
     n_panels = len(expr_cols) + int(has_std)
-    if target_ax is None:
+    if ax is None:
         fig = pyplot().figure(
             figsize=(
                 panel_size * n_panels + 0.9 * (1 + int(own_std_bar)) + 0.4,
@@ -205,9 +204,9 @@ def gene_maps(
         )
         gs = fig.add_gridspec(len(genes), len(width_ratios), width_ratios=width_ratios)
     else:
-        fig = target_ax.figure
-        gs = target_ax.get_subplotspec().subgridspec(len(genes), len(width_ratios), width_ratios=width_ratios)
-        target_ax.remove()
+        fig = ax.figure
+        gs = ax.get_subplotspec().subgridspec(len(genes), len(width_ratios), width_ratios=width_ratios)
+        ax.remove()
     unit_label = f"log1p(counts / {grid.hr_um:g} µm px)" if units == "log1p" else f"counts / {grid.hr_um:g} µm px"
     bar_um = _scale_bar_length(scale_bar_um, x1 - x0)
 
@@ -217,13 +216,12 @@ def gene_maps(
         std_vmax = vmax
         if own_std_bar:
             std_vmax = _upper_limit(columns["std"][i][np.isfinite(columns["std"][i])], vmax_percentile)
-        row_axes: list[Axes] = []
         for j, col in enumerate([*expr_cols, *(["std"] if has_std else [])]):
             slot = j if col != "std" else len(expr_cols) + 1
-            ax = fig.add_subplot(gs[i, slot])
+            panel = fig.add_subplot(gs[i, slot])
             is_std = col == "std"
             im = _draw_panel(
-                ax,
+                panel,
                 columns[col][i],
                 extents[col],
                 reg.bbox_um,
@@ -234,14 +232,13 @@ def gene_maps(
                 map_alpha=map_alpha,
                 transparent_below=transparent_below if image is not None else None,
             )
-            ax.set_gid(f"{gene}:{col}")
+            panel.set_gid(f"{gene}:{col}")
             if i == 0:
-                ax.set_title(titles[col], fontsize="medium")
+                panel.set_title(titles[col], fontsize="medium")
             if j == 0:
-                ax.set_ylabel(gene, fontsize="large", fontweight="bold")
+                panel.set_ylabel(gene, fontsize="large", fontweight="bold")
                 if bar_um:
-                    add_scale_bar(ax, bar_um)
-            row_axes.append(ax)
+                    add_scale_bar(panel, bar_um)
             if col == expr_cols[-1]:
                 cb = fig.colorbar(im, cax=fig.add_subplot(gs[i, len(expr_cols)]))
                 cb.set_label(unit_label, fontsize="small")
@@ -251,7 +248,7 @@ def gene_maps(
                 cb.set_label(f"std, {unit_label}", fontsize="small")
                 cb.ax.tick_params(labelsize="small")
     title = f"{key} ({attrs.get('method', '?')}) · {reg.what}: x {x0:g}–{x1:g} µm, y {y0:g}–{y1:g} µm"
-    if target_ax is None:
+    if ax is None:
         fig.suptitle(title, fontsize="medium")
     return finish(fig, show=show, save=save_path)
 

@@ -431,12 +431,8 @@ def _spot_units(
     from_radius = encoded / (2.0 * radius * scale)
     lattice = None
     if {"array_row", "array_col"} <= set(table.obs.columns):
-        rows = _table_rows(table, region)
+        rows, xc, yc = table_centres(table, shapes, table_key, shapes_key, region, instance_column, cs)
         obs = table.obs.iloc[rows]
-        key = instance_column or table.uns.get("spatialdata_attrs", {}).get("instance_key")
-        ids = obs[key].to_numpy() if key in obs else obs.index.to_numpy()
-        geom = shapes.geometry.loc[ids]
-        xc, yc = transform_points(affine_to_cs(shapes, cs), geom.x.to_numpy(), geom.y.to_numpy())
         lattice = lattice_pitch(obs["array_row"].to_numpy(), obs["array_col"].to_numpy(), xc, yc)
     if lattice is None:
         pitch_um = float(spot_pitch_um) if spot_pitch_um is not None else None
@@ -474,12 +470,37 @@ def _spot_units(
     return float(um), source, spot_d, pitch_um
 
 
-def _table_rows(table: Any, region: str | None) -> np.ndarray:
-    attrs = table.uns.get("spatialdata_attrs", {})
-    region_key = attrs.get("region_key")
+def table_centres(
+    table: Any,
+    shapes: Any,
+    table_key: str,
+    shapes_key: str,
+    region: str | None,
+    instance_column: str | None,
+    cs: str,
+    *,
+    centroid: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The table rows of ``region`` and the centres of their shapes in ``cs`` units (``centroid`` for polygons)."""
+    region_key = table.uns.get("spatialdata_attrs", {}).get("region_key")
     if region is not None and region_key in table.obs:
-        return np.flatnonzero((table.obs[region_key].astype(str) == region).to_numpy())
-    return np.arange(table.n_obs)
+        rows = np.flatnonzero((table.obs[region_key].astype(str) == region).to_numpy())
+    else:
+        rows = np.arange(table.n_obs)
+    if not len(rows):
+        msg = f"Table {table_key!r} has no rows of region {region!r} (its `region_key` column)."
+        raise ValueError(msg)
+    key = instance_column or table.uns.get("spatialdata_attrs", {}).get("instance_key")
+    obs = table.obs
+    ids = obs[key].to_numpy()[rows] if key in obs else obs.index.to_numpy()[rows]
+    try:
+        geom = shapes.geometry.loc[ids]
+    except KeyError as e:
+        msg = f"Table {table_key!r} rows do not match the index of shapes {shapes_key!r} via {key!r}."
+        raise ValueError(msg) from e
+    points = geom.centroid if centroid else geom
+    xc, yc = transform_points(affine_to_cs(shapes, cs), points.x.to_numpy(), points.y.to_numpy())
+    return rows, xc, yc
 
 
 def _choose_bin_table(tables: list[str], bin_size: int | None, hr_um: float) -> str:
@@ -586,13 +607,10 @@ def check_counts(matrix: Any, what: str, fix: str) -> sp.csr_matrix:
 def _read_table(sdata: SpatialData, inputs: Inputs, *, layer: str | None) -> Measurement:
     table = sdata.tables[inputs.table_key]
     shapes = sdata.shapes[inputs.shapes_key]
-    attrs = table.uns.get("spatialdata_attrs", {})
-    instance_key = inputs.instance_column or attrs.get("instance_key")
-    obs = table.obs
-    rows = _table_rows(table, inputs.region)
-    if not len(rows):
-        msg = f"Table {inputs.table_key!r} has no rows of region {inputs.region!r} (its `region_key` column)."
-        raise ValueError(msg)
+    rows, xc, yc = table_centres(
+        table, shapes, inputs.table_key, inputs.shapes_key, inputs.region, inputs.instance_column, inputs.cs,
+        centroid=inputs.kind == "bins",
+    )  # fmt: skip
     if layer is not None:
         if layer not in table.layers:
             msg = f"Layer {layer!r} (from `layer`) is not in tables[{inputs.table_key!r}]; it has {list(table.layers)}."
@@ -609,16 +627,6 @@ def _read_table(sdata: SpatialData, inputs: Inputs, *, layer: str | None) -> Mea
         matrix[rows], f"tables[{inputs.table_key!r}]" + (f".layers[{layer!r}]" if layer else ".X"), fix
     )
 
-    ids = obs[instance_key].to_numpy()[rows] if instance_key in obs else obs.index.to_numpy()[rows]
-    try:
-        geom = shapes.geometry.loc[ids]
-    except KeyError as e:
-        msg = f"Table {inputs.table_key!r} rows do not match the index of shapes {inputs.shapes_key!r} via {instance_key!r}."
-        raise ValueError(msg) from e
-    cx = geom.centroid.x.to_numpy() if inputs.kind == "bins" else geom.x.to_numpy()
-    cy = geom.centroid.y.to_numpy() if inputs.kind == "bins" else geom.y.to_numpy()
-    m = affine_to_cs(shapes, inputs.cs)
-    xc, yc = transform_points(m, cx, cy)
     centres = np.column_stack([xc, yc]) * inputs.um_per_px
     meas = Measurement(
         kind=inputs.kind,

@@ -196,7 +196,7 @@ class ProgressLog(L.Callback):
         left = self.planned - step
         text = (
             f"{self.planned} steps planned; {rate:.2f} s per step over the first {step - self._start_step - 1} "
-            f"timed steps, so about {_duration(left * rate)} more (plus validation)"
+            f"timed steps, so about {format_duration(left * rate)} more (plus validation)"
         )
         budget = self.control.time_budget
         if budget is not None:
@@ -223,17 +223,18 @@ class ProgressLog(L.Callback):
             parts.append(f"val PCC {v['val_pcc']:.3f} at step {int(v['step'])}" + (f" ({ref})" if ref else ""))
         else:
             parts.append("not validated yet")
-        parts.append(f"{_duration(self.control.seconds)} trained")
+        parts.append(f"{format_duration(self.control.seconds)} trained")
         if rate is not None:
             eta = (self.planned - step) * rate
             budget = self.control.time_budget
             if budget is not None:
                 eta = min(eta, max(0.0, budget - self.control.seconds))
-            parts.append(f"about {_duration(eta)} left")
+            parts.append(f"about {format_duration(eta)} left")
         return " · ".join(parts)
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """``42 s``, ``3.5 min`` or ``2.1 h``."""
     seconds = max(0.0, float(seconds))
     if seconds < 90:
         return f"{seconds:.0f} s"

@@ -28,6 +28,7 @@ from ..model import Diffusion
 from ._data import Prepared, TileSource
 from ._model import DiffST, fingerprint
 from ._output import Units, check_sr_free, sr_image, write_sr
+from ._run import format_duration
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -595,8 +596,11 @@ class _LogProgress:
         if now - self.last >= settings.progress_every or self.n >= self.total:
             self.last = now
             spent = now - self.t0
-            left = spent / self.n * (self.total - self.n) if self.n else float("nan")
-            log.info(f"super-resolving: {self.n}/{self.total} windows · {spent:.0f} s · about {left:.0f} s left")
+            left = spent / self.n * (self.total - self.n) if self.n else 0.0
+            log.info(
+                f"super-resolving: {self.n}/{self.total} windows · {format_duration(spent)} · "
+                f"about {format_duration(left)} left"
+            )
 
 
 @contextlib.contextmanager

@@ -206,8 +206,9 @@ def train(
         family, None if checkpoint_dir is None else Path(checkpoint_dir), resume=resume, overwrite=overwrite
     )
     ckpt_dir = run_dir / "checkpoints"
+    resumed = None
     if ckpt_path is not None:
-        check_resumable(
+        resumed = check_resumable(
             ckpt_path, config=cfg.to_dict(), fingerprint=fp, planned_steps=planned, max_epochs=max_epochs,
             time_budget=time_budget,
         )  # fmt: skip
@@ -273,7 +274,7 @@ def train(
         f"steps = {planned} steps, batch {cfg.batch_size}, "
         + (f"time budget {time_budget:g} s" if time_budget is not None else "no time budget")
         + f"; checkpoints in {ckpt_dir}"
-        + (f" (resuming the run there from step {_ckpt_step(ckpt_path)})" if ckpt_path else "")
+        + (f" (resuming the run there from step {resumed['steps']})" if resumed else "")
     )
     if not n_val:
         log.warn("no validation windows: the last weights are kept and nothing checks them against the baselines")
@@ -297,9 +298,15 @@ def train(
     stopped = _stopped_by(trainer, control, early, planned, max_epochs)
     validated = bool(n_val) and checkpoint.best_model_score is not None
     last_val = progress.val.get("val_pcc")
-    improving = validated and last_val is not None and last_val >= float(checkpoint.best_model_score) - 1e-12
+    # still improving: the last validation was the best, and early stopping did not end the run
+    improving = (
+        validated
+        and stopped != "early stopping"
+        and last_val is not None
+        and last_val >= float(checkpoint.best_model_score) - 1e-12
+    )
     _warn_unfinished(stopped, trainer.global_step, planned, time_budget, n_val=n_val, validated=validated,
-                     improving=improving and stopped != "early stopping", best=checkpoint.best_model_score)  # fmt: skip
+                     improving=improving, best=checkpoint.best_model_score)  # fmt: skip
 
     best = checkpoint.best_model_path if n_val and checkpoint.best_model_path else None
     if best:
@@ -330,7 +337,7 @@ def train(
             "planned_steps": int(planned),
             "trained_seconds": float(control.seconds),
             "validated": validated,
-            "still_improving": bool(improving and stopped != "early stopping"),
+            "still_improving": bool(improving),
             "run_dir": str(run_dir),
             "window_lr": int(window_lr),
             "prepared_fingerprint": fp,
@@ -429,10 +436,6 @@ def _summary(info: dict[str, Any]) -> str:
     if info.get("best_val_pcc") is not None:
         return f"best val PCC {info['best_val_pcc']:.3f}, no guard"
     return "not validated"
-
-
-def _ckpt_step(path: Path) -> int:
-    return int(torch.load(path, map_location="cpu", weights_only=False).get("global_step", 0))
 
 
 def _stopped_by(trainer: L.Trainer, control: RunControl, early: Any, planned: int, max_epochs: int) -> str:
