@@ -63,6 +63,10 @@ class BinDegradation:
         """Observed fraction of each LR pixel (all ones)."""
         return np.ones(lr_shape, dtype=np.float32)
 
+    def footprint(self, hr_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Weight of every HR pixel in its LR pixel (1) and the offset to that LR pixel (0): see :func:`footprint`."""
+        return np.ones(hr_shape, dtype=np.float32), np.zeros((2, *hr_shape), dtype=np.int8)
+
     def project(self, sr: np.ndarray, lr: np.ndarray, observed: np.ndarray | None = None) -> np.ndarray:
         """The non-negative map closest in ratio to ``sr`` whose degradation equals ``lr`` where observed.
 
@@ -198,6 +202,30 @@ class SpotDegradation:
         # discs do not overlap (pitch > diameter), so each HR pixel belongs to at most one spot
         sr[:, rows, cols] = sr[:, rows, cols] * ratio[:, owner] + add[:, owner]
         return sr
+
+    def footprint(self, hr_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Per HR pixel, the weight it enters its spot with and the offset to the LR pixel that spot is laid on.
+
+        Returns ``weight`` ``(H, W)`` float32 (the disc area fraction, 0 outside every spot) and ``offset``
+        ``(2, H, W)`` int8: the LR row and column of the spot's centre minus those of the HR pixel itself (a disc
+        reaches at most a few LR pixels from its centre's). ``degrade`` is then ``Σ weight · hr`` over the HR pixels
+        owned by each LR pixel, which a model can compute on any window without the spot list.
+        """
+        g = self.grid
+        hh, ww = g.hr_shape
+        weight = np.zeros((hh, ww), dtype=np.float32)
+        offset = np.zeros((2, hh, ww), dtype=np.int16)
+        touched = self.weights > 0
+        rows = np.broadcast_to(self._rows[:, :, None], touched.shape)[touched]
+        cols = np.broadcast_to(self._cols[:, None, :], touched.shape)[touched]
+        owner = np.broadcast_to(self.lr_index[:, None, None], touched.shape)[touched]
+        weight[rows, cols] = self.weights[touched]
+        offset[0, rows, cols] = owner // g.lr_shape[1] - rows // g.scale
+        offset[1, rows, cols] = owner % g.lr_shape[1] - cols // g.scale
+        if np.abs(offset).max(initial=0) > 127:
+            msg = "spot discs reach more than 127 LR pixels from their centre's; use a larger `lr_um`."
+            raise ValueError(msg)
+        return weight, offset.astype(np.int8)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable description (the centres are stored as a shapes element)."""

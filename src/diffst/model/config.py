@@ -59,6 +59,12 @@ class DiffSTConfig:
         scatter around the mean head and their spread is the uncertainty. ``"diffusion"``: the paper's Diff-ST (the
         mean map is the average of samples). ``"regression"``: the same network trained with MSE only (the
         deterministic baseline, no diffusion).
+    supervision, hide_fraction
+        What training learns from. ``"hr"``: HR truth (transcripts, bins). ``"lr"``: the LR measurement alone
+        (a Visium slide without matched HR data), through the data's degradation operator: each step hides a share
+        ``hide_fraction`` of the observed LR pixels (spots) from the input and trains the mean head so that its map,
+        degraded, reproduces the hidden spots' counts (see :mod:`diffst.model.weak`). Needs ``objective="regression"``:
+        there is no HR residual for a diffusion to learn; the spread comes from leave-spots-out predictions instead.
     residual
         Diffuse ``x0 - base`` instead of ``x0`` (SR3/SRDiff style) and add the base back after sampling.
     base
@@ -130,6 +136,8 @@ class DiffSTConfig:
     image_kind: str = "rgb"
     nuclear_channel: int = 0
     objective: str = "refiner"
+    supervision: str = "hr"
+    hide_fraction: float = 0.5
     x0_range: tuple[float, float] = (-1.0, 3.0)
     sampler: str = "dpmsolver"
     sample_steps: int = 20
@@ -307,6 +315,17 @@ class DiffSTConfig:
             raise ValueError(msg)
         if self.objective not in ("refiner", "diffusion", "regression"):
             msg = f"objective must be 'refiner', 'diffusion' or 'regression', got {self.objective!r}."
+            raise ValueError(msg)
+        if self.supervision not in ("hr", "lr"):
+            msg = f"supervision must be 'hr' or 'lr', got {self.supervision!r}."
+            raise ValueError(msg)
+        if self.supervision == "lr" and self.objective != "regression":
+            msg = (
+                f"supervision='lr' trains the mean head only: it needs objective='regression', got {self.objective!r}."
+            )
+            raise ValueError(msg)
+        if not 0.0 < self.hide_fraction < 1.0:
+            msg = f"hide_fraction must lie in (0, 1), got {self.hide_fraction}."
             raise ValueError(msg)
         if self.base not in ("floor", "bicubic"):
             msg = f"base must be 'floor' or 'bicubic', got {self.base!r}."

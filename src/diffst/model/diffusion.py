@@ -175,6 +175,16 @@ class Diffusion:
         t = torch.full((b,), t, dtype=torch.long, device=like.device)
         return self._net(net, torch.zeros_like(like), t, lr, mask, image, progress=progress, cond=cond)
 
+    def mean_map(self, net: nn.Module, lr: Tensor, mask: Tensor, image: Tensor, *, progress: float = 1.0):
+        """The mean head's HR maps ``base + mean`` (not clipped, with gradients) and the network's output.
+
+        What weak supervision (:mod:`diffst.model.weak`) trains; :meth:`predict_mean` is its inference form.
+        """
+        cond = self.condition(lr, mask, image)
+        base = self._residual_base(cond)
+        out = self._mean_output(net, lr, mask, image, base, progress=progress, cond=cond)
+        return out.sample + base, out
+
     @torch.no_grad()
     def predict_mean(self, net: nn.Module, lr: Tensor, mask: Tensor, image: Tensor) -> Tensor | None:
         """The mean head's HR maps ``up(y) + mean`` (clipped to ``x0_range``), or ``None`` for ``"diffusion"``."""

@@ -63,4 +63,5 @@ def upsample_lr(lr: Tensor, mask: Tensor, scale: int, *, mode: str = "bicubic") 
     ``(B, G, scale h, scale w)`` maps.
 
     """
-    return F.interpolate(fill_unobserved(lr, mask), scale_factor=scale, mode=mode, align_corners=False)
+    corners = {} if mode in ("nearest", "area", "nearest-exact") else {"align_corners": False}
+    return F.interpolate(fill_unobserved(lr, mask), scale_factor=scale, mode=mode, **corners)

@@ -107,11 +107,24 @@ class TileSource:
     coverage: np.ndarray
     hr: Any | None = None
     gene_index: np.ndarray | None = None
+    #: The degradation operator's footprint (``weight`` ``(H, W)``, ``offset`` ``(2, H, W)``, see
+    #: :meth:`diffst._degradation.SpotDegradation.footprint`), for training and predicting through it.
+    footprint: tuple[np.ndarray, np.ndarray] | None = None
 
     @classmethod
-    def from_sdata(cls, sdata: SpatialData, prep: Prepared, genes: list[str] | None = None) -> TileSource:
-        """Source of the prepared elements, channels in the order of ``genes`` (default: the prepared order)."""
+    def from_sdata(
+        cls, sdata: SpatialData, prep: Prepared, genes: list[str] | None = None, *, footprint: bool = False
+    ) -> TileSource:
+        """Source of the prepared elements, channels in the order of ``genes`` (default: the prepared order).
+
+        ``footprint`` adds the degradation's footprint, so that windows carry ``foot``, ``offset`` and ``area``.
+        """
         index = None if genes is None else np.array([prep.genes.index(g) for g in genes])
+        foot = None
+        if footprint:
+            from .._degradation import degradation_for
+
+            foot = degradation_for(sdata, prep.attrs).footprint(prep.grid.hr_shape)
         return cls(
             grid=prep.grid,
             image_element=sdata.images[prep.image.key],
@@ -120,6 +133,7 @@ class TileSource:
             coverage=prep.coverage,
             hr=sdata[prep.elements["hr"]].data if prep.has_hr else None,
             gene_index=index,
+            footprint=foot,
         )
 
     def cache_image(self, image_um: float, max_bytes: int = 512 * 2**20) -> TileSource:
@@ -150,7 +164,9 @@ class TileSource:
         """One model input window whose top-left LR pixel is ``(lr_row0, lr_col0)``, ``size_lr`` LR pixels wide.
 
         ``size_lr`` may be ``(rows, cols)`` for a rectangular region. Returns model-unit arrays ``lr`` ``(G, h, w)``,
-        ``mask`` ``(1, h, w)``, ``image`` ``(C, Hi, Wi)`` and, when available and asked for, ``x0`` ``(G, H, W)``.
+        ``mask`` ``(1, h, w)``, ``image`` ``(C, Hi, Wi)`` and, when available and asked for, ``x0`` ``(G, H, W)``;
+        with a :attr:`footprint`, also ``foot`` ``(1, H, W)`` and ``offset`` ``(2, H, W)`` (its two parts) and
+        ``area`` ``(1, h, w)``, each LR pixel's whole footprint in HR pixels (``coverage · scale²``).
         Windows reaching past the grid are padded as unobserved.
         """
         g = self.grid
@@ -178,6 +194,16 @@ class TileSource:
                     self.hr, slice(rr0 * s, rr1 * s), slice(cc0 * s, cc1 * s)
                 )
             out["x0"] = to_model_units(hr, gene_scale)
+        if self.footprint is not None:
+            out["area"] = cov[None] * s * s
+            for name, full in zip(("foot", "offset"), self.footprint, strict=True):
+                full = full[None] if full.ndim == 2 else full
+                part = np.zeros((len(full), size_r * s, size_c * s), dtype=np.float32)
+                if inside:
+                    part[:, dr.start * s : dr.stop * s, dc.start * s : dc.stop * s] = full[
+                        :, rr0 * s : rr1 * s, cc0 * s : cc1 * s
+                    ]
+                out[name] = part
         return out
 
 
@@ -366,6 +392,6 @@ class WindowDataset(Dataset):
         n, s, k = self.size, self.scale, self.per_lr
         out = {}
         for name, v in self.region.items():
-            f = {"lr": 1, "mask": 1, "x0": s, "image": k}[name]
+            f = {"lr": 1, "mask": 1, "area": 1, "x0": s, "foot": s, "offset": s, "image": k}[name]
             out[name] = v[:, r * f : (r + n) * f, c * f : (c + n) * f].clone()
         return out

@@ -75,8 +75,52 @@ def validation_maps(sdata: SpatialData, prep: Prepared, model: DiffST, *, split:
     return {k: np.concatenate([p.reshape(len(genes), -1) for p in v], axis=1) for k, v in parts.items()}
 
 
+def heldout_spots(sdata: SpatialData, prep: Prepared, model: DiffST, *, split: str = "val", seed: int = 0,
+                  batch_size: int = 16) -> dict[str, np.ndarray] | None:  # fmt: skip
+    """Every whole spot of ``split``'s tiles predicted while hidden, by the model, the image floor and bicubic.
+
+    Returns model units ``(G, spots)`` under ``"mean"``, ``"floor"``, ``"bicubic"``, ``"nearest"`` and ``"truth"`` (the measured
+    spots), genes in the model's order; ``None`` when the split has no tiles. The HR truth is never read.
+    """
+    import torch
+
+    from ..model import Diffusion, weak
+    from ._data import TileSource, WindowDataset, tiled_origins
+
+    tiles = prep.tiles(sdata, split)
+    if len(tiles) == 0:
+        return None
+    cfg = model.config
+    gene_scale = model.gene_scale_for(prep)
+    source = TileSource.from_sdata(sdata, prep, genes=model.genes, footprint=True).cache_image(cfg.image_um)
+    source.hr = None
+    origins = tiled_origins(tiles, prep.tile_lr, cfg.lr_px)
+    ds = WindowDataset(source, origins, cfg.lr_px, image_um=cfg.image_um, gene_scale=gene_scale)
+    diffusion = Diffusion(cfg, gene_scale=torch.from_numpy(np.asarray(gene_scale, dtype=np.float32)))
+    net = model.net.eval()
+    gen = torch.Generator().manual_seed(seed)
+    parts: dict[str, list[torch.Tensor]] = {}
+    for i in range(0, len(ds), batch_size):
+        batch = {k: torch.stack([ds[j][k] for j in range(i, min(i + batch_size, len(ds)))]) for k in ds[i]}
+        group = weak.hide(torch.ones_like(batch["mask"]), 0.5, generator=gen)
+        with torch.inference_mode():
+            for name, fn in weak.predictors(diffusion, net, batch["image"]).items():
+                pred, truth = weak.heldout(fn, batch["lr"], batch["mask"], batch["foot"], batch["offset"],
+                                           batch["area"], diffusion.gene_scale, cfg.scale, group)  # fmt: skip
+                parts.setdefault(name.removeprefix("_") or "mean", []).append(pred)
+        parts.setdefault("truth", []).append(truth)
+    return {k: torch.cat(v, dim=1).numpy() for k, v in parts.items()}
+
+
 def fit_guard(sdata: SpatialData, prep: Prepared, model: DiffST, *, n_samples: int = 4, seed: int = 0) -> dict | None:
-    """Fit the per-gene floor blend and std scale on validation; print the comparison table. ``None`` without val."""
+    """Fit the per-gene floor blend and std scale on validation; print the comparison table. ``None`` without val.
+
+    A model trained from the spots alone (``supervision="lr"``) is compared on the validation spots, each predicted
+    while hidden (:func:`heldout_spots`); the blend weights are chosen there and the std is not calibrated (there is
+    no HR truth to calibrate it on).
+    """
+    if model.config.supervision == "lr":
+        return _fit_on_spots(sdata, prep, model, seed=seed)
     maps = validation_maps(sdata, prep, model, n_samples=n_samples, seed=seed)
     if maps is None:
         log.warn("no validation tiles: the model could not be compared with the image floor, and is used as it is")
@@ -106,10 +150,65 @@ def fit_guard(sdata: SpatialData, prep: Prepared, model: DiffST, *, n_samples: i
                            ("image_floor", norm["floor"][g])):  # fmt: skip
             scores[name]["pcc"].append(pearson(pred, truth))
             scores[name]["rmse"].append(rmse(pred, truth))
-    table = {name: {m: float(np.nanmean(v)) for m, v in ms.items()} for name, ms in scores.items()}
     n_px = maps["truth"].shape[1]
+    table = _report(scores, f"validation ({n_px} HR pixels, {len(genes)} genes; PCC / RMSE on the normalised scale)")
+    _warn_below_floor(table, alpha, len(genes))
+    return {
+        "alpha": alpha,
+        "std_scale": std_scale,
+        "validation": table,
+        "coverage_val": float(np.mean(covered)) if covered else None,
+        "n_samples": int(n_samples),
+        "pixels": int(n_px),
+    }
+
+
+def _fit_on_spots(sdata: SpatialData, prep: Prepared, model: DiffST, *, seed: int) -> dict | None:
+    maps = heldout_spots(sdata, prep, model, seed=seed)
+    if maps is None or maps["truth"].shape[1] == 0:
+        log.warn("no validation spots: the model could not be compared with the image floor, and is used as it is")
+        return None
+    import torch
+
+    from ..model.weak import to_counts, to_units
+
+    genes = list(model.genes)
+    scale = torch.from_numpy(np.asarray(model.gene_scale_for(prep), dtype=np.float32))
+    # (1, G, spots, 1): the layout the torch conversions take
+    counts = {k: to_counts(torch.from_numpy(maps[k])[None, :, :, None], scale) for k in ("mean", "floor")}
+    alpha: list[float] = []
+    scores: dict[str, dict[str, list[float]]] = {k: {"pcc": [], "rmse": []} for k in ("model", "guarded", "bicubic",
+                                                                                     "image_floor")}  # fmt: skip
+    for g in range(len(genes)):
+        truth = maps["truth"][g]
+        blends = [to_units(a * counts["mean"] + (1 - a) * counts["floor"], scale)[0, g, :, 0].numpy() for a in ALPHAS]
+        pccs = np.nan_to_num(np.asarray([pearson(b, truth) for b in blends]), nan=-np.inf)
+        best = int(np.flatnonzero(pccs >= pccs.max() - 1e-4).max())  # ties go to the model
+        alpha.append(float(ALPHAS[best]))
+        for name, pred in (("model", maps["mean"][g]), ("guarded", blends[best]), ("bicubic", maps["bicubic"][g]),
+                           ("image_floor", maps["floor"][g])):  # fmt: skip
+            scores[name]["pcc"].append(pearson(pred, truth))
+            scores[name]["rmse"].append(rmse(pred, truth))
+    n = maps["truth"].shape[1]
+    table = _report(scores, f"validation ({n} held-out spots, each predicted while hidden from the image and the "
+                            f"other spots; {len(genes)} genes; PCC / RMSE on the normalised scale)")  # fmt: skip
+    _warn_below_floor(table, alpha, len(genes))
+    return {
+        "alpha": alpha,
+        "std_scale": [1.0] * len(genes),
+        "validation": table,
+        "coverage_val": None,
+        "n_samples": 1,
+        "pixels": 0,
+        "spots": int(n),
+    }
+
+
+def _report(scores: dict[str, dict[str, list[float]]], title: str) -> dict[str, dict[str, float]]:
+    """Mean of each method's per-gene scores, printed as the comparison table."""
+    table = {name: {m: float(np.nanmean(v)) for m, v in ms.items()} for name, ms in scores.items()}
     log.info(
-        f"validation ({n_px} HR pixels, {len(genes)} genes; PCC / RMSE on the normalised scale):\n"
+        f"{title}:\n"
         + "\n".join(
             f"  {label:<34} {table[k]['pcc']:.3f} / {table[k]['rmse']:.3f}"
             for k, label in (
@@ -120,21 +219,17 @@ def fit_guard(sdata: SpatialData, prep: Prepared, model: DiffST, *, n_samples: i
             )
         )  # fmt: skip
     )
+    return table
+
+
+def _warn_below_floor(table: dict[str, dict[str, float]], alpha: list[float], n_genes: int) -> None:
     if table["model"]["pcc"] < table["image_floor"]["pcc"]:
         log.warn(
             f"the model does not beat the training-free image floor on validation (PCC {table['model']['pcc']:.3f} vs "
             f"{table['image_floor']['pcc']:.3f}); super_resolve blends each gene with the floor by the weights "
-            f"validation chose ({sum(a < 1 for a in alpha)} of {len(genes)} genes). To do better: train longer "
+            f"validation chose ({sum(a < 1 for a in alpha)} of {n_genes} genes). To do better: train longer "
             "(`time_budget`), on more tissue, at a smaller `scale`, or with another image (`image_key`)."
         )
-    return {
-        "alpha": alpha,
-        "std_scale": std_scale,
-        "validation": table,
-        "coverage_val": float(np.mean(covered)) if covered else None,
-        "n_samples": int(n_samples),
-        "pixels": int(n_px),
-    }
 
 
 def guard_summary(guard: dict[str, Any] | None) -> str:

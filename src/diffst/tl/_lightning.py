@@ -10,7 +10,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from ..model import DiffSTConfig, DiffSTNet, Diffusion
+from ..model import DiffSTConfig, DiffSTNet, Diffusion, weak
 from ..model.floor import floor_model_units
 from ..model.upsample import upsample_lr
 
@@ -22,6 +22,12 @@ def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     if k >= 4:
         x = x.flip(-1)
     return torch.rot90(x, k % 4, dims=(-2, -1))
+
+
+def undihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The inverse of :func:`dihedral`: ``undihedral(dihedral(x, k), k) == x``."""
+    x = torch.rot90(x, -(k % 4), dims=(-2, -1))
+    return x.flip(-1) if k >= 4 else x
 
 
 def pearson_per_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -93,6 +99,8 @@ class DiffSTModule(L.LightningModule):
         return float(min(1.0, self.global_step / max(1.0, float(total))))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.config.supervision == "lr":
+            return self._weak_step(batch)
         if self.hparams.augment:
             ks = torch.randint(0, 8, (batch["x0"].shape[0],), device="cpu").tolist()
             batch = {k: torch.stack([dihedral(v[i], ks[i]) for i in range(len(ks))]) for k, v in batch.items()}
@@ -104,6 +112,33 @@ class DiffSTModule(L.LightningModule):
         self.log("train_dis", losses["dis"], on_step=False, on_epoch=True, batch_size=bs)
         self.log("kept_fraction", losses["kept_fraction"].float(), on_step=False, on_epoch=True, batch_size=bs)
         return losses["loss"]
+
+    def _weak_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Hide a share of the spots, predict the HR map from the rest and the image, score it on the hidden ones.
+
+        Rotations/flips apply to what the network sees; its map is turned back before the degradation, so the
+        footprints stay in the frame they were read in.
+        """
+        lr, mask, image = batch["lr"], batch["mask"], batch["image"]
+        hidden = weak.hide(mask, self.config.hide_fraction)
+        lr_in, mask_in = weak.hidden_input(lr, mask, hidden)
+        ks = torch.randint(0, 8, (lr.shape[0],)).tolist() if self.hparams.augment else [0] * lr.shape[0]
+
+        def turn(x: torch.Tensor, fn=dihedral) -> torch.Tensor:
+            return torch.stack([fn(x[i], k) for i, k in enumerate(ks)])
+
+        pred, out = self.diffusion.mean_map(self.net, turn(lr_in), turn(mask_in), turn(image),
+                                            progress=self._progress())  # fmt: skip
+        # bounded above as the sampler's clip is, so that early, wild outputs cannot overflow the counts
+        pred = turn(pred, undihedral).clamp_max(self.config.x0_range[1] + 1.0)
+        mse = weak.weak_loss(pred, lr, hidden, batch["foot"], batch["offset"], batch["area"],
+                             self.diffusion.gene_scale, self.config.scale)  # fmt: skip
+        dis = out.dis_loss.float()
+        loss = mse + self.config.dis_weight * dis
+        bs = lr.shape[0]
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
+        self.log("train_dis", dis, on_step=False, on_epoch=True, batch_size=bs)
+        return loss
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -126,6 +161,9 @@ class DiffSTModule(L.LightningModule):
         self._val = {}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        if self.config.supervision == "lr":
+            self._weak_validation(batch)
+            return
         x0, lr, mask, image = batch["x0"], batch["lr"], batch["mask"], batch["image"]
         losses = self.diffusion.training_losses(self.ema, x0, lr, mask, image, progress=1.0, generator=self._val_gen)
         self.log("val_loss", losses["mse"], prog_bar=False, on_epoch=True, batch_size=x0.shape[0], sync_dist=True)
@@ -146,7 +184,30 @@ class DiffSTModule(L.LightningModule):
             self._val.setdefault(f"val_pcc{name}", []).append(pearson_per_map(m, x0).cpu())
             self._val.setdefault(f"val_rmse{name}", []).append(rmse_per_map(m, x0).cpu())
 
+    def _weak_validation(self, batch: dict[str, torch.Tensor]) -> None:
+        """Held-out spots: each spot predicted from the image and the other spots (:func:`diffst.model.weak.leave_out`).
+
+        The model, bicubic and the image floor each predict every validation spot while it is hidden; their maps,
+        degraded, are compared with the spots' counts (per gene over all validation spots, at the epoch's end).
+        """
+        lr, mask, image = batch["lr"], batch["mask"], batch["image"]
+        foot, offset, area = batch["foot"], batch["offset"], batch["area"]
+        scale = self.config.scale
+        group = weak.hide(torch.ones_like(mask), 0.5, generator=self._val_gen)
+        hidden = group & (mask > 0)
+        pred = self.diffusion.predict_mean(self.ema, *weak.hidden_input(lr, mask, hidden), image)
+        loss = weak.weak_loss(pred, lr, hidden, foot, offset, area, self.diffusion.gene_scale, scale)
+        self.log("val_loss", loss, on_epoch=True, batch_size=lr.shape[0], sync_dist=True)
+        for name, fn in weak.predictors(self.diffusion, self.ema, image).items():
+            pair = weak.heldout(fn, lr, mask, foot, offset, area, self.diffusion.gene_scale, scale, group)
+            self._val.setdefault(f"pairs{name}", []).append(torch.stack(pair).cpu())
+
     def on_validation_epoch_end(self) -> None:
+        for name in [k for k in self._val if k.startswith("pairs")]:
+            pred, truth = torch.cat(self._val.pop(name), dim=2)  # (G, spots) each
+            suffix = name.removeprefix("pairs")
+            self._val[f"val_pcc{suffix}"] = [pearson_per_map(pred[None, :, :, None], truth[None, :, :, None])]
+            self._val[f"val_rmse{suffix}"] = [rmse_per_map(pred[None, :, :, None], truth[None, :, :, None])]
         for name, parts in self._val.items():
             value = torch.nanmean(torch.cat(parts).flatten())
             self.log(name, value.float(), prog_bar=name in ("val_pcc", "val_rmse"), sync_dist=True)

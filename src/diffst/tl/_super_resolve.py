@@ -172,7 +172,8 @@ def super_resolve(
             log.info(f"done in {time.perf_counter() - t_start:.1f} s")
             return out
         write_sr(sdata, prep, key_added=key_added, mean=mean, std=std, genes=want, units=units,
-                 method="regression" if model.config.objective == "regression" else "diffst",
+                 method="regression" if model.config.objective == "regression" and model.config.supervision == "hr"
+                 else "diffst",
                  params=params, overwrite=overwrite)  # fmt: skip
     log.info(f"wrote images[{key_added!r}] in {time.perf_counter() - t_start:.1f} s")
     return None
@@ -371,7 +372,8 @@ class _Job:
         if resolved == "ddpm" and sampler == "fast":
             resolved = "dpmsolver"
         n_steps = steps or (cfg.num_train_timesteps if resolved == "ddpm" else cfg.sample_steps)
-        source = TileSource.from_sdata(sdata, prep, genes=model.genes).cache_image(cfg.image_um)
+        source = TileSource.from_sdata(sdata, prep, genes=model.genes, footprint=cfg.supervision == "lr")
+        source = source.cache_image(cfg.image_um)
         source.lr = lr_all  # small: keep it in the task instead of re-reading the store
         source.hr = None
         net = model.net.eval()
@@ -500,6 +502,8 @@ class _Job:
         image = torch.from_numpy(np.stack([it["image"] for it in items])).to(device)
         size = self.window_lr * self.grid.scale
         n, g = len(group), len(self.gene_scale)
+        if self.diffusion.config.supervision == "lr":
+            return self._leave_out_windows(group, items, lr, mask, image)
         with torch.inference_mode():
             head = self.diffusion.predict_mean(self.net, lr, mask, image)
         mean = None if head is None else to_counts(head.float().cpu().numpy(), self.gene_scale)
@@ -521,6 +525,31 @@ class _Job:
         samples = to_counts(x.float().cpu().numpy(), self.gene_scale).reshape(n, k, g, size, size)
         # the refiner's map is its mean head (samples scatter around it); the paper's is the average of samples
         return (samples.mean(axis=1) if mean is None else mean), samples.var(axis=1)
+
+    def _leave_out_windows(
+        self, group: np.ndarray, items: list[dict], lr, mask, image
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """A model trained from the spots alone: ``n_samples`` leave-spots-out maps per window, their mean and variance.
+
+        Each map splits the window's LR pixels into two random groups (seeded by the window's position, so that it
+        does not depend on the batch) and predicts every HR pixel with its own spot hidden, as training did
+        (:func:`diffst.model.weak.leave_out`).
+        """
+        from ..model import weak
+
+        device = lr.device
+        foot = torch.from_numpy(np.stack([it["foot"] for it in items])).to(device)
+        offset = torch.from_numpy(np.stack([it["offset"] for it in items])).to(device)
+        gens = [torch.Generator().manual_seed(_window_seed(self.seed, int(r), int(c))) for r, c in group]
+        maps = []
+        for _ in range(self.n_samples):
+            split = torch.stack([torch.rand(mask.shape[1:], generator=gen) < 0.5 for gen in gens]).to(device)
+            with torch.inference_mode():
+                hr = weak.leave_out(lambda lr_, m_: self.diffusion.predict_mean(self.net, lr_, m_, image), lr, mask,
+                                    foot, offset, self.grid.scale, split)  # fmt: skip
+            maps.append(to_counts(hr.float().cpu().numpy(), self.gene_scale))
+        samples = np.stack(maps, axis=1)
+        return samples.mean(axis=1), samples.var(axis=1)
 
     def _project(self, x: np.ndarray, r0: int, c0: int, r1: int, c1: int) -> np.ndarray:
         """LR-consistency on the region ``[r0, r1) × [c0, c1)`` of LR pixels (zero-padded outside the grid)."""

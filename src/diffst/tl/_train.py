@@ -58,6 +58,10 @@ VAL_EVERY_STEPS = 50
 DEFAULT_TIME_BUDGET = 600.0
 #: What selects the kept checkpoint and stops training early: the validation PCC of the mean map.
 MONITOR = "val_pcc"
+#: Fewest measured spots (LR pixels) in the training tiles that training from the spots alone accepts.
+MIN_TRAIN_SPOTS = 200
+
+Supervision = Literal["auto", "hr", "lr"]
 
 
 def train(
@@ -79,6 +83,7 @@ def train(
     num_workers: int = 0,
     time_budget: float | None = DEFAULT_TIME_BUDGET,
     guard: bool = True,
+    supervision: Supervision = "auto",
     **trainer_kwargs: Any,
 ) -> DiffST:
     """Train a Diff-ST model on the data that :func:`diffst.pp.prepare` made.
@@ -92,6 +97,13 @@ def train(
     training stops early when it stops improving. Finally the guard (``diffst.tl._guard``) compares the model with
     the baselines on validation as ``super_resolve`` runs it, fits per-gene blend weights with the image floor and a
     calibration of the std map, prints the table and warns when the model does not beat the floor.
+
+    Data with no HR truth (a Visium or ST slide alone) train from the spots themselves (``supervision="lr"``): each
+    step hides a random half of the spots from the model, which must predict them from the image and the other
+    spots, scored through the slide's own spot geometry (:mod:`diffst.model.weak`); validation, early stopping and
+    the guard use the validation spots, each predicted while hidden. The diffusion is not trained in this mode (there
+    is no HR detail to learn it from): ``super_resolve`` takes its std map from several random leave-spots-out
+    predictions instead.
 
     A training can be left running:
 
@@ -112,7 +124,7 @@ def train(
     Parameters
     ----------
     sdata
-        SpatialData prepared with :func:`diffst.pp.prepare` (it needs HR truth: transcripts or Visium HD bins).
+        SpatialData prepared with :func:`diffst.pp.prepare`.
     key
         The ``key_added`` used in ``prepare``.
     preset
@@ -156,6 +168,11 @@ def train(
         over all sessions of a resumed run; ``None`` for none. A training stopped by it says so.
     guard
         Fit the guard on validation after training (see above); ``False`` skips it (the model is used as trained).
+    supervision
+        ``"hr"``: learn from HR truth (transcripts, Visium HD bins). ``"lr"``: learn from the LR measurement alone, as
+        above (Visium, ST; on data that have HR truth, e.g. prepared with ``degradation="visium"``, the HR is then
+        never read, which is how this mode is benchmarked). ``"auto"`` (default): ``"hr"`` when the data have HR
+        truth, else ``"lr"``.
     trainer_kwargs
         Passed to :class:`lightning.Trainer` (e.g. ``strategy="ddp"``, ``precision="bf16-mixed"``).
 
@@ -166,13 +183,7 @@ def train(
 
     """
     prep = Prepared.from_sdata(sdata, key)
-    if not prep.has_hr:
-        msg = (
-            f"The data under {key!r} have no HR truth ({prep.attrs['measurement']} measure only LR), so there is "
-            "nothing to learn super-resolution from. Train on a slide with transcripts or Visium HD bins (prepared "
-            "with `degradation='visium'` to mimic Visium) and apply the model to this one with `dst.tl.super_resolve`."
-        )
-        raise ValueError(msg)
+    supervision = _supervision(prep, key, supervision)
     n_train = len(prep.tiles(sdata, "train"))
     if n_train == 0:
         msg = f"No training tiles under {key!r}; prepare with smaller `tile_um` or a larger train share in `split`."
@@ -185,6 +196,9 @@ def train(
         raise ValueError(msg)
 
     region = split_region(prep, sdata, "train")
+    if supervision == "lr":
+        _check_spots(prep, region)
+        config = {"objective": "regression", "supervision": "lr", **(config or {})}
     # the prepared tile (400 µm by default, the default preset's) bounds the window; small regions get smaller ones
     window_lr = choose_window(region, prep.tile_lr)
     cfg = _config(prep, preset, batch_size, config, window_um=window_lr * prep.grid.lr_um)
@@ -198,7 +212,8 @@ def train(
         max_epochs = (
             PAPER_EPOCHS if preset == "paper" else max(5, min(1000, math.ceil(DEFAULT_STEPS[preset] / steps_per_epoch)))
         )
-    gene_scale = prep.hr_scale
+    # learning from the spots alone reads nothing of the HR truth, not even its scale
+    gene_scale = prep.hr_scale if supervision == "hr" else prep.lr_scale
     planned = max_epochs * steps_per_epoch
     fp = fingerprint(prep)
     family = None if checkpoint_dir is not None else _default_dir(sdata, prep, key, cfg, seed)
@@ -214,7 +229,9 @@ def train(
         )  # fmt: skip
 
     L.seed_everything(seed, workers=True, verbose=False)
-    source = TileSource.from_sdata(sdata, prep).cache_image(cfg.image_um)
+    source = TileSource.from_sdata(sdata, prep, footprint=supervision == "lr").cache_image(cfg.image_um)
+    if supervision == "lr":
+        source.hr = None
     train_ds = WindowDataset(source, train_origins, window_lr, image_um=cfg.image_um, gene_scale=gene_scale)
     val_ds = WindowDataset(source, val_origins, window_lr, image_um=cfg.image_um, gene_scale=gene_scale)
     sampler = WindowSampler(len(train_ds), epoch_len, seed)
@@ -268,7 +285,9 @@ def train(
     area = prep.grid.lr_um**2 / 1e6  # mm² per LR pixel
     val_area = int(split_region(prep, sdata, "val").sum()) * area
     log.info(
-        f"training preset {preset!r} ({cfg.objective}) on random {window_lr * prep.grid.lr_um:g} µm windows at "
+        f"training preset {preset!r} ("
+        + (cfg.objective if supervision == "hr" else "from the spots alone: hidden spots predicted from the rest")
+        + f") on random {window_lr * prep.grid.lr_um:g} µm windows at "
         f"{len(train_origins)} positions × 8 rotations/flips in the training region ({int(region.sum()) * area:.3f} "
         f"mm²); validation: {n_val} fixed windows ({val_area:.3f} mm²); {max_epochs} epochs × {steps_per_epoch} "
         f"steps = {planned} steps, batch {cfg.batch_size}, "
@@ -354,6 +373,40 @@ def train(
             f"; model saved to {model.path}"
         )
     return model
+
+
+def _supervision(prep: Prepared, key: str, supervision: str) -> str:
+    if supervision not in ("auto", "hr", "lr"):
+        msg = f"`supervision` must be 'auto', 'hr' or 'lr'; got {supervision!r}."
+        raise ValueError(msg)
+    if supervision == "hr" and not prep.has_hr:
+        msg = (
+            f"The data under {key!r} have no HR truth ({prep.attrs['measurement']} measure only LR), so "
+            "`supervision='hr'` has nothing to learn from. Use supervision='lr' (or 'auto') to learn from the "
+            "spots themselves, or train on a slide with transcripts or Visium HD bins and transfer the model."
+        )
+        raise ValueError(msg)
+    if supervision == "auto":
+        supervision = "hr" if prep.has_hr else "lr"
+        if supervision == "lr":
+            log.info(
+                f"the data under {key!r} have no HR truth ({prep.attrs['measurement']}): learning from the spots "
+                "alone (supervision='lr'; see dst.tl.train)"
+            )
+    return supervision
+
+
+def _check_spots(prep: Prepared, region) -> None:
+    """Enough measured spots in the training region to learn from them alone."""
+    n = int(((prep.coverage > 0) & region).sum())
+    if n < MIN_TRAIN_SPOTS:
+        msg = (
+            f"Only {n} measured LR pixels (spots) lie in the training tiles; learning from the spots alone needs at "
+            f"least {MIN_TRAIN_SPOTS} (a Visium slide has about 4,000). Give training more of the slide (a larger "
+            "train share in `split` or smaller `tile_um` in `dst.pp.prepare`), or transfer a model trained on a "
+            "slide with HR truth."
+        )
+        raise ValueError(msg)
 
 
 def _best(rows: list[dict[str, float]], name: str) -> float | None:

@@ -1,0 +1,175 @@
+"""Super-resolving a spot slide from that slide alone (issue 12): simulated Visium with truth, and real held-out spots.
+
+Experiments (each appends rows to ``benchmarks/results/visium_<experiment>.csv`` and skips the cells already there;
+``--fresh`` starts over):
+
+``simulated``
+    Visium-like spots made from a transcript dataset with the ``visium`` degradation (55 µm discs on a 100 µm
+    hexagonal lattice, each disc's counts laid on the LR pixel of its centre), so the HR truth is known. Diff-ST
+    trained from the spots alone (``supervision="lr"``; the HR is never read) is scored against the binned
+    transcripts on the test tiles, beside bicubic and nearest up-sampling of the spots (LR-consistent), the image
+    floor, TESLA (when installed) and Diff-ST trained *with* the HR truth of the same slide (``supervision="hr"``,
+    the upper reference). Datasets: ``synthetic`` = ``synthetic_xenium(seed=s)`` (3 mm), 25 genes, 100 µm → 10 µm;
+    ``merfish`` = the 500 × 450 µm MERFISH crop, which holds only about 20 spots of real Visium size, so its lattice
+    is Visium's scaled down four times (14 µm discs, 25 µm pitch, about 360 spots), 25 µm → 5 µm.
+``her2st``
+    The six HER2+ ST sections (100 µm spots, 200 µm apart; no HR truth), LR 100 µm → HR 20 µm. Training sees the
+    train tiles only; the test tiles (a spatially blocked 15 %) are never trained on. Each test spot is predicted
+    while hidden (the leave-spots-out protocol of ``diffst.model.weak``: the test tiles' spots are split in two
+    random halves, each half predicted from the image and the other half), the map is degraded through the spot
+    discs and compared with the measured counts: PCC per gene over the test spots on the normalised scale, averaged
+    over genes. The same split and protocol for every method: Diff-ST, bicubic, nearest-spot (each hidden spot takes
+    its nearest measured neighbours' level) and the image floor.
+
+    DIFFST_DATA_DIR=../shared/data python benchmarks/bench_visium.py simulated her2st --budget 180
+    python benchmarks/bench_visium.py simulated --quick          # smoke: tiny preset, small slide, one seed
+    python benchmarks/bench_visium.py report                     # tables from the CSVs (markdown)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from _common import machine
+
+import diffst as dst
+from diffst.metrics import pearson, rmse
+from diffst.tl._data import Prepared
+from diffst.tl._guard import heldout_spots
+
+RESULTS = Path(__file__).parent / "results"
+CACHE = Path(__file__).parent / ".cache"
+SECTIONS = ("B4", "C2", "C3", "C4", "C5", "C6")
+
+
+def load_simulated(dataset: str, seed: int):
+    if dataset == "synthetic":
+        sdata = dst.datasets.synthetic_xenium(seed=seed, boundaries=False)
+        dst.pp.prepare(sdata, genes=25, scale=10, lr_um=100, degradation="visium", tile_um=400,
+                       image_key="he_image", seed=seed)  # fmt: skip
+        return sdata
+    sdata = dst.datasets.merfish_mouse_brain()
+    dst.pp.prepare(sdata, genes=25, scale=5, lr_um=25, degradation="visium", tile_um=100, seed=seed)
+    return sdata
+
+
+def train(sdata, tag: str, seed: int, args, supervision: str):
+    run = CACHE / "runs" / (f"{tag}_quick" if args.quick else tag)
+    if (run / "model.pt").exists() and not args.fresh:
+        return dst.DiffST.load(run / "model.pt")
+    extra = {"max_epochs": 2} if args.quick else {}
+    return dst.tl.train(sdata, preset="tiny" if args.quick else "default", seed=seed, checkpoint_dir=run,
+                        overwrite=True, supervision=supervision, time_budget=args.budget, **extra)  # fmt: skip
+
+
+def score(sdata, key: str, **labels) -> dict:
+    row = dst.tl.evaluate(sdata, key=key).loc["mean"]
+    return {**labels, **{m: float(row[m]) for m in ("pcc", "rmse", "ssim", "lr_consistency") if m in row}}
+
+
+def simulated(args) -> None:
+    path = RESULTS / f"visium_simulated{'_quick' if args.quick else ''}.csv"
+    prev = pd.read_csv(path) if path.exists() else pd.DataFrame()
+    for dataset in args.datasets:
+        for seed in args.seeds:
+            if not prev.empty and ((prev.dataset == dataset) & (prev.seed == seed)).any():
+                continue
+            t0 = time.perf_counter()
+            sdata = load_simulated(dataset, seed)
+            labels = {"dataset": dataset, "seed": seed}
+            rows = []
+            for name, supervision in (("Diff-ST (spots only)", "lr"), ("Diff-ST (HR truth)", "hr")):
+                model = train(sdata, f"visium_{dataset}_{seed}_{supervision}", seed, args, supervision)
+                dst.tl.super_resolve(sdata, model, seed=seed, key_added="sr", overwrite=True)
+                guard = model.info.get("guard") or {}
+                rows.append(score(sdata, "sr", method=name, steps=model.info["steps"], train_s=model.info["seconds"],
+                                  stopped_by=model.info["stopped_by"],
+                                  val_pcc=guard.get("validation", {}).get("model", {}).get("pcc"), **labels))  # fmt: skip
+            for name, kw in (("bicubic of spots", {"method": "bicubic", "consistency": True}),
+                             ("nearest spot", {"method": "nearest", "consistency": True}),
+                             ("image floor", {"method": "image"})):  # fmt: skip
+                dst.tl.upsample(sdata, key_added="base_sr", overwrite=True, **kw)
+                rows.append(score(sdata, "base_sr", method=name, **labels))
+            try:
+                dst.tl.tesla(sdata)
+                rows.append(score(sdata, "tesla_sr", method="TESLA", **labels))
+            except ImportError as e:
+                print(f"TESLA skipped: {e}")
+            append(path, rows)
+            print(f"simulated {dataset} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def her2st(args) -> None:
+    path = RESULTS / f"visium_her2st{'_quick' if args.quick else ''}.csv"
+    prev = pd.read_csv(path) if path.exists() else pd.DataFrame()
+    sections = args.sections[:1] if args.quick else args.sections
+    for section in sections:
+        for seed in args.seeds:
+            if not prev.empty and ((prev.section == section) & (prev.seed == seed)).any():
+                continue
+            t0 = time.perf_counter()
+            sdata = dst.datasets.her2st(section)
+            dst.pp.prepare(sdata, genes=25, lr_um=100, scale=5, tile_um=400, seed=seed)
+            prep = Prepared.from_sdata(sdata, "diffst")
+            model = train(sdata, f"her2st_{section}_{seed}", seed, args, "lr")
+            maps = heldout_spots(sdata, prep, model, split="test", seed=seed)
+            labels = {"section": section, "seed": seed, "spots": int(maps["truth"].shape[1])}
+            rows = []
+            for name, key in (("Diff-ST (spots only)", "mean"), ("bicubic of spots", "bicubic"),
+                              ("nearest spot", "nearest"), ("image floor", "floor")):  # fmt: skip
+                pcc = [pearson(p, t) for p, t in zip(maps[key], maps["truth"], strict=True)]
+                err = [rmse(p, t) for p, t in zip(maps[key], maps["truth"], strict=True)]
+                rows.append({**labels, "method": name, "pcc": float(np.nanmean(pcc)), "rmse": float(np.nanmean(err)),
+                             **({"steps": model.info["steps"], "train_s": model.info["seconds"],
+                                 "stopped_by": model.info["stopped_by"]} if key == "mean" else {})})  # fmt: skip
+            append(path, rows)
+            print(f"her2st {section} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def append(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(path, mode="a", header=not path.exists(), index=False)
+
+
+def report(args) -> None:
+    for name, by in (("simulated", "dataset"), ("her2st", "section")):
+        path = RESULTS / f"visium_{name}{'_quick' if args.quick else ''}.csv"
+        if not path.exists():
+            continue
+        df = pd.read_csv(path)
+        table = df.pivot_table(index=[by, "seed"], columns="method", values="pcc")
+        print(f"\n### {name}: PCC (rows: {by}, seed)\n")
+        print(table.round(3).to_markdown())
+        ref = "Diff-ST (spots only)"
+        diffs = table.drop(columns=[ref]).rsub(table[ref], axis=0)
+        print(f"\n{ref} minus each method (paired, same tiles):\n")
+        print(diffs.round(3).to_markdown())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("experiments", nargs="+", choices=["simulated", "her2st", "report"])
+    parser.add_argument("--datasets", nargs="*", default=["synthetic", "merfish"])
+    parser.add_argument("--sections", nargs="*", default=list(SECTIONS))
+    parser.add_argument("--seeds", type=int, nargs="*", default=None, help="default: 0 1 2 (0 with --quick)")
+    parser.add_argument("--budget", type=float, default=180.0, help="training time budget in s")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--fresh", action="store_true")
+    args = parser.parse_args()
+    args.seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
+    torch.set_num_threads(2)
+    dst.settings.verbosity = 0
+    print(f"machine: {machine()}")
+    for exp in args.experiments:
+        if args.fresh and exp != "report":
+            (RESULTS / f"visium_{exp}{'_quick' if args.quick else ''}.csv").unlink(missing_ok=True)
+        {"simulated": simulated, "her2st": her2st, "report": report}[exp](args)
+
+
+if __name__ == "__main__":
+    main()
