@@ -180,6 +180,8 @@ def prepare(
     _check_not_empty(meas)
 
     grid = _make_grid(meas, inputs, lr_um, scale, tile_um)
+    if meas.kind == "spots":
+        _check_spots_under_image(meas, inputs)
     tile_lr = int(round(tile_um / lr_um))
 
     # LR counts of all genes: the basis of tissue detection and gene selection
@@ -411,6 +413,40 @@ def _check_not_empty(meas: Measurement) -> None:
         what = "transcripts" if meas.kind == "transcripts" else meas.kind
         msg = f"The measurement has no {what}; there is nothing to prepare."
         raise ValueError(msg)
+    if meas.kind != "transcripts":
+        per_spot = np.asarray(meas.counts.sum(axis=1)).ravel()
+        if not np.any(per_spot > 0):
+            msg = (
+                f"None of the {n} {meas.kind} has any counts (the table is all zeros). Check `table_key` and `layer`: "
+                "diffst needs the raw counts of the spots (Space Ranger's filtered or raw feature-barcode matrix)."
+            )
+            raise ValueError(msg)
+
+
+#: Share of the spots that may lie outside the image before ``prepare`` refuses the data.
+MAX_SPOTS_OFF_IMAGE = 0.5
+
+
+def _check_spots_under_image(meas: Measurement, inputs) -> None:
+    """Spots outside the image cannot be super-resolved (nor learnt from): warn when some are, refuse when most are."""
+    x0, y0, x1, y1 = inputs.image_extent_um
+    c = meas.centres_um
+    off = (c[:, 0] < x0) | (c[:, 0] >= x1) | (c[:, 1] < y0) | (c[:, 1] >= y1)
+    share = float(off.mean()) if len(off) else 0.0
+    if share == 0:
+        return
+    what = (
+        f"{int(off.sum())} of {len(off)} spots ({share:.0%}) lie outside the image {inputs.image_key!r} "
+        f"(x {x0:.0f}–{x1:.0f}, y {y0:.0f}–{y1:.0f} µm in {inputs.cs!r})"
+    )
+    if share > MAX_SPOTS_OFF_IMAGE:
+        msg = (
+            f"{what}: the image does not cover the spots. Check that it is the image of this slide, that the "
+            "transformations put both in the same coordinate system (`coordinate_system=`), or pass the right "
+            "`image_key` / `um_per_px`."
+        )
+        raise ValueError(msg)
+    log.warn(f"{what}; they are left out")
 
 
 def _make_grid(meas: Measurement, inputs, lr_um: float, scale: int, tile_um: float) -> Grid:
