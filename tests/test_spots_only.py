@@ -16,6 +16,7 @@ from diffst.model import weak
 from diffst.tl import _train
 from diffst.tl._data import Prepared
 from diffst.tl._lightning import dihedral, undihedral
+
 from .toy import toy_visium
 
 pytestmark = pytest.mark.usefixtures("quiet")
