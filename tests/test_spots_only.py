@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -213,3 +214,19 @@ def test_spots_without_counts_are_refused():
     table.X = sp.csr_matrix(table.X.shape, dtype=np.float32)
     with pytest.raises(ValueError, match="has any counts.*all zeros"):
         dst.pp.prepare(sdata, genes=4, tile_um=200)
+
+
+def test_evaluate_spots_scores_held_out_spots_for_every_method(visium):
+    sdata, model = visium
+    df = dst.tl.evaluate_spots(sdata)
+    assert list(df.index[:-1]) == list(model.genes) and df.index[-1] == "mean"
+    assert set(df.columns.get_level_values("method")) == {"diffst", "bicubic", "nearest", "image_floor"}
+    assert df.attrs["spots"] > 20
+    pcc = df.xs("pcc", axis=1, level="metric")
+    assert np.all(np.abs(pcc.loc["mean"].to_numpy()) <= 1)
+    # the same spots and halves for every method: the mean row is the mean of the genes
+    np.testing.assert_allclose(pcc.loc["mean"], pcc.iloc[:-1].mean(), rtol=1e-12)
+    same = dst.tl.evaluate_spots(sdata, model, seed=0)
+    pd.testing.assert_frame_equal(df, same)
+    with pytest.raises(ValueError, match="`split` must be"):
+        dst.tl.evaluate_spots(sdata, split="everything")

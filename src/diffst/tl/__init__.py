@@ -1,9 +1,9 @@
 """Tools: train Diff-ST, super-resolve, evaluate."""
 
 from ._baselines import tesla, upsample
-from ._evaluate import evaluate
+from ._evaluate import evaluate, evaluate_spots
 from ._model import DiffST
 from ._super_resolve import super_resolve
 from ._train import train
 
-__all__ = ["DiffST", "evaluate", "super_resolve", "tesla", "train", "upsample"]
+__all__ = ["DiffST", "evaluate", "evaluate_spots", "super_resolve", "tesla", "train", "upsample"]

@@ -20,7 +20,11 @@ from ._data import Prepared
 from ._output import read_sr
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from spatialdata import SpatialData
+
+    from ._model import DiffST
 
 #: Columns of the table ``evaluate`` returns when there is a truth (the strict metrics first).
 METRICS = ("pcc", "rmse", "ssim", "lr_consistency", "paper_pcc", "paper_rmse")
@@ -310,3 +314,68 @@ def _split_tiles(sdata: SpatialData, prep: Prepared, split: str) -> pd.DataFrame
         )
         raise ValueError(msg)
     return tiles
+
+
+def evaluate_spots(
+    sdata: SpatialData,
+    model: DiffST | str | Path | None = None,
+    *,
+    key: str = "diffst",
+    split: str = "test",
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Score held-out spots: each spot of ``split``'s tiles predicted while hidden, against its measured counts.
+
+    The check of a model trained from a spot slide alone (``dst.tl.train`` with ``supervision="lr"``), where there is
+    no HR truth: the spots of the test tiles were never trained on. Each is hidden from the input and predicted from
+    the image and the other spots (the test tiles' spots are split in two random halves, each predicted from the
+    other, as ``super_resolve`` predicts a model trained this way); the map is degraded through the slide's spot
+    discs and compared with what the spot measured. The baselines go through the same protocol on the same spots:
+    bicubic and nearest up-sampling of the visible spots, and the image floor.
+
+    Parameters
+    ----------
+    sdata
+        The prepared spot SpatialData.
+    model
+        A :class:`~diffst.DiffST` or the path of a saved one; default the model trained for ``key``
+        (``sdata.attrs[key]['model']``).
+    key
+        The prepared key.
+    split
+        ``"test"`` (default) or ``"val"`` (what the guard used).
+    seed
+        Seed of the random halves.
+
+    Returns
+    -------
+    A :class:`pandas.DataFrame` indexed by ``gene`` (then a ``"mean"`` row) with columns ``pcc`` and ``rmse`` per
+    method (a column MultiIndex ``(method, metric)``, methods ``diffst``, ``bicubic``, ``nearest``, ``image_floor``),
+    on the normalised scale of the model, over the spots; ``df.attrs["spots"]`` is their number.
+
+    """
+    from ._guard import heldout_spots
+    from ._super_resolve import _resolve_model
+
+    if split not in ("test", "val", "train"):
+        msg = f"`split` must be 'test', 'val' or 'train'; got {split!r}."
+        raise ValueError(msg)
+    prep = Prepared.from_sdata(sdata, key)
+    if model is None and not (isinstance(sdata.attrs[key].get("model"), dict)):
+        msg = f"No model was trained for {key!r}: pass `model=` or run `dst.tl.train(sdata, key={key!r})` first."
+        raise ValueError(msg)
+    model = _resolve_model(sdata, model, key)
+    model.check_compatible(prep, genes=list(model.genes))
+    maps = heldout_spots(sdata, prep, model, split=split, seed=seed)
+    if maps is None or maps["truth"].shape[1] < 3:
+        msg = f"The {split!r} tiles hold fewer than 3 whole spots: nothing to score. Prepare a larger `split` share."
+        raise ValueError(msg)
+    columns = {}
+    for method, name in (("diffst", "mean"), ("bicubic", "bicubic"), ("nearest", "nearest"), ("image_floor", "floor")):
+        columns[(method, "pcc")] = [metrics.pearson(p, t) for p, t in zip(maps[name], maps["truth"], strict=True)]
+        columns[(method, "rmse")] = [metrics.rmse(p, t) for p, t in zip(maps[name], maps["truth"], strict=True)]
+    df = pd.DataFrame(columns, index=pd.Index(list(model.genes), name="gene"))
+    df.columns = pd.MultiIndex.from_tuples(df.columns, names=["method", "metric"])
+    df.loc["mean"] = df.mean(axis=0, skipna=True)
+    df.attrs.update({"spots": int(maps["truth"].shape[1]), "split": split, "prepared_key": key, "scale": "normalised"})
+    return df
