@@ -38,7 +38,7 @@ PREPARE_ARGS = (
 ).split()
 TRAIN_ARGS = (
     "key preset max_epochs batch_size accelerator devices seed checkpoint_dir resume overwrite config patience "
-    "val_steps num_workers time_budget guard"
+    "val_steps num_workers time_budget guard supervision"
 ).split()
 SUPER_RESOLVE_ARGS = (
     "genes key sampler steps n_samples consistency tile_overlap batch_size seed units key_added overwrite block_lr"
@@ -509,7 +509,8 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
         sub,
         common,
         "train",
-        "Needs HR truth (transcripts or Visium HD bins). Prints a progress line every 30 s (step, loss, validation "
+        "Learns from HR truth (transcripts, Visium HD bins) or, on a spot slide alone (Visium, ST), from the spots: "
+        "hidden spots predicted from the image and the other spots. Prints a progress line every 30 s (step, loss, validation "
         "PCC, time left), stops early when the validation PCC stops improving or when --time-budget runs out, writes "
         "a checkpoint at least every minute and on Ctrl-C (then says how to resume with --resume), and saves the "
         "model (EMA weights) as <run folder>/model.pt. Its path is recorded in the store's attrs[KEY]['model'], "
@@ -566,6 +567,12 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
         dest="guard",
         action="store_false",
         help="Skip the guard (the check against bicubic and the image floor on validation, and its per-gene blend).",
+    )
+    p.add_argument(
+        "--supervision",
+        choices=["auto", "hr", "lr"],
+        help="'hr': learn from HR truth; 'lr': learn from the LR spots alone (never reading HR truth, even where "
+        "there is some); 'auto': 'hr' when the data have HR truth, else 'lr'.",
     )
     p.add_argument(
         "--overwrite", action="store_true", help="Start afresh even if --checkpoint-dir holds an earlier run."

@@ -12,12 +12,12 @@ detail. Here the model never sees the counts it is scored on:
 - **prediction** (:func:`leave_out`): the window's LR pixels are split at random into two groups; each HR pixel takes
   the map computed while its own spot's group was hidden, exactly as in training. Several random splits give several
   maps; their mean is the estimate and their spread the uncertainty (how much the map depends on which spots it is
-  shown). LR consistency (:meth:`diffst._degradation.SpotDegradation.project`) then restores each spot's counts.
+  shown). LR consistency (``SpotDegradation.project``) then restores each spot's counts.
 
 All tensors follow the network's layout: HR ``(B, ·, H, W)``, LR ``(B, ·, h, w)``, ``H = scale · h``. A window's
 footprint is ``foot`` ``(B, 1, H, W)`` (the weight each HR pixel enters its spot with) and ``offset``
 ``(B, 2, H, W)`` (LR row and column of that spot's pixel minus the HR pixel's own), from
-:meth:`diffst._degradation.SpotDegradation.footprint`.
+``SpotDegradation.footprint``.
 """
 
 from __future__ import annotations

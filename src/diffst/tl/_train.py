@@ -59,7 +59,7 @@ DEFAULT_TIME_BUDGET = 600.0
 #: What selects the kept checkpoint and stops training early: the validation PCC of the mean map.
 MONITOR = "val_pcc"
 #: Fewest measured spots (LR pixels) in the training tiles that training from the spots alone accepts.
-MIN_TRAIN_SPOTS = 200
+MIN_TRAIN_SPOTS = 100
 
 Supervision = Literal["auto", "hr", "lr"]
 
@@ -402,7 +402,7 @@ def _check_spots(prep: Prepared, region) -> None:
     if n < MIN_TRAIN_SPOTS:
         msg = (
             f"Only {n} measured LR pixels (spots) lie in the training tiles; learning from the spots alone needs at "
-            f"least {MIN_TRAIN_SPOTS} (a Visium slide has about 4,000). Give training more of the slide (a larger "
+            f"least {MIN_TRAIN_SPOTS} (a Visium slide has about 4,000; an ST section a few hundred). Give training more of the slide (a larger "
             "train share in `split` or smaller `tile_um` in `dst.pp.prepare`), or transfer a model trained on a "
             "slide with HR truth."
         )
