@@ -17,8 +17,10 @@ import tifffile  # noqa: E402
 from spatialdata.transformations import get_transformation  # noqa: E402
 
 import diffst as dst  # noqa: E402
+from diffst._degradation import degradation_for  # noqa: E402
 from diffst._grid import Grid  # noqa: E402
 from diffst._image import ImageSpec  # noqa: E402
+from diffst.tl._data import Prepared  # noqa: E402
 
 from .tenx import VISIUM_SCALEFACTOR_SPOT_UM, XENIUM_STAINS, from_synthetic  # noqa: E402
 
@@ -222,6 +224,25 @@ def test_visium_zarr_round_trip(visium, tmp_path):
     # prepare wrote into the backed store
     again = sd.read_zarr(tmp_path / "s.zarr")
     assert "diffst_lr" in again.images
+
+
+def test_visium_slide_alone_trains_from_its_spots_and_super_resolves(tmp_path):
+    """The one-call path for the commonest user: a Space Ranger folder, no HR data, read by spatialdata-io."""
+    folder = from_synthetic("visium", tmp_path / "outs", size_um=2000.0)
+    sdata = _read_visium(folder, fullres=True)
+    dst.pp.prepare(sdata, genes=5, lr_um=100, scale=10, tile_um=400)
+    model = dst.tl.train(sdata, preset="tiny", max_epochs=2, time_budget=None, checkpoint_dir=tmp_path / "run")
+    assert model.config.supervision == "lr"
+    assert model.info["guard"]["spots"] > 0
+    dst.tl.super_resolve(sdata, model, n_samples=2)
+    prep = Prepared.from_sdata(sdata, "diffst")
+    mean = np.asarray(_level0(sdata.images["diffst_sr"]).values, dtype=np.float64)
+    lr = np.asarray(sdata["diffst_lr"].values)
+    # each measured spot's counts are kept exactly, on the slide's own spots in its pixel frame
+    np.testing.assert_allclose(degradation_for(sdata, prep.attrs).degrade(mean), lr, rtol=1e-4, atol=1e-3)
+    # 10 µm HR pixels in the slide's full-resolution pixel frame
+    m = _affine(_level0(sdata.images["diffst_sr"]), folder.dataset_id)
+    assert np.hypot(*m[:2, 0]) * folder.um_per_px == pytest.approx(10.0, rel=0.02)
 
 
 # ====================================================================================================================

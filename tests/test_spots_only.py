@@ -175,9 +175,9 @@ def test_implicit_training_on_spot_data_says_so(visium, monkeypatch, log_lines):
 
 
 def test_too_few_spots_and_hr_supervision_without_hr_are_refused():
-    sdata = toy_visium(n_side=12)
+    sdata = toy_visium(n_side=9)
     dst.pp.prepare(sdata, genes=4, tile_um=200, lr_um=100)
-    with pytest.raises(ValueError, match=r"Only \d+ measured LR pixels .* needs at least 200"):
+    with pytest.raises(ValueError, match=r"Only \d+ measured LR pixels .* needs at least 100"):
         dst.tl.train(sdata, preset="tiny", max_epochs=1)
     with pytest.raises(ValueError, match="no HR truth.*supervision='lr'"):
         dst.tl.train(sdata, preset="tiny", max_epochs=1, supervision="hr")
