@@ -140,8 +140,13 @@ def super_resolve(
                      block_lr=block_lr)  # fmt: skip
     log.info(
         f"super-resolving {len(want)} genes over {len(job.windows)} windows of {model.config.tile_um:g} µm "
-        f"({job.sampler}, {job.steps} steps, {n_samples} sample{'s' if n_samples > 1 else ''}) in "
-        f"{len(job.blocks)} chunks"
+        + (
+            f"({job.sampler}, {job.steps} steps, {n_samples} sample{'s' if n_samples > 1 else ''}) in "
+            if model.config.supervision == "hr"
+            else f"(leave-spots-out: each pixel predicted with its own spot hidden, {n_samples} random "
+            f"split{'s' if n_samples > 1 else ''}) in "
+        )
+        + f"{len(job.blocks)} chunks"
     )
     stack = job.dask_array()
     guard = model.info.get("guard")
