@@ -117,11 +117,15 @@ def test_model_refuses_data_with_other_genes_or_units(prepared):
         model.check_compatible(Prepared.from_sdata(prepared, "diffst"), genes=["NOPE"])
 
 
-def test_train_needs_hr_truth():
+def test_train_on_a_small_spot_slide_says_what_it_needs():
+    # Spots-only data train from the spots themselves (issue 12); the toy slide has too few of them, and HR
+    # supervision has nothing to learn from.
     sdata = toy_visium()
     dst.pp.prepare(sdata, genes=3, tile_um=200)
-    with pytest.raises(ValueError, match="no HR truth"):
+    with pytest.raises(ValueError, match=r"Only 84 measured LR pixels.*at least 100"):
         dst.tl.train(sdata, **FAST)
+    with pytest.raises(ValueError, match="no HR truth"):
+        dst.tl.train(sdata, supervision="hr", **FAST)
 
 
 def test_train_without_prepare_says_what_to_do():
