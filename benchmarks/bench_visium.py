@@ -19,7 +19,8 @@ Experiments (each appends rows to ``benchmarks/results/visium_<experiment>.csv``
     random halves, each half predicted from the image and the other half), the map is degraded through the spot
     discs and compared with the measured counts: PCC per gene over the test spots on the normalised scale, averaged
     over genes. The same split and protocol for every method: Diff-ST, bicubic, nearest-spot (each hidden spot takes
-    its nearest measured neighbours' level) and the image floor.
+    its nearest measured neighbours' level), the image floor and TESLA (run on each window from the spots left
+    visible, as ``dst.tl.tesla`` runs it on a tile).
 
 ``slide``
     A whole synthetic Visium capture area (6.5 mm, about 4,000 spots, 25 genes) trained from its spots with the
@@ -45,6 +46,8 @@ from _common import machine
 
 import diffst as dst
 from diffst.metrics import pearson, rmse
+from diffst.model import weak
+from diffst.tl._baselines import _rgb_uint8, _tesla_imputation, tesla_window
 from diffst.tl._data import Prepared
 from diffst.tl._guard import heldout_spots
 
@@ -110,6 +113,35 @@ def simulated(args) -> None:
             print(f"simulated {dataset} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
 
 
+def tesla_predictor(model, imputation):
+    """A factory for :func:`heldout_spots`: TESLA on each window, from the spots the protocol leaves visible.
+
+    As ``dst.tl.tesla`` runs it (superpixels on the HR pixel centres, ``log1p`` counts per HR pixel of the measured
+    spots, colour averaged over one HR pixel), on the window image the model sees (``image_um`` per pixel, so TESLA's
+    ``res`` is the model's image pixels per HR pixel); HR pixels TESLA leaves NaN take the window's mean.
+    """
+    cfg, genes = model.config, list(model.genes)
+    scale = torch.as_tensor(np.asarray(model.gene_scale, dtype=np.float32))
+    res = cfg.image_per_hr
+    lo, hi = res // 2, res - res // 2
+
+    def factory(image):
+        def predict(lr, mask):
+            log_lr = torch.log1p(weak.to_counts(lr, scale)).numpy()
+            out = []
+            for b in range(lr.shape[0]):
+                img = np.pad(image[b].numpy(), ((0, 0), (lo, hi), (lo, hi)), mode="edge")
+                vals = tesla_window(imputation, _rgb_uint8(img), log_lr[b], mask[b, 0].numpy() > 0, genes,
+                                    scale=cfg.scale, res=res)  # fmt: skip
+                fill = np.nanmean(vals, axis=(1, 2), keepdims=True)
+                out.append(np.where(np.isnan(vals), np.nan_to_num(fill), vals))
+            return weak.to_units(torch.from_numpy(np.expm1(np.stack(out))), scale)
+
+        return predict
+
+    return factory
+
+
 def her2st(args) -> None:
     path = RESULTS / f"visium_her2st{'_quick' if args.quick else ''}.csv"
     prev = pd.read_csv(path) if path.exists() else pd.DataFrame()
@@ -120,19 +152,39 @@ def her2st(args) -> None:
                 continue
             t0 = time.perf_counter()
             sdata = dst.datasets.her2st(section)
-            dst.pp.prepare(sdata, genes=25, lr_um=100, scale=5, tile_um=400, seed=seed)
+            dst.pp.prepare(sdata, genes=25, lr_um=100, scale=5, seed=seed)  # 800 µm tiles: four ST pitches
             prep = Prepared.from_sdata(sdata, "diffst")
             model = train(sdata, f"her2st_{section}_{seed}", seed, args, "lr")
-            maps = heldout_spots(sdata, prep, model, split="test", seed=seed)
+            try:
+                extra = {"tesla": tesla_predictor(model, _tesla_imputation())}
+            except ImportError as e:
+                print(f"TESLA skipped: {e}")
+                extra = {}
+            maps = heldout_spots(sdata, prep, model, split="test", seed=seed, extra=extra)
             labels = {"section": section, "seed": seed, "spots": int(maps["truth"].shape[1])}
             rows = []
             for name, key in (("Diff-ST (spots only)", "mean"), ("bicubic of spots", "bicubic"),
-                              ("nearest spot", "nearest"), ("image floor", "floor")):  # fmt: skip
+                              ("nearest spot", "nearest"), ("image floor", "floor"), ("TESLA", "tesla")):  # fmt: skip
+                if key not in maps:
+                    continue
                 pcc = [pearson(p, t) for p, t in zip(maps[key], maps["truth"], strict=True)]
                 err = [rmse(p, t) for p, t in zip(maps[key], maps["truth"], strict=True)]
                 rows.append({**labels, "method": name, "pcc": float(np.nanmean(pcc)), "rmse": float(np.nanmean(err)),
                              **({"steps": model.info["steps"], "train_s": model.info["seconds"],
                                  "stopped_by": model.info["stopped_by"]} if key == "mean" else {})})  # fmt: skip
+            alpha = (model.info.get("guard") or {}).get("alpha")
+            if alpha is not None:  # what super_resolve writes: each gene blended with the floor by validation's α
+                a = np.asarray(alpha, dtype=np.float32)[:, None]
+                gs = torch.from_numpy(np.asarray(model.gene_scale_for(prep), dtype=np.float32))
+                mean, floor = (
+                    weak.to_counts(torch.from_numpy(maps[k])[None, :, :, None], gs) for k in ("mean", "floor")
+                )
+                guarded = weak.to_units(torch.from_numpy(a)[None, :, :, None] * mean
+                                        + torch.from_numpy(1 - a)[None, :, :, None] * floor, gs)[0, :, :, 0].numpy()  # fmt: skip
+                pcc = [pearson(p, t) for p, t in zip(guarded, maps["truth"], strict=True)]
+                err = [rmse(p, t) for p, t in zip(guarded, maps["truth"], strict=True)]
+                rows.append({**labels, "method": "Diff-ST (guarded)", "pcc": float(np.nanmean(pcc)),
+                             "rmse": float(np.nanmean(err))})  # fmt: skip
             append(path, rows)
             print(f"her2st {section} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
 

@@ -328,3 +328,13 @@ def test_failure_while_writing_rolls_back_in_memory_and_on_disk(tmp_path, monkey
     reread = sd.read_zarr(path)
     assert sorted(reread.elements_paths_on_disk()) == on_disk
     assert "diffst" not in reread.attrs
+
+
+def test_default_tile_spans_four_spot_pitches():
+    from diffst.pp._prepare import default_tile_um
+
+    assert default_tile_um(100.0, None) == 400.0  # bins and transcripts: 400 µm
+    assert default_tile_um(100.0, 100.0) == 400.0  # Visium: 100 µm lattice
+    assert default_tile_um(100.0, 200.0) == 800.0  # the ST array: 200 µm grid
+    assert default_tile_um(150.0, None) == 450.0  # rounded up to whole LR pixels
+    assert default_tile_um(25.0, 25.0) == 400.0

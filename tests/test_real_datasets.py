@@ -314,3 +314,13 @@ def test_cosmx_transcripts_land_on_their_cells(cosmx):
         assigned = (cell > 0) & inside
         assert (value[assigned] > 0).mean() > 0.8
         assert (value[assigned] == cell[assigned]).mean() > 0.95
+
+
+@realdata
+def test_her2st_tiles_default_to_four_spot_pitches(log_lines, monkeypatch):
+    # The ST array's spots are 200 µm apart: a 400 µm tile would hold about four spots, too few to learn from
+    monkeypatch.setattr(diffst.settings, "verbosity", 1)
+    st = her2st("C3")
+    diffst.pp.prepare(st, genes=5, lr_um=100, scale=5)
+    assert st.attrs["diffst"]["tile_um"] == 800.0
+    assert any("tiles of 800 µm" in line for line in log_lines)

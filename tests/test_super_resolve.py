@@ -189,7 +189,7 @@ def test_progress_bar_counts_every_window_sampling(monkeypatch):
 
     monkeypatch.setattr(_super_resolve._Job, "_sample_windows", counting)
     monkeypatch.setattr("tqdm.auto.tqdm", Bar)
-    monkeypatch.setattr(_super_resolve, "_interactive", lambda: True)  # a terminal: the bar
+    monkeypatch.setattr(_super_resolve.log, "interactive", lambda: True)  # a terminal: the bar
     dst.settings.verbosity = 1
     # small chunks: windows near chunk borders are sampled once per chunk they reach, and the bar knows it
     dst.tl.super_resolve(sdata, model, block_lr=7)
@@ -204,7 +204,7 @@ def test_progress_bar_counts_every_window_sampling(monkeypatch):
 def test_progress_in_a_log_file_is_plain_lines(monkeypatch, log_lines):
     sdata = _prepared()
     model = untrained(Prepared.from_sdata(sdata, "diffst"))
-    monkeypatch.setattr(_super_resolve, "_interactive", lambda: False)  # output to a file
+    monkeypatch.setattr(_super_resolve.log, "interactive", lambda: False)  # output to a file
     monkeypatch.setattr(dst.settings, "progress_every", 0.0)
     monkeypatch.setattr(dst.settings, "verbosity", 1)
     dst.tl.super_resolve(sdata, model, block_lr=7)

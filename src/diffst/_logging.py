@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 from ._settings import settings
 
@@ -30,3 +31,8 @@ def debug(msg: str) -> None:
 def warn(msg: str) -> None:
     """Warn the user whatever the verbosity."""
     logger.warning(msg)
+
+
+def interactive() -> bool:
+    """A terminal or a notebook, where a tqdm bar redraws in place (in a log file its redraws would pile up)."""
+    return sys.stderr.isatty() or "ipykernel" in sys.modules

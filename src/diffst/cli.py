@@ -433,8 +433,8 @@ def _add_prepare(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tile-um",
         type=_positive_float,
-        help="Tile side in µm, a multiple of --lr-um; training and evaluation use these tiles (the default preset is "
-        "designed for 400 µm, the tiny preset for 160 µm).",
+        help="Tile side in µm, a multiple of --lr-um; training and evaluation use these tiles (default: 400 µm, or four "
+        "spot pitches where the spots are sparser, e.g. 800 µm on the ST array; the tiny preset is designed for 160 µm).",
     )
     p.add_argument("--min-tissue", type=float, help="Minimum tissue fraction of a kept tile, in [0, 1].")
     p.add_argument(

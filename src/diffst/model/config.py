@@ -72,6 +72,13 @@ class DiffSTConfig:
         training-free image floor (:func:`~diffst.model.image_floor`: bicubic × nuclear-stain density, each LR pixel
         keeping its counts), so an untrained model already returns the floor and training learns what it misses;
         ``"bicubic"`` is the mask-aware bicubic up-sampling :func:`~diffst.model.upsample_lr` (the paper's setting).
+    image_encoder, feature_channels
+        Where the tissue-level image features come from. ``"learned"`` (the default, ``feature_channels=0``): the
+        tissue encoder learns them from the image on this slide. Otherwise the name of the encoder of
+        :func:`diffst.pp.image_features` (``"stain"``, ``"timm:<model>"``) whose ``feature_channels`` features per HR
+        pixel come with the image (appended as channels after the ``image_channels`` image channels, repeated over
+        each HR pixel's image pixels) and replace the learned tissue encoder; the cell level, CAM and the gene graph
+        keep their meaning.
     image_kind, nuclear_channel
         The image type (``"rgb"`` H&E or ``"fluorescence"``) and, for fluorescence, the nuclear (DAPI) channel the floor
         reads; set from the prepared data.
@@ -135,6 +142,8 @@ class DiffSTConfig:
     base: str = "floor"
     image_kind: str = "rgb"
     nuclear_channel: int = 0
+    image_encoder: str = "learned"
+    feature_channels: int = 0
     objective: str = "refiner"
     supervision: str = "hr"
     hide_fraction: float = 0.5
@@ -329,6 +338,12 @@ class DiffSTConfig:
             raise ValueError(msg)
         if self.base not in ("floor", "bicubic"):
             msg = f"base must be 'floor' or 'bicubic', got {self.base!r}."
+            raise ValueError(msg)
+        if (self.image_encoder == "learned") != (self.feature_channels == 0) or self.feature_channels < 0:
+            msg = (
+                "image_encoder='learned' has no feature channels and any other encoder needs some; got "
+                f"image_encoder={self.image_encoder!r}, feature_channels={self.feature_channels}."
+            )
             raise ValueError(msg)
         if self.image_kind not in ("rgb", "fluorescence"):
             msg = f"image_kind must be 'rgb' or 'fluorescence', got {self.image_kind!r}."

@@ -14,6 +14,7 @@ from .layers import ResBlock, group_norm, strided_stem
 __all__ = [
     "CellEncoder",
     "CellToTissueAttention",
+    "FeatureTissueEncoder",
     "HierarchicalImageEncoder",
     "TissueEncoder",
     "curriculum_quantile",
@@ -137,6 +138,26 @@ class TissueEncoder(nn.Module):
         return h
 
 
+class FeatureTissueEncoder(nn.Module):
+    """Tissue level from precomputed features (:func:`diffst.pp.image_features`): ``(B, F, H, W)`` → F_tissue.
+
+    A 1 × 1 projection to ``d_t`` channels and ResBlocks at the HR grid: the pretrained or weight-free encoder has
+    done the seeing, this adapts its features to the genes of the slide.
+    """
+
+    def __init__(self, in_channels: int, d_tissue: int, blocks: int = 1):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, d_tissue, 1), group_norm(d_tissue), nn.SiLU())
+        self.blocks = nn.ModuleList(ResBlock(d_tissue, d_tissue) for _ in range(blocks))
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Encode ``(B, F, H, W)`` features on the HR grid to ``(B, d_t, H, W)``."""
+        h = self.stem(features)
+        for block in self.blocks:
+            h = block(h)
+        return h
+
+
 class CellEncoder(nn.Module):
     """Cell-level encoder shared by all patches: ``(N, C_img, P, P)`` -> ``(N, d_c)``.
 
@@ -197,13 +218,19 @@ class HierarchicalImageEncoder(nn.Module):
     describes ("γ gradually increases, indicating increased complexity of sampled patches"); the released
     code hard-wired the selection off. Kept cell features enter the tissue features by
     ``CellToTissueAttention``. With ``hierarchical=False`` only the tissue level exists.
+
+    With precomputed image features (``feature_channels > 0``), they arrive as the image's last channels and the
+    tissue level is :class:`FeatureTissueEncoder` on them; the cell level still reads the image.
     """
 
     def __init__(self, config: DiffSTConfig):
         super().__init__()
         self.config = config
         factor = config.image_per_hr
-        self.tissue = TissueEncoder(config.image_channels, config.d_tissue, factor, config.tissue_blocks)
+        if config.feature_channels:
+            self.tissue = FeatureTissueEncoder(config.feature_channels, config.d_tissue, config.tissue_blocks)
+        else:
+            self.tissue = TissueEncoder(config.image_channels, config.d_tissue, factor, config.tissue_blocks)
         if config.hierarchical:
             self.cell = CellEncoder(config.image_channels, config.d_cell, factor, config.cell_patch_px)
             self.attention = CellToTissueAttention(config.d_tissue, config.d_cell, config.d_attn)
@@ -214,7 +241,7 @@ class HierarchicalImageEncoder(nn.Module):
         Parameters
         ----------
         image
-            ``(B, C_img, H_img, W_img)`` tile image in [0, 1].
+            ``(B, C_img, H_img, W_img)`` tile image in [0, 1] (and the ``feature_channels`` feature maps after it).
         progress
             Training progress in [0, 1] for the curriculum (1.0 at inference).
 
@@ -223,7 +250,12 @@ class HierarchicalImageEncoder(nn.Module):
         ``(F_h, kept_fraction)``: ``(B, d_t, H, W)`` features and the share of cell patches kept.
 
         """
-        f_tissue = self.tissue(image)
+        c = self.config.image_channels
+        if self.config.feature_channels:
+            f_tissue = self.tissue(F.avg_pool2d(image[:, c:], self.config.image_per_hr))
+        else:
+            f_tissue = self.tissue(image)
+        image = image[:, :c]
         if not self.config.hierarchical:
             return f_tissue, 0.0
         patches, _, keep = self.curriculum(image, progress)

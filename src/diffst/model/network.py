@@ -147,11 +147,12 @@ class DiffSTNet(nn.Module):
             problems.append(f"lr has shape {tuple(lr.shape)}, expected {(b, g, h // cfg.scale, w // cfg.scale)}")
         if mask.shape != (b, 1, *lr.shape[-2:]):
             problems.append(f"mask has shape {tuple(mask.shape)}, expected {(b, 1, *lr.shape[-2:])}")
-        expected = (b, cfg.image_channels, h * cfg.image_per_hr, w * cfg.image_per_hr)
+        expected = (b, cfg.image_channels + cfg.feature_channels, h * cfg.image_per_hr, w * cfg.image_per_hr)
         if image.shape != expected:
+            feats = f" and {cfg.feature_channels} {cfg.image_encoder} feature maps" if cfg.feature_channels else ""
             problems.append(
                 f"image has shape {tuple(image.shape)}, expected {expected} "
-                f"({cfg.image_channels} channels at image_um={cfg.image_um} µm/px)"
+                f"({cfg.image_channels} channels{feats} at image_um={cfg.image_um} µm/px)"
             )
         if problems:
             msg = "DiffSTNet inputs do not match the config: " + "; ".join(problems) + "."

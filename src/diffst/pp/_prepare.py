@@ -49,7 +49,7 @@ def prepare(
     points_key: str | None = None,
     table_key: str | None = None,
     coordinate_system: str | None = None,
-    tile_um: float = 400.0,
+    tile_um: float | None = None,
     min_tissue: float = 0.25,
     split: Sequence[float] = (0.7, 0.15, 0.15),
     split_block_um: float | None = None,
@@ -98,7 +98,9 @@ def prepare(
         Coordinate system shared by the image and the measurement; by default the only shared one (``"global"``
         preferred, ``*_downscaled_*`` avoided).
     tile_um
-        Tile side in µm (a multiple of ``lr_um``); training and evaluation use these tiles.
+        Tile side in µm (a multiple of ``lr_um``); training and evaluation use these tiles, and a training window is
+        at most one tile. Default: 400 µm, or four spot pitches where the spots are sparser (800 µm for the ST array's
+        200 µm grid, so that a window holds enough spots to learn from), rounded up to a multiple of ``lr_um``.
     min_tissue
         Minimum tissue fraction of a kept tile.
     split
@@ -178,6 +180,8 @@ def prepare(
     )
     meas = read_measurement(sdata, inputs, layer=layer)
     _check_not_empty(meas)
+    if tile_um is None:
+        tile_um = default_tile_um(lr_um, inputs.spot_pitch_um if meas.kind == "spots" else spot_pitch_um)
 
     grid = _make_grid(meas, inputs, lr_um, scale, tile_um)
     if meas.kind == "spots":
@@ -359,7 +363,7 @@ def prepare(
     writer.commit(elements, attrs={key_added: params}, stale=names.values())
     log.info(
         f"prepared {len(chosen)} genes on {grid.lr_shape[0]}×{grid.lr_shape[1]} LR / "
-        f"{grid.hr_shape[0]}×{grid.hr_shape[1]} HR pixels ({lr_um:g} → {hr_um:g} µm), {len(tiles)} tiles "
+        f"{grid.hr_shape[0]}×{grid.hr_shape[1]} HR pixels ({lr_um:g} → {hr_um:g} µm), {len(tiles)} tiles of {tile_um:g} µm "
         f"(train {counts_per_split['train']}, val {counts_per_split['val']}, test {counts_per_split['test']}; "
         + ", ".join(f"{k} {a:.3f} mm²" for k, a in _split_areas(tiles, tile_um).items())
         + ") "
@@ -379,6 +383,16 @@ def _version() -> str:
     return __version__
 
 
+#: Default tile side (µm) and the least number of spot pitches a tile spans.
+DEFAULT_TILE_UM, TILE_PITCHES = 400.0, 4
+
+
+def default_tile_um(lr_um: float, pitch_um: float | None) -> float:
+    """400 µm, or :data:`TILE_PITCHES` spot pitches when larger, rounded up to a multiple of ``lr_um``."""
+    target = max(DEFAULT_TILE_UM, TILE_PITCHES * float(pitch_um or 0.0))
+    return float(lr_um * max(1, int(np.ceil(target / lr_um - 1e-6))))
+
+
 def _check_arguments(genes, scale, lr_um, degradation, tile_um, min_tissue, split, key_added) -> None:
     if not isinstance(scale, int | np.integer) or scale < 1:
         msg = f"`scale` must be a positive integer (HR pixels per LR pixel along an axis); got {scale!r}."
@@ -389,8 +403,8 @@ def _check_arguments(genes, scale, lr_um, degradation, tile_um, min_tissue, spli
     if degradation not in ("bin", "visium"):
         msg = f"`degradation` must be 'bin' or 'visium'; got {degradation!r}."
         raise ValueError(msg)
-    ratio = tile_um / lr_um
-    if tile_um <= 0 or abs(ratio - round(ratio)) > 1e-6 or round(ratio) < 1:
+    ratio = tile_um / lr_um if tile_um is not None else 1.0
+    if tile_um is not None and (tile_um <= 0 or abs(ratio - round(ratio)) > 1e-6 or round(ratio) < 1):
         msg = f"`tile_um`={tile_um:g} must be a positive multiple of `lr_um`={lr_um:g}."
         raise ValueError(msg)
     if not 0 <= min_tissue <= 1:

@@ -323,10 +323,6 @@ def tesla(
         msg = f"No {split!r} tiles under {key!r} to run TESLA on; pass another `split` (or None for all tiles)."
         raise ValueError(msg)
 
-    import anndata as ad
-
-    from .._image import read_tile
-
     grid = prep.grid
     sc = grid.scale
     t = prep.tile_lr
@@ -341,34 +337,16 @@ def tesla(
     for r0, c0 in zip(tiles["lr_row0"].astype(int), tiles["lr_col0"].astype(int), strict=True):
         ra, ca = max(r0 - margin_lr, 0), max(c0 - margin_lr, 0)
         rb, cb = min(r0 + t + margin_lr, h), min(c0 + t + margin_lr, w)
-        ii, jj = np.nonzero(prep.coverage[ra:rb, ca:cb] > 0)
-        if len(ii) == 0:
+        if not (prep.coverage[ra:rb, ca:cb] > 0).any():
             continue
-        hh, ww = (rb - ra) * sc, (cb - ca) * sc
         half = grid.hr_um / 2.0
         x0 = grid.origin_um[0] + ca * grid.lr_um - half
         y0 = grid.origin_um[1] + ra * grid.lr_um - half
+        hh, ww = (rb - ra) * sc, (cb - ca) * sc
         bbox = (x0, y0, x0 + (ww + 1) * grid.hr_um, y0 + (hh + 1) * grid.hr_um)
         crop = read_tile(image, prep.image, bbox, grid.hr_um / res)
-        img = _rgb_uint8(crop)
-        known = ad.AnnData(
-            X=log_lr[:, ra + ii, ca + jj].T.astype(np.float64),
-            obs=pd.DataFrame(
-                {"pixel_x": ((ii + 0.5) * sc + 0.5) * res, "pixel_y": ((jj + 0.5) * sc + 0.5) * res},
-                index=[f"lr_{a}_{b}" for a, b in zip(ra + ii, ca + jj, strict=True)],
-            ),
-            var=pd.DataFrame(index=genes),
-        )
-        rows, cols = img.shape[:2]
-        contour = np.array([[[0, 0]], [[cols - 1, 0]], [[cols - 1, rows - 1]], [[0, rows - 1]]], dtype=np.int32)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            result = imputation(img, known, contour, genes, res=res, s=s, k=k, num_nbs=min(num_nbs, len(ii)))
-        hr_r = (result.obs["x"].to_numpy() // res - 1).astype(int)
-        hr_c = (result.obs["y"].to_numpy() // res - 1).astype(int)
-        values = np.full((len(genes), hh, ww), np.nan, dtype=np.float32)
-        order = [list(result.var.index).index(g) for g in genes]
-        values[:, hr_r, hr_c] = np.asarray(result.X, dtype=np.float32)[:, order].T
+        values = tesla_window(imputation, _rgb_uint8(crop), log_lr[:, ra:rb, ca:cb], prep.coverage[ra:rb, ca:cb] > 0,
+                              genes, scale=sc, res=res, num_nbs=num_nbs, k=k, s=s)  # fmt: skip
         tr, tc = (r0 - ra) * sc, (c0 - ca) * sc
         tile_vals = values[:, tr : tr + t * sc, tc : tc + t * sc]
         n_nan += int(np.isnan(tile_vals).any())
@@ -394,6 +372,44 @@ def tesla(
         overwrite=overwrite,
     )
     log.info(f"TESLA imputation of {len(genes)} genes on {len(tiles)} tiles → sdata.images[{key_added!r}]")
+
+
+def tesla_window(
+    imputation, img: np.ndarray, log_lr: np.ndarray, measured: np.ndarray, genes: list[str], *, scale: int, res: int,
+    num_nbs: int = 10, k: int = 2, s: float = 1.0,
+) -> np.ndarray:  # fmt: skip
+    """TESLA on one window: ``log1p`` counts per HR pixel ``(G, H, W)`` from the ``measured`` LR pixels of ``log_lr``.
+
+    ``img`` ``(H·res + res, W·res + res, 3)`` uint8 starts half an HR pixel before the window (TESLA's superpixel
+    grid ``res, 2·res, …`` then lands on the HR pixel centres); ``log_lr`` ``(G, h, w)`` is ``log1p`` of the counts
+    per HR pixel of each LR pixel, read where ``measured`` ``(h, w)``. HR pixels TESLA leaves out (all, with no measured pixel) are NaN.
+    """
+    import anndata as ad
+
+    ii, jj = np.nonzero(measured)
+    hh, ww = measured.shape[0] * scale, measured.shape[1] * scale
+    values = np.full((len(genes), hh, ww), np.nan, dtype=np.float32)
+    if len(ii) == 0:
+        return values
+    known = ad.AnnData(
+        X=log_lr[:, ii, jj].T.astype(np.float64),
+        obs=pd.DataFrame(
+            {"pixel_x": ((ii + 0.5) * scale + 0.5) * res, "pixel_y": ((jj + 0.5) * scale + 0.5) * res},
+            index=[f"lr_{a}_{b}" for a, b in zip(ii, jj, strict=True)],
+        ),
+        var=pd.DataFrame(index=genes),
+    )
+    rows, cols = img.shape[:2]
+    contour = np.array([[[0, 0]], [[cols - 1, 0]], [[cols - 1, rows - 1]], [[0, rows - 1]]], dtype=np.int32)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        result = imputation(img, known, contour, genes, res=res, s=s, k=k, num_nbs=min(num_nbs, len(ii)))
+    hr_r = (result.obs["x"].to_numpy() // res - 1).astype(int)
+    hr_c = (result.obs["y"].to_numpy() // res - 1).astype(int)
+    inside = (hr_r < hh) & (hr_c < ww)
+    order = [list(result.var.index).index(g) for g in genes]
+    values[:, hr_r[inside], hr_c[inside]] = np.asarray(result.X, dtype=np.float32)[inside][:, order].T
+    return values
 
 
 def _rgb_uint8(crop: np.ndarray) -> np.ndarray:

@@ -110,14 +110,23 @@ class TileSource:
     #: The degradation operator's footprint (``weight`` ``(H, W)``, ``offset`` ``(2, H, W)``, see
     #: :meth:`diffst._degradation.SpotDegradation.footprint`), for training and predicting through it.
     footprint: tuple[np.ndarray, np.ndarray] | None = None
+    #: Image features on the HR grid ``(F, H, W)`` (:func:`diffst.pp.image_features`), appended to each image crop.
+    features: Any | None = None
 
     @classmethod
     def from_sdata(
-        cls, sdata: SpatialData, prep: Prepared, genes: list[str] | None = None, *, footprint: bool = False
+        cls,
+        sdata: SpatialData,
+        prep: Prepared,
+        genes: list[str] | None = None,
+        *,
+        footprint: bool = False,
+        features: str | None = None,
     ) -> TileSource:
         """Source of the prepared elements, channels in the order of ``genes`` (default: the prepared order).
 
-        ``footprint`` adds the degradation's footprint, so that windows carry ``foot``, ``offset`` and ``area``.
+        ``footprint`` adds the degradation's footprint, so that windows carry ``foot``, ``offset`` and ``area``;
+        ``features`` names an image-feature element on the HR grid whose maps follow the image channels.
         """
         index = None if genes is None else np.array([prep.genes.index(g) for g in genes])
         foot = None
@@ -134,6 +143,7 @@ class TileSource:
             hr=sdata[prep.elements["hr"]].data if prep.has_hr else None,
             gene_index=index,
             footprint=foot,
+            features=_feature_array(sdata, features) if features is not None else None,
         )
 
     def cache_image(self, image_um: float, max_bytes: int = 512 * 2**20) -> TileSource:
@@ -187,6 +197,14 @@ class TileSource:
         x0, y0 = g.origin_um[0] + lr_col0 * g.lr_um, g.origin_um[1] + lr_row0 * g.lr_um
         bbox = (x0, y0, x0 + size_c * g.lr_um, y0 + size_r * g.lr_um)
         out["image"] = read_tile(self.image_element, self.image, bbox, image_um)
+        if self.features is not None:
+            feats = np.zeros((self.features.shape[0], size_r * s, size_c * s), dtype=np.float32)
+            if inside:
+                block = self.features[:, rr0 * s : rr1 * s, cc0 * s : cc1 * s]
+                feats[:, dr.start * s : dr.stop * s, dc.start * s : dc.stop * s] = np.asarray(block, dtype=np.float32)
+            per_hr = int(round(g.hr_um / image_um))
+            feats = np.repeat(np.repeat(feats, per_hr, axis=1), per_hr, axis=2)
+            out["image"] = np.concatenate([out["image"], feats])
         if with_hr and self.hr is not None:
             hr = np.zeros((n_genes, size_r * s, size_c * s), dtype=np.float32)
             if inside:
@@ -205,6 +223,14 @@ class TileSource:
                     ]
                 out[name] = part
         return out
+
+
+def _feature_array(sdata: SpatialData, name: str, max_bytes: int = 512 * 2**20) -> Any:
+    """The finest level of a feature element, in memory when small enough (windows slice it many times)."""
+    from .._spatial import image_levels
+
+    data = image_levels(sdata.images[name])[0].data
+    return np.asarray(data) if data.nbytes <= max_bytes else data
 
 
 class TileDataset(Dataset):

@@ -19,8 +19,11 @@ from .._normalise import to_model_units
 from ..metrics import pearson, rmse
 from ._baselines import _interpolate, _project, slide_floor
 from ._data import Prepared
+from ._features import feature_key
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
     from spatialdata import SpatialData
 
     from ._model import DiffST
@@ -76,11 +79,13 @@ def validation_maps(sdata: SpatialData, prep: Prepared, model: DiffST, *, split:
 
 
 def heldout_spots(sdata: SpatialData, prep: Prepared, model: DiffST, *, split: str = "val", seed: int = 0,
-                  batch_size: int = 16) -> dict[str, np.ndarray] | None:  # fmt: skip
+                  batch_size: int = 16, extra: Mapping[str, Callable] | None = None) -> dict[str, np.ndarray] | None:  # fmt: skip
     """Every whole spot of ``split``'s tiles predicted while hidden, by the model, the image floor and bicubic.
 
     Returns model units ``(G, spots)`` under ``"mean"``, ``"floor"``, ``"bicubic"``, ``"nearest"`` and ``"truth"`` (the measured
-    spots), genes in the model's order; ``None`` when the split has no tiles. The HR truth is never read.
+    spots), genes in the model's order; ``None`` when the split has no tiles. The HR truth is never read. ``extra``
+    adds predictors scored on the same hidden spots: ``name → factory(image)`` returning ``predict(lr, mask)`` (the
+    interface of :func:`diffst.model.weak.predictors`), e.g. TESLA in ``benchmarks/bench_visium.py``.
     """
     import torch
 
@@ -92,7 +97,8 @@ def heldout_spots(sdata: SpatialData, prep: Prepared, model: DiffST, *, split: s
         return None
     cfg = model.config
     gene_scale = model.gene_scale_for(prep)
-    source = TileSource.from_sdata(sdata, prep, genes=model.genes, footprint=True).cache_image(cfg.image_um)
+    source = TileSource.from_sdata(sdata, prep, genes=model.genes, footprint=True,
+                                   features=feature_key(sdata, prep, model)).cache_image(cfg.image_um)  # fmt: skip
     source.hr = None
     origins = tiled_origins(tiles, prep.tile_lr, cfg.lr_px)
     ds = WindowDataset(source, origins, cfg.lr_px, image_um=cfg.image_um, gene_scale=gene_scale)
@@ -104,7 +110,9 @@ def heldout_spots(sdata: SpatialData, prep: Prepared, model: DiffST, *, split: s
         batch = {k: torch.stack([ds[j][k] for j in range(i, min(i + batch_size, len(ds)))]) for k in ds[i]}
         group = weak.hide(torch.ones_like(batch["mask"]), 0.5, generator=gen)
         with torch.inference_mode():
-            for name, fn in weak.predictors(diffusion, net, batch["image"]).items():
+            fns = weak.predictors(diffusion, net, batch["image"])
+            fns.update({name: factory(batch["image"]) for name, factory in (extra or {}).items()})
+            for name, fn in fns.items():
                 pred, truth = weak.heldout(fn, batch["lr"], batch["mask"], batch["foot"], batch["offset"],
                                            batch["area"], diffusion.gene_scale, cfg.scale, group)  # fmt: skip
                 parts.setdefault(name.removeprefix("_") or "mean", []).append(pred)

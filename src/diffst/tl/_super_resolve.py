@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from .._normalise import to_counts
 from .._settings import settings
 from ..model import Diffusion
 from ._data import Prepared, TileSource
+from ._features import feature_key
 from ._model import DiffST, fingerprint
 from ._output import Units, check_sr_free, sr_image, write_sr
 from ._run import format_duration
@@ -377,7 +377,8 @@ class _Job:
         if resolved == "ddpm" and sampler == "fast":
             resolved = "dpmsolver"
         n_steps = steps or (cfg.num_train_timesteps if resolved == "ddpm" else cfg.sample_steps)
-        source = TileSource.from_sdata(sdata, prep, genes=model.genes, footprint=cfg.supervision == "lr")
+        source = TileSource.from_sdata(sdata, prep, genes=model.genes, footprint=cfg.supervision == "lr",
+                                       features=feature_key(sdata, prep, model))  # fmt: skip
         source = source.cache_image(cfg.image_um)
         source.lr = lr_all  # small: keep it in the task instead of re-reading the store
         source.hr = None
@@ -612,11 +613,6 @@ def _chunks(n: int, b: int) -> tuple[int, ...]:
     return tuple([b] * (n // b) + ([n % b] if n % b else []))
 
 
-def _interactive() -> bool:
-    """A terminal or a notebook, where a tqdm bar redraws in place (in a log file its redraws would pile up)."""
-    return sys.stderr.isatty() or "ipykernel" in sys.modules
-
-
 class _LogProgress:
     """The bar's ``update`` as plain log lines every ``dst.settings.progress_every`` seconds (output to a file)."""
 
@@ -647,7 +643,7 @@ def _progress_bar(total: int, show: bool):
     if not show:
         yield
         return
-    if _interactive():
+    if log.interactive():
         from tqdm.auto import tqdm
 
         bar: Any = tqdm(total=total, desc="super-resolving", unit="window")

@@ -29,6 +29,7 @@ from ._data import (
     tiled_origins,
     window_origins,
 )
+from ._features import features_for_training, model_record
 from ._guard import fit_guard, guard_summary
 from ._lightning import DiffSTModule, History
 from ._model import DiffST, data_units, fingerprint
@@ -84,6 +85,7 @@ def train(
     time_budget: float | None = DEFAULT_TIME_BUDGET,
     guard: bool = True,
     supervision: Supervision = "auto",
+    image_encoder: str = "learned",
     **trainer_kwargs: Any,
 ) -> DiffST:
     """Train a Diff-ST model on the data that :func:`diffst.pp.prepare` made.
@@ -173,6 +175,12 @@ def train(
         above (Visium, ST; on data that have HR truth, e.g. prepared with ``degradation="visium"``, the HR is then
         never read, which is how this mode is benchmarked). ``"auto"`` (default): ``"hr"`` when the data have HR
         truth, else ``"lr"``.
+    image_encoder
+        Where the tissue-level image features come from: ``"learned"`` (default: the model's own encoder, trained on
+        this slide), ``"stain"`` (weight-free stain and texture features) or ``"timm:<model>"`` (a pretrained
+        encoder, e.g. a pathology foundation model). Features are computed once per slide by
+        :func:`diffst.pp.image_features` (here, when the data lack them; run it yourself first for a timm model's
+        local ``weights`` or other options) and replace the learned tissue encoder. See :doc:`/encoders`.
     trainer_kwargs
         Passed to :class:`lightning.Trainer` (e.g. ``strategy="ddp"``, ``precision="bf16-mixed"``).
 
@@ -184,6 +192,11 @@ def train(
     """
     prep = Prepared.from_sdata(sdata, key)
     supervision = _supervision(prep, key, supervision)
+    if not isinstance(image_encoder, str) or not (
+        image_encoder in ("learned", "stain") or (image_encoder.startswith("timm:") and len(image_encoder) > 5)
+    ):
+        msg = f"`image_encoder` must be 'learned', 'stain' or 'timm:<model name>'; got {image_encoder!r}."
+        raise ValueError(msg)
     n_train = len(prep.tiles(sdata, "train"))
     if n_train == 0:
         msg = f"No training tiles under {key!r}; prepare with smaller `tile_um` or a larger train share in `split`."
@@ -201,7 +214,8 @@ def train(
         config = {"objective": "regression", "supervision": "lr", **(config or {})}
     # the prepared tile (400 µm by default, the default preset's) bounds the window; small regions get smaller ones
     window_lr = choose_window(region, prep.tile_lr)
-    cfg = _config(prep, preset, batch_size, config, window_um=window_lr * prep.grid.lr_um)
+    prep, features = features_for_training(sdata, prep, image_encoder)
+    cfg = _config(prep, preset, batch_size, config, window_um=window_lr * prep.grid.lr_um, features=features)
     train_origins = window_origins(region, window_lr)
     val_origins = tiled_origins(prep.tiles(sdata, "val"), prep.tile_lr, window_lr)
     n_val = len(val_origins)
@@ -229,7 +243,9 @@ def train(
         )  # fmt: skip
 
     L.seed_everything(seed, workers=True, verbose=False)
-    source = TileSource.from_sdata(sdata, prep, footprint=supervision == "lr").cache_image(cfg.image_um)
+    source = TileSource.from_sdata(
+        sdata, prep, footprint=supervision == "lr", features=features["key"] if features else None
+    ).cache_image(cfg.image_um)
     if supervision == "lr":
         source.hr = None
     train_ds = WindowDataset(source, train_origins, window_lr, image_um=cfg.image_um, gene_scale=gene_scale)
@@ -361,6 +377,7 @@ def train(
             "window_lr": int(window_lr),
             "prepared_fingerprint": fp,
             "key": key,
+            **({"image_features": model_record(features)} if features else {}),
         },
     )
     if trainer.is_global_zero:
@@ -420,8 +437,11 @@ def _config(
     batch_size: int | None,
     overrides: dict[str, Any] | None,
     window_um: float | None = None,
+    features: dict[str, Any] | None = None,
 ) -> DiffSTConfig:
     data = {
+        "image_encoder": features["encoder"]["name"] if features else "learned",
+        "feature_channels": int(features["n_components"]) if features else 0,
         "n_genes": len(prep.genes),
         "image_channels": len(prep.image.channels),
         "hr_um": prep.grid.hr_um,
@@ -439,7 +459,12 @@ def _config(
     extra = dict(overrides or {})
     clash = sorted(set(extra) & set(data))
     if clash:
-        msg = f"`config` may not override {clash}: they come from the prepared data (set them in `dst.pp.prepare`)."
+        where = (
+            "pass `image_encoder=` to `dst.tl.train`"
+            if set(clash) <= {"image_encoder", "feature_channels"}
+            else "set them in `dst.pp.prepare`, and the image encoder with `image_encoder=`"
+        )
+        msg = f"`config` may not override {clash}: they come from the prepared data ({where})."
         raise ValueError(msg)
     if batch_size is not None:
         extra["batch_size"] = int(batch_size)
