@@ -214,3 +214,32 @@ def test_image_encoder_arguments_are_checked():
         dst.tl.train(sdata, image_encoder="uni", **FAST)
     with pytest.raises(ValueError, match=r"may not override \['feature_channels'\].*image_encoder="):
         dst.tl.train(sdata, config={"feature_channels": 4}, **FAST)
+
+
+def test_timm_token_grids_are_stitched_onto_the_hr_pixels():
+    # The geometry of TimmEncoder.encode without timm: a stand-in network whose "tokens" are 8 × 8 pixel means of
+    # 32-pixel inputs. A crop of 100 × 60 pixels is cut into 4 × 2 inputs (zero-padded), their token grids stitched
+    # and averaged over HR pixels of 10 px (coarser than tokens) and of 4 px (finer), weighted by overlap.
+    from diffst.features import TimmEncoder
+
+    enc = TimmEncoder.__new__(TimmEncoder)
+    enc.input_px, enc.batch_size, enc.dim = 32, 3, 3
+    enc._tokens = lambda x: x.reshape(len(x), 3, 4, 8, 4, 8).mean(axis=(3, 5))
+    crop = np.zeros((1, 3, 100, 60), dtype=np.float32)
+    crop[0, :, 40:60, 20:40] = 1.0  # a bright square: rows 40–59, cols 20–39
+    coarse = enc.encode(crop, per_hr=10)
+    assert coarse.shape == (1, 3, 10, 6)
+    # tokens 2–4 along columns hold 0.5, 1, 1 (the square covers half of token 2, pixels 16–23); rows 5–7: 1, 1, 0.5
+    token = np.zeros(16, dtype=np.float32)
+    token[[5, 6, 7]] = [1.0, 1.0, 0.5]
+    col_token = np.zeros(8, dtype=np.float32)
+    col_token[[2, 3, 4]] = [0.5, 1.0, 1.0]
+    px_r, px_c = np.repeat(token, 8)[:100], np.repeat(col_token, 8)[:60]  # the token map, per pixel
+    expected = np.outer(px_r.reshape(10, 10).mean(1), px_c.reshape(6, 10).mean(1))
+    assert np.allclose(coarse[0, 0], expected, atol=1e-6)
+    outside = coarse[0, 0].copy()
+    outside[4:6, 2:4] = 0
+    assert coarse[0, 0, 4:6, 2:4].min() > outside.max()  # the square lands on its HR pixels
+    fine = enc.encode(crop, per_hr=4)
+    assert fine.shape == (1, 3, 25, 15)
+    assert np.allclose(fine[0, 0], np.outer(px_r.reshape(25, 4).mean(1), px_c.reshape(15, 4).mean(1)), atol=1e-6)

@@ -38,7 +38,7 @@ PREPARE_ARGS = (
 ).split()
 TRAIN_ARGS = (
     "key preset max_epochs batch_size accelerator devices seed checkpoint_dir resume overwrite config patience "
-    "val_steps num_workers time_budget guard supervision"
+    "val_steps num_workers time_budget guard supervision image_encoder"
 ).split()
 SUPER_RESOLVE_ARGS = (
     "genes key sampler steps n_samples consistency tile_overlap batch_size seed units key_added overwrite block_lr"
@@ -573,6 +573,12 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
         choices=["auto", "hr", "lr"],
         help="'hr': learn from HR truth; 'lr': learn from the LR spots alone (never reading HR truth, even where "
         "there is some); 'auto': 'hr' when the data have HR truth, else 'lr'.",
+    )
+    p.add_argument(
+        "--image-encoder",
+        metavar="learned|stain|timm:MODEL",
+        help="Where the tissue-level image features come from: the model's own encoder ('learned'), the weight-free "
+        "stain and texture features ('stain') or a timm model ('timm:<name>'), computed once per slide and stored.",
     )
     p.add_argument(
         "--overwrite", action="store_true", help="Start afresh even if --checkpoint-dir holds an earlier run."

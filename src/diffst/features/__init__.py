@@ -29,6 +29,7 @@ def make_encoder(
     pretrained: bool = True,
     device: str | None = None,
     batch_size: int = 16,
+    model_kwargs: dict | None = None,
 ) -> ImageEncoder:
     """The encoder a spec names: ``"stain"`` or ``"timm:<model name>"``.
 
@@ -47,6 +48,9 @@ def make_encoder(
         raise ValueError(msg)
     um = hr_um / max(1, round(hr_um / um))
     if family == "stain":
+        if model_kwargs:
+            msg = "`model_kwargs` apply to timm encoders only; the 'stain' encoder has no model."
+            raise ValueError(msg)
         return StainEncoder(kind, n_channels=n_channels, um_per_px=um, hr_um=hr_um)
     return TimmEncoder(spec.removeprefix("timm:"), pretrained=pretrained, weights=weights, um_per_px=um, device=device,
-                       batch_size=batch_size)  # fmt: skip
+                       batch_size=batch_size, model_kwargs=model_kwargs)  # fmt: skip

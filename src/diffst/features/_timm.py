@@ -13,8 +13,8 @@ class TimmEncoder(ImageEncoder):
     """A timm model's patch (ViT) or last-stage (CNN) features, resampled to one vector per HR pixel.
 
     The slide is read at ``um_per_px`` and cut into the model's input size (``timm.data.resolve_data_config``), with
-    its own normalisation; token grids are stitched and averaged over each HR pixel (bilinear when tokens are coarser
-    than HR pixels).
+    its own normalisation; token grids are stitched, and each HR pixel takes the mean of the tokens it overlaps,
+    weighted by the overlap.
 
     Parameters
     ----------
@@ -31,7 +31,9 @@ class TimmEncoder(ImageEncoder):
     batch_size
         Model inputs per forward pass.
     model_kwargs
-        Passed to ``timm.create_model`` (e.g. ``img_size``, ``dynamic_img_size``, ``init_values`` for UNI).
+        Passed to ``timm.create_model``: the architecture arguments a model card gives (``init_values=1e-5`` for
+        UNI, ``mlp_layer``/``act_layer`` for Virchow2), ``pretrained_cfg_overlay`` (e.g. the model's ``mean`` and
+        ``std`` when loading an architecture name with local ``weights``).
 
     """
 
@@ -60,7 +62,7 @@ class TimmEncoder(ImageEncoder):
             if not path.is_file():
                 msg = f"Weights file {str(path)!r} does not exist; pass the path of a downloaded checkpoint."
                 raise FileNotFoundError(msg)
-            kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
+            kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), "file": str(path)}
             pretrained = True
         self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs).eval()
         self.data_config = resolve_data_config({}, model=self.model)
@@ -101,9 +103,6 @@ class TimmEncoder(ImageEncoder):
         return out.cpu().numpy()
 
     def encode(self, crops: np.ndarray, per_hr: int) -> np.ndarray:
-        import torch
-        import torch.nn.functional as F
-
         b, c, h, w = crops.shape
         crops = crops[:, :3] if c >= 3 else np.repeat(crops[:, :1], 3, axis=1)
         p = self.input_px
@@ -117,15 +116,18 @@ class TimmEncoder(ImageEncoder):
         stitched = (
             grids.reshape(b, rows, cols, d, th, tw).transpose(0, 3, 1, 4, 2, 5).reshape(b, d, rows * th, cols * tw)
         )
-        # token (i, j) covers image pixels [i·t, (i+1)·t), t = p / th: resample the stitched grid to HR pixels
-        hr_per_token = (p / th) / per_hr
-        full = torch.from_numpy(stitched)
-        if hr_per_token >= 1:
-            out = F.interpolate(full, scale_factor=hr_per_token, mode="bilinear", align_corners=False,
-                                recompute_scale_factor=False)  # fmt: skip
-        else:
-            out = F.adaptive_avg_pool2d(full, (round(rows * p / per_hr), round(cols * p / per_hr)))
-        return out[:, :, : h // per_hr, : w // per_hr].numpy().astype(np.float32)
+        # token (i, j) covers image pixels [i·t, (i+1)·t), t = p / th: each HR pixel averages the tokens it overlaps
+        rows_w = _overlap(h // per_hr, per_hr, rows * th, p / th)
+        cols_w = _overlap(w // per_hr, per_hr, cols * tw, p / tw)
+        return np.einsum("ij,bdjk,lk->bdil", rows_w, stitched, cols_w, optimize=True).astype(np.float32)
+
+
+def _overlap(n_out: int, out_px: float, n_in: int, in_px: float) -> np.ndarray:
+    """``(n_out, n_in)`` weights: the share of output cell ``i`` (``out_px`` pixels) that input cell ``j`` covers."""
+    lo_o = np.arange(n_out)[:, None] * out_px
+    lo_i = np.arange(n_in)[None, :] * in_px
+    inter = np.minimum(lo_o + out_px, lo_i + in_px) - np.maximum(lo_o, lo_i)
+    return (np.clip(inter, 0.0, None) / out_px).astype(np.float32)
 
 
 class _null:

@@ -33,6 +33,7 @@ def image_features(
     pretrained: bool = True,
     device: str | None = None,
     batch_size: int = 16,
+    model_kwargs: dict[str, Any] | None = None,
     projection: dict[str, Any] | None = None,
     seed: int = 0,
     progress: bool | None = None,
@@ -74,6 +75,8 @@ def image_features(
         Where a timm model runs (default: CUDA when available).
     batch_size
         Model inputs per forward pass of a timm model.
+    model_kwargs
+        Passed to ``timm.create_model`` (the architecture arguments a model card gives, ``pretrained_cfg_overlay``).
     projection
         A fitted standardisation and PCA to apply instead of fitting one on this slide (a trained model's
         ``model.info["image_features"]["projection"]``, so features mean the same on a new slide).
@@ -101,7 +104,8 @@ def image_features(
     writer.check_free([key_added])
     enc = encoder if isinstance(encoder, ImageEncoder) else make_encoder(
         encoder, kind=prep.image.kind, n_channels=len(prep.image.channels), hr_um=prep.grid.hr_um,
-        um_per_px=um_per_px, weights=weights, pretrained=pretrained, device=device, batch_size=batch_size)  # fmt: skip
+        um_per_px=um_per_px, weights=weights, pretrained=pretrained, device=device, batch_size=batch_size,
+        model_kwargs=model_kwargs)  # fmt: skip
     per_hr = pixels_per_hr(prep.grid.hr_um, enc.um_per_px)
     t0 = time.perf_counter()
     tiles = prep.tiles(sdata)
