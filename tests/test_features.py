@@ -243,3 +243,16 @@ def test_timm_token_grids_are_stitched_onto_the_hr_pixels():
     fine = enc.encode(crop, per_hr=4)
     assert fine.shape == (1, 3, 25, 15)
     assert np.allclose(fine[0, 0], np.outer(px_r.reshape(25, 4).mean(1), px_c.reshape(15, 4).mean(1)), atol=1e-6)
+
+
+def test_weight_free_features_on_a_dapi_image():
+    # toy_xenium: a one-channel DAPI image whose bright dots are the nuclei the transcripts cluster around
+    sdata = toy_xenium()
+    dst.pp.prepare(sdata, genes=5, lr_um=40, scale=4, tile_um=160)
+    dst.pp.image_features(sdata, "stain", n_components=None)
+    info = sdata.attrs["diffst"]["image_features"]
+    assert info["encoder"]["kind"] == "fluorescence" and info["n_components"] == 6  # 6 per channel
+    feats = _values(sdata.images["diffst_features"])
+    # the mean DAPI feature follows the nuclei, so it follows the transcripts (HR counts summed over genes)
+    hr = np.asarray(sdata.images["diffst_hr"].values).sum(axis=0)
+    assert np.corrcoef(feats[0].ravel(), hr.ravel())[0, 1] > 0.5
