@@ -57,7 +57,7 @@ nitpicky = True
 _THIRD_PARTY = (
     r"(numpy|np|pandas|pd|torch|nn|scipy|anndata|spatialdata|spatialdata_io|xarray|xr|dask|da|distributed|lightning|L"
     r"|matplotlib|geopandas|gpd|shapely|skimage|diffusers|squidpy|scanpy|pooch|pathlib|collections|typing|dataclasses"
-    r"|datetime)"
+    r"|datetime|abc|timm)"
 )
 nitpick_ignore_regex = [
     (r"py:.*", _THIRD_PARTY + r"\..*"),

@@ -74,6 +74,18 @@ def level_for(image: Any, cs: str, um_per_px: float, out_um: float) -> tuple[Any
     return best  # type: ignore[return-value]
 
 
+def in_memory_level(image: Any, spec: ImageSpec, out_um: float, max_bytes: int = 512 * 2**20) -> Any:
+    """The pyramid level :func:`read_tile` reads for ``out_um``, loaded into memory when it is at most ``max_bytes``.
+
+    Reading many crops from a lazily computed (dask) image repeats work for every crop; this level gives identical
+    crops. Returns ``image`` itself when the level is too large.
+    """
+    level, _, _ = level_for(image, spec.cs, spec.um_per_px, out_um)
+    if level.nbytes <= max_bytes:
+        return level.copy(data=np.asarray(level.data))
+    return image
+
+
 def read_tile(
     image: Any, spec: ImageSpec, bbox_um: tuple[float, float, float, float], out_um: float, *, order: int = 1
 ) -> np.ndarray:

@@ -220,7 +220,7 @@ class HierarchicalImageEncoder(nn.Module):
     ``CellToTissueAttention``. With ``hierarchical=False`` only the tissue level exists.
 
     With precomputed image features (``feature_channels > 0``), they arrive as the image's last channels and the
-    tissue level is :class:`FeatureTissueEncoder` on them; the cell level still reads the image.
+    tissue level is ``FeatureTissueEncoder`` on them; the cell level still reads the image.
     """
 
     def __init__(self, config: DiffSTConfig):

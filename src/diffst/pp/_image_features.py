@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import _logging as log
-from .._image import read_tile
+from .._image import in_memory_level, read_tile
 from .._store import ElementWriter
 from ..features import ImageEncoder, make_encoder
 
@@ -111,10 +111,12 @@ def image_features(
     tiles = prep.tiles(sdata)
     origins = list(zip(tiles["lr_row0"].astype(int), tiles["lr_col0"].astype(int), strict=True))
     raw: dict[int, np.ndarray] = {}
+    # every tile reads a crop: hold the pyramid level it reads in memory when it fits (a dask image recomputes)
+    image = in_memory_level(sdata.images[prep.image.key], prep.image, prep.grid.hr_um / per_hr, 2 * 2**30)
 
     def encode(i: int) -> np.ndarray:
         if i not in raw:
-            raw[i] = _encode_tile(sdata, prep, enc, origins[i], per_hr)
+            raw[i] = _encode_tile(image, prep, enc, origins[i], per_hr)
         return raw[i]
 
     if projection is None:
@@ -163,7 +165,7 @@ def pixels_per_hr(hr_um: float, um_per_px: float) -> int:
     return max(1, int(round(hr_um / um_per_px)))
 
 
-def _encode_tile(sdata: SpatialData, prep, enc: ImageEncoder, origin: tuple[int, int], per_hr: int) -> np.ndarray:
+def _encode_tile(image: Any, prep, enc: ImageEncoder, origin: tuple[int, int], per_hr: int) -> np.ndarray:
     """Raw features ``(dim, t·s, t·s)`` of one tile, encoded with ``enc.context_um`` of context on each side."""
     g = prep.grid
     n = prep.tile_lr * g.scale
@@ -172,7 +174,7 @@ def _encode_tile(sdata: SpatialData, prep, enc: ImageEncoder, origin: tuple[int,
     x0 = g.origin_um[0] + c0 * g.lr_um - margin * g.hr_um
     y0 = g.origin_um[1] + r0 * g.lr_um - margin * g.hr_um
     side = (n + 2 * margin) * g.hr_um
-    crop = read_tile(sdata.images[prep.image.key], prep.image, (x0, y0, x0 + side, y0 + side), g.hr_um / per_hr)
+    crop = read_tile(image, prep.image, (x0, y0, x0 + side, y0 + side), g.hr_um / per_hr)
     feats = enc.encode(crop[None], per_hr)[0]
     return feats[:, margin : margin + n, margin : margin + n]
 

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .._grid import Grid
-from .._image import ImageSpec, level_for, read_tile
+from .._image import ImageSpec, in_memory_level, read_tile
 from .._normalise import lr_to_model_units, to_model_units
 
 if TYPE_CHECKING:
@@ -152,9 +152,7 @@ class TileSource:
         Every window re-reads the image; for lazily computed or remote images that repeats work. The level kept is
         the one :func:`diffst._image.read_tile` would pick, so the crops are identical.
         """
-        level, _, _ = level_for(self.image_element, self.image.cs, self.image.um_per_px, image_um)
-        if level.nbytes <= max_bytes:
-            self.image_element = level.copy(data=np.asarray(level.data))
+        self.image_element = in_memory_level(self.image_element, self.image, image_um, max_bytes)
         return self
 
     def _channels(self, array: Any, rows: slice, cols: slice) -> np.ndarray:
