@@ -48,3 +48,21 @@ def measure():
 def machine() -> str:
     """One line describing the machine."""
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def run_experiments(args, prefix: str, experiments: dict) -> None:
+    """Run ``args.experiments`` in order (``--fresh`` first removes each one's CSV ``results/<prefix>_<name>.csv``)."""
+    from pathlib import Path
+
+    import torch
+
+    import diffst as dst
+
+    torch.set_num_threads(2)
+    dst.settings.verbosity = 0
+    print(f"machine: {machine()}")
+    results = Path(__file__).parent / "results"
+    for exp in args.experiments:
+        if args.fresh and exp != "report":
+            (results / f"{prefix}_{exp}{'_quick' if args.quick else ''}.csv").unlink(missing_ok=True)
+        experiments[exp](args)

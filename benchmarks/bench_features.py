@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from _common import machine, measure
+from _common import machine, measure, run_experiments
 
 import diffst as dst
 
@@ -127,13 +127,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--fresh", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    dst.settings.verbosity = 0
-    print(f"machine: {machine()}")
-    for exp in args.experiments:
-        if args.fresh and exp != "report":
-            (RESULTS / f"features_{exp}{'_quick' if args.quick else ''}.csv").unlink(missing_ok=True)
-        {"throughput": throughput, "accuracy": accuracy, "report": report}[exp](args)
+    run_experiments(args, "features", {"throughput": throughput, "accuracy": accuracy, "report": report})
 
 
 if __name__ == "__main__":

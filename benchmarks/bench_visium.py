@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from _common import machine
+from _common import run_experiments
 
 import diffst as dst
 from diffst.metrics import pearson, rmse
@@ -244,13 +244,7 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true")
     args = parser.parse_args()
     args.seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
-    torch.set_num_threads(2)
-    dst.settings.verbosity = 0
-    print(f"machine: {machine()}")
-    for exp in args.experiments:
-        if args.fresh and exp != "report":
-            (RESULTS / f"visium_{exp}{'_quick' if args.quick else ''}.csv").unlink(missing_ok=True)
-        {"simulated": simulated, "her2st": her2st, "slide": slide, "report": report}[exp](args)
+    run_experiments(args, "visium", {"simulated": simulated, "her2st": her2st, "slide": slide, "report": report})
 
 
 if __name__ == "__main__":

@@ -45,7 +45,10 @@ def prepared_store(tmp_path_factory) -> Path:
     ("command", "expected"),
     [
         ("demo", ["--quick", "--out", "default: diffst_demo", "demo.zarr", "metrics.csv"]),
-        ("prepare", ["--lr-um", "default: 100.0", "--tile-um", "default: 400 µm, or four spot pitches", "images['diffst_lr']"]),
+        (
+            "prepare",
+            ["--lr-um", "default: 100.0", "--tile-um", "default: 400 µm, or four spot pitches", "images['diffst_lr']"],
+        ),
         ("train", ["--preset", "default: default", "--max-epochs", "model.pt", "400 µm"]),
         ("super-resolve", ["--n-samples", "default: 1", "--no-consistency", "images['diffst_sr']"]),
         ("evaluate", ["--key", "default: diffst_sr", "--split", "default: test", "--output"]),

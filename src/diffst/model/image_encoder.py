@@ -138,7 +138,7 @@ class TissueEncoder(nn.Module):
         return h
 
 
-class FeatureTissueEncoder(nn.Module):
+class FeatureTissueEncoder(TissueEncoder):
     """Tissue level from precomputed features (:func:`diffst.pp.image_features`): ``(B, F, H, W)`` → F_tissue.
 
     A 1 × 1 projection to ``d_t`` channels and ResBlocks at the HR grid: the pretrained or weight-free encoder has
@@ -146,16 +146,8 @@ class FeatureTissueEncoder(nn.Module):
     """
 
     def __init__(self, in_channels: int, d_tissue: int, blocks: int = 1):
-        super().__init__()
+        super().__init__(in_channels, d_tissue, 1, blocks)
         self.stem = nn.Sequential(nn.Conv2d(in_channels, d_tissue, 1), group_norm(d_tissue), nn.SiLU())
-        self.blocks = nn.ModuleList(ResBlock(d_tissue, d_tissue) for _ in range(blocks))
-
-    def forward(self, features: Tensor) -> Tensor:
-        """Encode ``(B, F, H, W)`` features on the HR grid to ``(B, d_t, H, W)``."""
-        h = self.stem(features)
-        for block in self.blocks:
-            h = block(h)
-        return h
 
 
 class CellEncoder(nn.Module):
