@@ -256,3 +256,11 @@ def test_weight_free_features_on_a_dapi_image():
     # the mean DAPI feature follows the nuclei, so it follows the transcripts (HR counts summed over genes)
     hr = np.asarray(sdata.images["diffst_hr"].values).sum(axis=0)
     assert np.corrcoef(feats[0].ravel(), hr.ravel())[0, 1] > 0.5
+
+
+def test_the_guard_runs_the_model_on_its_features(tmp_path):
+    sdata = _he_with_square()
+    model = dst.tl.train(sdata, image_encoder="stain", checkpoint_dir=tmp_path / "run", **{**FAST, "guard": True})
+    table = model.info["guard"]["validation"]
+    assert set(table) >= {"model", "guarded", "image_floor"} and np.isfinite(table["model"]["pcc"])
+    assert len(model.info["guard"]["alpha"]) == len(model.genes)
