@@ -49,7 +49,7 @@ from diffst.metrics import pearson, rmse
 from diffst.model import weak
 from diffst.tl._baselines import _rgb_uint8, _tesla_imputation, tesla_window
 from diffst.tl._data import Prepared
-from diffst.tl._guard import heldout_spots
+from diffst.tl._guard import heldout_spots, spot_blend
 
 RESULTS = Path(__file__).parent / "results"
 CACHE = Path(__file__).parent / ".cache"
@@ -113,7 +113,7 @@ def simulated(args) -> None:
             print(f"simulated {dataset} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-def tesla_predictor(model, imputation):
+def tesla_predictor(model, gene_scale, imputation):
     """A factory for :func:`heldout_spots`: TESLA on each window, from the spots the protocol leaves visible.
 
     As ``dst.tl.tesla`` runs it (superpixels on the HR pixel centres, ``log1p`` counts per HR pixel of the measured
@@ -121,7 +121,7 @@ def tesla_predictor(model, imputation):
     ``res`` is the model's image pixels per HR pixel); HR pixels TESLA leaves NaN take the window's mean.
     """
     cfg, genes = model.config, list(model.genes)
-    scale = torch.as_tensor(np.asarray(model.gene_scale, dtype=np.float32))
+    scale = torch.as_tensor(np.asarray(gene_scale, dtype=np.float32))
     res = cfg.image_per_hr
     lo, hi = res // 2, res - res // 2
 
@@ -156,15 +156,19 @@ def her2st(args) -> None:
             prep = Prepared.from_sdata(sdata, "diffst")
             model = train(sdata, f"her2st_{section}_{seed}", seed, args, "lr")
             try:
-                extra = {"tesla": tesla_predictor(model, _tesla_imputation())}
+                extra = {"tesla": tesla_predictor(model, model.gene_scale_for(prep), _tesla_imputation())}
             except ImportError as e:
                 print(f"TESLA skipped: {e}")
                 extra = {}
             maps = heldout_spots(sdata, prep, model, split="test", seed=seed, extra=extra)
             labels = {"section": section, "seed": seed, "spots": int(maps["truth"].shape[1])}
+            alpha = (model.info.get("guard") or {}).get("alpha")
+            if alpha is not None:  # what super_resolve writes: each gene blended with the floor by validation's α
+                maps["guarded"] = spot_blend(maps, alpha, model.gene_scale_for(prep))
             rows = []
             for name, key in (("Diff-ST (spots only)", "mean"), ("bicubic of spots", "bicubic"),
-                              ("nearest spot", "nearest"), ("image floor", "floor"), ("TESLA", "tesla")):  # fmt: skip
+                              ("nearest spot", "nearest"), ("image floor", "floor"), ("TESLA", "tesla"),
+                              ("Diff-ST (guarded)", "guarded")):  # fmt: skip
                 if key not in maps:
                     continue
                 pcc = [pearson(p, t) for p, t in zip(maps[key], maps["truth"], strict=True)]
@@ -172,19 +176,6 @@ def her2st(args) -> None:
                 rows.append({**labels, "method": name, "pcc": float(np.nanmean(pcc)), "rmse": float(np.nanmean(err)),
                              **({"steps": model.info["steps"], "train_s": model.info["seconds"],
                                  "stopped_by": model.info["stopped_by"]} if key == "mean" else {})})  # fmt: skip
-            alpha = (model.info.get("guard") or {}).get("alpha")
-            if alpha is not None:  # what super_resolve writes: each gene blended with the floor by validation's α
-                a = np.asarray(alpha, dtype=np.float32)[:, None]
-                gs = torch.from_numpy(np.asarray(model.gene_scale_for(prep), dtype=np.float32))
-                mean, floor = (
-                    weak.to_counts(torch.from_numpy(maps[k])[None, :, :, None], gs) for k in ("mean", "floor")
-                )
-                guarded = weak.to_units(torch.from_numpy(a)[None, :, :, None] * mean
-                                        + torch.from_numpy(1 - a)[None, :, :, None] * floor, gs)[0, :, :, 0].numpy()  # fmt: skip
-                pcc = [pearson(p, t) for p, t in zip(guarded, maps["truth"], strict=True)]
-                err = [rmse(p, t) for p, t in zip(guarded, maps["truth"], strict=True)]
-                rows.append({**labels, "method": "Diff-ST (guarded)", "pcc": float(np.nanmean(pcc)),
-                             "rmse": float(np.nanmean(err))})  # fmt: skip
             append(path, rows)
             print(f"her2st {section} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
 

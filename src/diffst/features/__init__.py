@@ -18,6 +18,16 @@ __all__ = ["ImageEncoder", "StainEncoder", "TimmEncoder", "make_encoder", "weigh
 DEFAULT_UM_PER_PX = {"stain": 1.0, "timm": 0.5}
 
 
+def is_encoder_spec(spec: object) -> bool:
+    """Whether ``spec`` names an encoder :func:`make_encoder` makes: ``"stain"`` or ``"timm:<model name>"``."""
+    return isinstance(spec, str) and (spec == "stain" or (spec.startswith("timm:") and len(spec) > 5))
+
+
+def pixels_per_hr(hr_um: float, um_per_px: float) -> int:
+    """Whole image pixels per HR pixel side at (about) ``um_per_px``; at least 1."""
+    return max(1, int(round(hr_um / um_per_px)))
+
+
 def make_encoder(
     spec: str,
     *,
@@ -35,7 +45,7 @@ def make_encoder(
 
     ``um_per_px`` is adjusted so that a whole number of image pixels spans an HR pixel of ``hr_um``.
     """
-    if not isinstance(spec, str) or not (spec == "stain" or (spec.startswith("timm:") and len(spec) > 5)):
+    if not is_encoder_spec(spec):
         msg = (
             f"Unknown image encoder {spec!r}: use 'learned' (the model's own, in `dst.tl.train`), 'stain' (weight-free) "
             "or 'timm:<model name>' (e.g. 'timm:vit_small_patch16_224', 'timm:hf-hub:MahmoodLab/UNI')."
@@ -46,7 +56,7 @@ def make_encoder(
     if not um > 0:
         msg = f"`um_per_px` must be positive; got {um_per_px!r}."
         raise ValueError(msg)
-    um = hr_um / max(1, round(hr_um / um))
+    um = hr_um / pixels_per_hr(hr_um, um)
     if family == "stain":
         if model_kwargs:
             msg = "`model_kwargs` apply to timm encoders only; the 'stain' encoder has no model."

@@ -73,12 +73,14 @@ class StainEncoder(ImageEncoder):
             maps = {f"c{i}": channels[i] for i in range(len(channels))}
             texture = maps
             grad_of = None
-        feats = [_pool(m, k) for m in maps.values()]
-        feats += [np.sqrt(np.clip(_pool(t * t, k) - _pool(t, k) ** 2, 0.0, None)) for t in texture.values()]
+        means = {name: _pool(m, k) for name, m in maps.items()}
+        feats = list(means.values())
+        feats += [np.sqrt(np.clip(_pool(t * t, k) - (means[n] if n in means else _pool(t, k)) ** 2, 0.0, None))
+                  for n, t in texture.items()]  # fmt: skip
         grads = [_pool(np.hypot(ndimage.sobel(g, 0), ndimage.sobel(g, 1)), k) for g in
                  ([grad_of] if grad_of is not None else list(maps.values()))]  # fmt: skip
         feats += grads
-        smooth = [_pool(m, k) for m in maps.values()] + (grads if self.kind == "rgb" else [])
+        smooth = list(means.values()) + (grads if self.kind == "rgb" else [])
         feats += [ndimage.gaussian_filter(m, s, mode="nearest") for s in SIGMAS for m in smooth]
         out = np.stack(feats).astype(np.float32)
         if self.kind == "fluorescence":  # group per channel: mean, std, grad, 3 smoothed means

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +91,7 @@ class TimmEncoder(ImageEncoder):
         import torch
 
         batch = torch.from_numpy((x - self.mean) / self.std).to(self.device)
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _null()
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         with torch.inference_mode(), amp:
             out = self.model.forward_features(batch)
         out = out.float()
@@ -128,11 +129,3 @@ def _overlap(n_out: int, out_px: float, n_in: int, in_px: float) -> np.ndarray:
     lo_i = np.arange(n_in)[None, :] * in_px
     inter = np.minimum(lo_o + out_px, lo_i + in_px) - np.maximum(lo_o, lo_i)
     return (np.clip(inter, 0.0, None) / out_px).astype(np.float32)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

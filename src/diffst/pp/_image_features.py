@@ -12,7 +12,7 @@ import numpy as np
 from .. import _logging as log
 from .._image import in_memory_level, read_tile
 from .._store import ElementWriter
-from ..features import ImageEncoder, make_encoder
+from ..features import ImageEncoder, make_encoder, pixels_per_hr
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -158,11 +158,6 @@ def image_features(
         f"({area_mm2:.2f} mm²) in {seconds:.1f} s ({area_mm2 / max(seconds, 1e-9) * 60:.1f} mm²/min) "
         f"→ sdata.images[{key_added!r}]"
     )
-
-
-def pixels_per_hr(hr_um: float, um_per_px: float) -> int:
-    """Whole image pixels per HR pixel side at (about) ``um_per_px``; at least 1."""
-    return max(1, int(round(hr_um / um_per_px)))
 
 
 def _encode_tile(image: Any, prep, enc: ImageEncoder, origin: tuple[int, int], per_hr: int) -> np.ndarray:

@@ -403,8 +403,8 @@ def _check_arguments(genes, scale, lr_um, degradation, tile_um, min_tissue, spli
     if degradation not in ("bin", "visium"):
         msg = f"`degradation` must be 'bin' or 'visium'; got {degradation!r}."
         raise ValueError(msg)
-    ratio = tile_um / lr_um if tile_um is not None else 1.0
-    if tile_um is not None and (tile_um <= 0 or abs(ratio - round(ratio)) > 1e-6 or round(ratio) < 1):
+    ratio = tile_um / lr_um if tile_um is not None else None  # None: the default, chosen from the data
+    if ratio is not None and (tile_um <= 0 or abs(ratio - round(ratio)) > 1e-6 or round(ratio) < 1):
         msg = f"`tile_um`={tile_um:g} must be a positive multiple of `lr_um`={lr_um:g}."
         raise ValueError(msg)
     if not 0 <= min_tissue <= 1:

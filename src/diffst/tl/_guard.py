@@ -171,25 +171,36 @@ def fit_guard(sdata: SpatialData, prep: Prepared, model: DiffST, *, n_samples: i
     }
 
 
+def spot_blend(maps: dict[str, np.ndarray], alpha: float | np.ndarray, gene_scale: np.ndarray) -> np.ndarray:
+    """``α · model + (1 − α) · floor`` of :func:`heldout_spots` maps, blended in counts, back in model units ``(G, spots)``.
+
+    ``alpha`` is one weight or one per gene: what ``super_resolve`` writes with the guard's weights.
+    """
+    import torch
+
+    from ..model.weak import to_counts, to_units
+
+    scale = torch.from_numpy(np.asarray(gene_scale, dtype=np.float32))
+    a = torch.as_tensor(np.asarray(alpha, dtype=np.float32)).reshape(1, -1, 1, 1)
+    # (1, G, spots, 1): the layout the torch conversions take
+    mean, floor = (to_counts(torch.from_numpy(maps[k])[None, :, :, None], scale) for k in ("mean", "floor"))
+    return to_units(a * mean + (1 - a) * floor, scale)[0, :, :, 0].numpy()
+
+
 def _fit_on_spots(sdata: SpatialData, prep: Prepared, model: DiffST, *, seed: int) -> dict | None:
     maps = heldout_spots(sdata, prep, model, seed=seed)
     if maps is None or maps["truth"].shape[1] == 0:
         log.warn("no validation spots: the model could not be compared with the image floor, and is used as it is")
         return None
-    import torch
-
-    from ..model.weak import to_counts, to_units
-
     genes = list(model.genes)
-    scale = torch.from_numpy(np.asarray(model.gene_scale_for(prep), dtype=np.float32))
-    # (1, G, spots, 1): the layout the torch conversions take
-    counts = {k: to_counts(torch.from_numpy(maps[k])[None, :, :, None], scale) for k in ("mean", "floor")}
+    scale = model.gene_scale_for(prep)
+    blends_by_alpha = [spot_blend(maps, a, scale) for a in ALPHAS]
     alpha: list[float] = []
     scores: dict[str, dict[str, list[float]]] = {k: {"pcc": [], "rmse": []} for k in ("model", "guarded", "bicubic",
                                                                                      "image_floor")}  # fmt: skip
     for g in range(len(genes)):
         truth = maps["truth"][g]
-        blends = [to_units(a * counts["mean"] + (1 - a) * counts["floor"], scale)[0, g, :, 0].numpy() for a in ALPHAS]
+        blends = [b[g] for b in blends_by_alpha]
         pccs = np.nan_to_num(np.asarray([pearson(b, truth) for b in blends]), nan=-np.inf)
         best = int(np.flatnonzero(pccs >= pccs.max() - 1e-4).max())  # ties go to the model
         alpha.append(float(ALPHAS[best]))

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from .. import _logging as log
 from .._settings import settings
+from ..features import is_encoder_spec
 from ..model import DiffSTConfig, DiffSTNet
 from ._data import (
     Prepared,
@@ -192,9 +193,7 @@ def train(
     """
     prep = Prepared.from_sdata(sdata, key)
     supervision = _supervision(prep, key, supervision)
-    if not isinstance(image_encoder, str) or not (
-        image_encoder in ("learned", "stain") or (image_encoder.startswith("timm:") and len(image_encoder) > 5)
-    ):
+    if image_encoder != "learned" and not is_encoder_spec(image_encoder):
         msg = f"`image_encoder` must be 'learned', 'stain' or 'timm:<model name>'; got {image_encoder!r}."
         raise ValueError(msg)
     n_train = len(prep.tiles(sdata, "train"))
