@@ -15,7 +15,7 @@ def untrained(prep: Prepared, **overrides) -> DiffST:
         image_channels=len(prep.image.channels),
         hr_um=prep.grid.hr_um,
         scale=prep.grid.scale,
-        tile_um=prep.attrs["tile_um"],
+        tile_um=prep.record.tile_um,
         image_kind=prep.image.kind,
         **overrides,
     )

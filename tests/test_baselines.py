@@ -84,7 +84,7 @@ def test_written_element_is_an_sr_result_that_evaluates(prepared):
     el = image_levels(sdata.images["bicubic_sr"])[0]
     assert channel_names(el) == prep.genes
     assert el.shape[1:] == prep.grid.hr_shape
-    cs = prep.attrs["coordinate_system"]
+    cs = prep.coordinate_system
     assert np.allclose(affine_to_cs(el, cs), affine_to_cs(sdata["diffst_hr"], cs))
     attrs = sdata.attrs["bicubic_sr"]
     assert attrs["method"] == "bicubic" and attrs["units"] == "counts" and attrs["prepared_key"] == "diffst"

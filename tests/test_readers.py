@@ -239,7 +239,7 @@ def test_visium_slide_alone_trains_from_its_spots_and_super_resolves(tmp_path):
     mean = np.asarray(_level0(sdata.images["diffst_sr"]).values, dtype=np.float64)
     lr = np.asarray(sdata["diffst_lr"].values)
     # each measured spot's counts are kept exactly, on the slide's own spots in its pixel frame
-    np.testing.assert_allclose(degradation_for(sdata, prep.attrs).degrade(mean), lr, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(degradation_for(sdata, prep).degrade(mean), lr, rtol=1e-4, atol=1e-3)
     # 10 µm HR pixels in the slide's full-resolution pixel frame
     m = _affine(_level0(sdata.images["diffst_sr"]), folder.dataset_id)
     assert np.hypot(*m[:2, 0]) * folder.um_per_px == pytest.approx(10.0, rel=0.02)

@@ -146,7 +146,7 @@ def test_spots_only_super_resolve_is_lr_consistent_with_a_std(visium):
     np.testing.assert_array_equal(mean, np.asarray(again["mean"].values))  # same seed, same map
     assert np.all(std >= 0) and std.mean() > 0
     prep = Prepared.from_sdata(sdata, "diffst")
-    op = degradation_for(sdata, prep.attrs)
+    op = degradation_for(sdata, prep)
     lr = np.asarray(sdata[prep.elements["lr"]].values)
     # the guard blends with the LR-consistent floor, so the result stays exactly consistent with every spot
     np.testing.assert_allclose(op.degrade(mean.astype(np.float64)), lr, rtol=1e-4, atol=1e-3)

@@ -73,7 +73,7 @@ def test_consistency_reproduces_lr_exactly_visium_spots():
     # chunks smaller than a spot disc + halo: footprints cross chunk borders and must still agree
     dst.tl.super_resolve(sdata, untrained(prep), block_lr=7, n_samples=2)
     sr = _mean(sdata)
-    op = degradation_for(sdata, sdata.attrs["diffst"])
+    op = degradation_for(sdata, prep)
     lr = sdata["diffst_lr"].values
     assert sr.min() >= 0
     assert np.allclose(op.degrade(sr), lr, rtol=1e-5, atol=1e-4)
@@ -330,7 +330,7 @@ def test_transfer_to_a_visium_slide_with_only_spots(tmp_path):
     assert attrs["measurement"] == "spots" and attrs["genes"] == ["G0", "G1", "G2"]
     assert visium.attrs["diffst_sr"]["transferred"] is True
     sr = _mean(visium)
-    op = degradation_for(visium, attrs)
+    op = degradation_for(visium, Prepared.from_sdata(visium, "diffst"))
     assert np.allclose(op.degrade(sr), visium["diffst_lr"].values, rtol=1e-5, atol=1e-3)
 
 

@@ -19,11 +19,14 @@ counts exactly (LR consistency), keeping it non-negative.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ._grid import Grid
+
+if TYPE_CHECKING:
+    from ._contract import Prepared
 
 #: Visium geometry: 55 µm spots on a 100 µm hexagonal lattice.
 VISIUM_SPOT_DIAMETER_UM = 55.0
@@ -227,6 +230,23 @@ class SpotDegradation:
             raise ValueError(msg)
         return weight, offset.astype(np.int8)
 
+    def window(self, r0: int, c0: int, r1: int, c1: int, *, margin: int = 0) -> tuple[SpotDegradation, np.ndarray]:
+        """The operator of the spots whose centres lie in LR pixels ``[r0, r1) × [c0, c1)``, on that region's grid.
+
+        The region's grid is widened by ``margin`` LR pixels on each side, so that discs reaching past the region
+        stay whole. Returns the operator and the indices of its spots among this operator's.
+        """
+        g = self.grid
+        rows, cols = g.pixel_index(self.centres_um[:, 0], self.centres_um[:, 1], level="lr")
+        inside = np.flatnonzero((rows >= r0) & (rows < r1) & (cols >= c0) & (cols < c1))
+        sub = Grid(
+            origin_um=(g.origin_um[0] + (c0 - margin) * g.lr_um, g.origin_um[1] + (r0 - margin) * g.lr_um),
+            lr_um=g.lr_um,
+            scale=g.scale,
+            lr_shape=(r1 - r0 + 2 * margin, c1 - c0 + 2 * margin),
+        )
+        return SpotDegradation(sub, self.centres_um[inside], self.diameter_um, supersample=self.supersample), inside
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable description (the centres are stored as a shapes element)."""
         return {"name": self.name, "diameter_um": float(self.diameter_um), "n_spots": self.n_spots}
@@ -251,12 +271,13 @@ def hex_lattice(grid: Grid, pitch_um: float) -> np.ndarray:
     return c[keep]
 
 
-def degradation_for(sdata, attrs: dict) -> BinDegradation | SpotDegradation:
-    """The degradation operator of data prepared by ``dst.pp.prepare`` (its ``sdata.attrs[key]``)."""
-    grid = Grid.from_dict(attrs["grid"])
-    deg = attrs["degradation"]
-    if deg["name"] == "bin":
+def degradation_for(sdata, prep: Prepared) -> BinDegradation | SpotDegradation:
+    """The degradation operator of data prepared by ``dst.pp.prepare``."""
+    record = prep.record
+    grid = record.grid
+    deg = record.degradation
+    if deg.name == "bin":
         return BinDegradation(grid.scale)
-    spots = sdata[attrs["elements"]["spots"]]
+    spots = sdata[record.elements["spots"]]
     centres = np.column_stack([spots.geometry.x.to_numpy(), spots.geometry.y.to_numpy()])
-    return SpotDegradation(grid, centres, float(deg["spot_diameter_um"]))
+    return SpotDegradation(grid, centres, float(deg.spot_diameter_um))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import _logging as log
+from ._contract import read_record
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -183,7 +184,7 @@ def run_demo(
     metrics = _metrics(sdata)
     metrics.to_csv(paths["metrics_csv"])
 
-    genes = list(sdata.attrs[KEY]["genes"])[:3]
+    genes = list(read_record(sdata, KEY).genes)[:3]
     plt = pyplot()
     fig = pl.gene_maps(sdata, genes, key=SR_KEY, region=_test_region(sdata))
     fig.savefig(paths["figure"], dpi=150)
@@ -295,17 +296,17 @@ def _summary(
     *,
     quick: bool,
 ) -> str:
-    attrs = sdata.attrs[KEY]
-    split = attrs["split"]
+    record = read_record(sdata, KEY)
+    split = record.split.tiles
     means = metrics.loc["mean"].set_index("method")
     names = {"diffst": "Diff-ST", "bicubic": "bicubic", "image_floor": "floor"}
-    n_genes = len(attrs["genes"])
+    n_genes = len(record.genes)
     info = model.info
     stopped = _training_summary(info)
     lines = [
         f"diffst demo{' --quick' if quick else ''}: {settings.description}",
-        f"  {n_genes} genes, {attrs['lr_um']:g} µm LR → {attrs['hr_um']:g} µm HR ({attrs['scale']}×), "
-        f"{attrs['tile_um']:g} µm tiles (train {split['train']} / val {split['val']} / test {split['test']})",
+        f"  {n_genes} genes, {record.lr_um:g} µm LR → {record.hr_um:g} µm HR ({record.scale}×), "
+        f"{record.tile_um:g} µm tiles (train {split['train']} / val {split['val']} / test {split['test']})",
         f"  preset {settings.preset!r}: {info['steps']} of {info.get('planned_steps', info['steps'])} planned steps in "
         f"{info['seconds']:.0f} s ({stopped}); "
         f"{settings.n_samples} sample{'s' if settings.n_samples > 1 else ''} per pixel",

@@ -925,7 +925,9 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
     sdata = _read(args.path)
     prepare(sdata, **_kwargs(args, PREPARE_ARGS))
-    written = sdata.attrs[args.key_added]["elements"]
+    from ._contract import read_record
+
+    written = read_record(sdata, args.key_added).elements
     print(f"wrote {', '.join(sorted(written.values()))} and attrs[{args.key_added!r}] to {args.path}")
     return 0
 

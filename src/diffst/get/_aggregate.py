@@ -101,7 +101,7 @@ def aggregate(
     if table_key_added is not None:
         ElementWriter(sdata, overwrite=overwrite).check_free([table_key_added])
     src = resolve(sdata, key, prepared_key=prepared_key)
-    cs = coordinate_system if coordinate_system is not None else src.prep.attrs["coordinate_system"]
+    cs = coordinate_system if coordinate_system is not None else src.prep.coordinate_system
     hr_affine = src.hr_affine(cs)
     idx, genes = src.gene_index(genes)
 

@@ -69,7 +69,7 @@ def pixels(
     src = resolve(sdata, key, prepared_key=prepared_key)
     prep = src.prep
     grid = prep.grid
-    cs = coordinate_system if coordinate_system is not None else prep.attrs["coordinate_system"]
+    cs = coordinate_system if coordinate_system is not None else prep.coordinate_system
     affine = src.hr_affine(cs)
     idx, genes = src.gene_index(genes)
 

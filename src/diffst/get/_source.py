@@ -8,11 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._contract import Prepared, check_same_grid, is_sr, keys_of, read_record, read_sr
 from .._genes import resolve_genes
 from .._spatial import affine_to_cs, channel_names, element_cs, image_levels, suggest
-from ..tl._data import Prepared
-from ..tl._evaluate import _check_same_grid
-from ..tl._output import read_sr
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -57,39 +55,29 @@ class HRSource:
         return np.asarray(data.isel(c=idx, y=rows, x=cols).values, dtype=np.float32)
 
 
-def _prepared_keys(sdata: SpatialData) -> list[str]:
-    # SR results record a grid and elements too; only prepared data have no `method`
-    return [k for k, v in sdata.attrs.items() if isinstance(v, dict) and "grid" in v and "method" not in v]
-
-
-def _is_sr(sdata: SpatialData, key: str) -> bool:
-    attrs = sdata.attrs.get(key)
-    return isinstance(attrs, dict) and "method" in attrs and "prepared_key" in attrs
-
-
 def resolve(sdata: SpatialData, key: str, *, prepared_key: str | None = None) -> HRSource:
     """The raster under ``key``: an SR result (``sdata.attrs[key]`` from ``write_sr``) or an image on a prepared HR grid.
 
     For a plain image the prepared data are ``prepared_key``, else those that wrote it (``{prepared_key}_hr``), else
-    the only prepared key whose HR grid it lies on. Its units are ``sdata.attrs[key]['units']`` when recorded,
+    the only prepared key whose HR grid it lies on. Its units are those recorded for an SR result,
     ``"counts"`` for the prepared HR truth, else ``"unknown"``.
     """
-    if _is_sr(sdata, key):
-        attrs, mean, std = read_sr(sdata, key)
-        prep = Prepared.from_sdata(sdata, prepared_key or attrs["prepared_key"])
+    if is_sr(sdata, key):
+        record, mean, std = read_sr(sdata, key)
+        prep = Prepared.from_sdata(sdata, prepared_key or record.prepared_key)
         data = image_levels(mean)[0]
-        _check_same_grid(data, f"The SR result {key!r}", prep, grid_dict=attrs.get("grid"))
+        check_same_grid(data, f"The SR result {key!r}", prep, grid=record.grid)
         return HRSource(
             key=key,
             prep=prep,
             data=data,
             std=None if std is None else image_levels(std)[0],
             genes=channel_names(data),
-            units=str(attrs.get("units", "counts")),
-            method=str(attrs["method"]),
+            units=record.units,
+            method=record.method,
         )
     if key not in sdata.images:
-        found = [k for k in sdata.attrs if _is_sr(sdata, k)]
+        found = keys_of(sdata, "sr")
         msg = (
             f"{key!r} is neither a super-resolved result nor an image of this SpatialData. SR results: {found or 'none'}; "
             f"images: {list(sdata.images)}.{suggest(key, found + list(sdata.images))}"
@@ -97,30 +85,26 @@ def resolve(sdata: SpatialData, key: str, *, prepared_key: str | None = None) ->
         raise KeyError(msg)
     data = image_levels(sdata.images[key])[0]
     prep = _prepared_for_image(sdata, key, data, prepared_key)
-    attrs = sdata.attrs.get(key)
-    if isinstance(attrs, dict) and "units" in attrs:
-        units = str(attrs["units"])
-    else:
-        units = "counts" if prep.elements.get("hr") == key else "unknown"
+    units = "counts" if prep.elements.get("hr") == key else "unknown"
     return HRSource(key=key, prep=prep, data=data, std=None, genes=channel_names(data), units=units, method="image")
 
 
 def _prepared_for_image(sdata: SpatialData, key: str, data: Any, prepared_key: str | None) -> Prepared:
     if prepared_key is not None:
         prep = Prepared.from_sdata(sdata, prepared_key)
-        _check_same_grid(data, f"The image {key!r}", prep)
+        check_same_grid(data, f"The image {key!r}", prep)
         return prep
-    keys = _prepared_keys(sdata)
-    owner = [k for k in keys if key in sdata.attrs[k]["elements"].values()]
+    keys = keys_of(sdata, "prepared")
+    owner = [k for k in keys if key in read_record(sdata, k).elements.values()]
     if owner:
         prep = Prepared.from_sdata(sdata, owner[0])
-        _check_same_grid(data, f"The image {key!r}", prep)
+        check_same_grid(data, f"The image {key!r}", prep)
         return prep
     on_grid = []
     for k in keys:
         prep = Prepared.from_sdata(sdata, k)
         try:
-            _check_same_grid(data, "", prep)
+            check_same_grid(data, "", prep)
         except ValueError:
             continue
         on_grid.append(prep)

@@ -9,12 +9,11 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from .._contract import Prepared, read_sr
 from .._genes import resolve_genes
 from .._image import read_tile
 from .._normalise import lr_per_hr_pixel
 from .._spatial import image_levels
-from ..tl._data import Prepared
-from ..tl._output import read_sr
 from ._utils import add_scale_bar, check_save, finish, nice_length, pyplot
 
 if TYPE_CHECKING:
@@ -144,20 +143,20 @@ def gene_maps(
     if not 0 < vmax_percentile <= 100:
         msg = f"`vmax_percentile` must be in (0, 100]; got {vmax_percentile!r}."
         raise ValueError(msg)
-    attrs, mean_el, std_el = read_sr(sdata, key)
-    prep = Prepared.from_sdata(sdata, attrs["prepared_key"])
+    record, mean_el, std_el = read_sr(sdata, key)
+    prep = Prepared.from_sdata(sdata, record.prepared_key)
     grid = prep.grid
-    if attrs.get("grid") is not None and attrs["grid"] != grid.to_dict():
+    if record.grid is not None and record.grid != grid:
         msg = (
             f"The SR result {key!r} is on a different grid than the prepared data {prep.key!r} now hold "
-            f"({attrs['grid']} vs {grid.to_dict()}); rerun `dst.tl.super_resolve` after `dst.pp.prepare`."
+            f"({record.grid.to_dict()} vs {grid.to_dict()}); rerun `dst.tl.super_resolve` after `dst.pp.prepare`."
         )
         raise ValueError(msg)
-    genes = _check_genes(genes, list(attrs["genes"]), key)
+    genes = _check_genes(genes, list(record.genes), key)
     reg = _resolve_region(sdata, prep, region=region, tile=tile, split=split)
 
     # data of the region, all in the display units (per HR pixel)
-    sr_units = attrs["units"]
+    sr_units = record.units
     sr = _crop(mean_el, genes, reg)
     sr_counts = sr if sr_units == "counts" else np.expm1(sr)
     columns: dict[str, np.ndarray] = {}
@@ -247,7 +246,7 @@ def gene_maps(
                 cb = fig.colorbar(im, cax=fig.add_subplot(gs[i, len(width_ratios) - 1]))
                 cb.set_label(f"std, {unit_label}", fontsize="small")
                 cb.ax.tick_params(labelsize="small")
-    title = f"{key} ({attrs.get('method', '?')}) · {reg.what}: x {x0:g}–{x1:g} µm, y {y0:g}–{y1:g} µm"
+    title = f"{key} ({record.method}) · {reg.what}: x {x0:g}–{x1:g} µm, y {y0:g}–{y1:g} µm"
     if ax is None:
         fig.suptitle(title, fontsize="medium")
     return finish(fig, show=show, save=save_path)
@@ -303,7 +302,7 @@ def _resolve_region(
         if x1 <= gx0 or x0 >= gx1 or y1 <= gy0 or y0 >= gy1:
             msg = (
                 f"`region` {region!r} µm is outside the prepared grid, which spans x {gx0:g}–{gx1:g} µm and "
-                f"y {gy0:g}–{gy1:g} µm (µm frame of coordinate system {prep.attrs['coordinate_system']!r})."
+                f"y {gy0:g}–{gy1:g} µm (µm frame of coordinate system {prep.coordinate_system!r})."
             )
             raise ValueError(msg)
         return _snap(grid, (x0, y0, x1, y1), "region")
@@ -385,7 +384,7 @@ def _scale_bar_length(scale_bar_um: float | Literal[False] | None, width_um: flo
 
 def _image_crop(sdata: SpatialData, prep: Prepared, bbox: tuple[float, float, float, float]) -> np.ndarray:
     """The tissue image over ``bbox`` as an (rows, cols, 3) RGB or (rows, cols) grey array in [0, 1]."""
-    native = float(prep.attrs["image"].get("image_um_per_px", prep.image.um_per_px))
+    native = prep.record.image.native_um_per_px
     width = max(bbox[2] - bbox[0], bbox[3] - bbox[1])
     out_um = max(native, width / _IMAGE_MAX_PX)
     img = read_tile(sdata.images[prep.image.key], prep.image, bbox, out_um)

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from ..tl._model import DiffST
+    from ..tl import DiffST
 
 _DEFAULT_METRICS = ("train_loss", "val_loss", "val_pcc")
 _LABELS = {

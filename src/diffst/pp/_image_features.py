@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -93,7 +93,7 @@ def image_features(
     fingerprint, µm per pixel and the projection).
 
     """
-    from ..tl._data import Prepared
+    from .._contract import Prepared
 
     prep = Prepared.from_sdata(sdata, key)
     key_added = key_added or f"{key}_features"
@@ -138,11 +138,10 @@ def image_features(
         out[:, r0 * s : (r0 + t) * s, c0 * s : (c0 + t) * s] = project(encode(i), projection)
         raw.pop(i, None)
     seconds = time.perf_counter() - t0
-    area_mm2 = len(origins) * (prep.attrs["tile_um"] / 1000.0) ** 2
+    area_mm2 = len(origins) * (prep.record.tile_um / 1000.0) ** 2
     from ..tl._output import sr_image
 
-    attrs = copy.deepcopy(dict(sdata.attrs[key]))
-    attrs["image_features"] = {
+    features = {
         "key": key_added,
         "encoder": enc.describe(),
         "fingerprint": enc.fingerprint(),
@@ -152,7 +151,8 @@ def image_features(
         "seconds": float(seconds),
     }
     channels = [f"feature_{j}" for j in range(k)]
-    writer.commit({key_added: ("images", sr_image(out, channels, prep))}, attrs={key: attrs})
+    record = dataclasses.replace(prep.record, image_features=features)
+    writer.commit({key_added: ("images", sr_image(out, channels, prep))}, attrs={key: record.to_dict()})
     log.info(
         f"image features: {enc.name} at {enc.um_per_px:g} µm/px, {enc.dim} → {k} per HR pixel on {len(origins)} tiles "
         f"({area_mm2:.2f} mm²) in {seconds:.1f} s ({area_mm2 / max(seconds, 1e-9) * 60:.1f} mm²/min) "

@@ -202,12 +202,10 @@ def _bins_behind_labels(sdata: SpatialData, table_key: str, regions: list[str]) 
 
 
 def diffst_products(sdata: SpatialData) -> set[str]:
-    """Names of elements that diffst itself wrote (recorded in ``sdata.attrs[key]['elements']``)."""
-    out: set[str] = set()
-    for value in sdata.attrs.values():
-        if isinstance(value, dict) and "diffst_version" in value:
-            out.update(str(v) for v in value.get("elements", {}).values())
-    return out
+    """Names of elements that diffst itself wrote (the elements its prepared data and SR results record)."""
+    from .._contract import products
+
+    return products(sdata)
 
 
 def _pick_image(sdata: SpatialData, image_key: str | None) -> str:

@@ -14,6 +14,7 @@ from spatialdata.models import Image2DModel, Labels2DModel, ShapesModel
 from spatialdata.transformations import Scale
 
 from diffst import _logging as log
+from diffst._contract import DegradationRecord, ImageRecord, NormalisationRecord, PreparedRecord, SplitRecord
 from diffst._degradation import (
     VISIUM_SPOT_DIAMETER_UM,
     VISIUM_SPOT_PITCH_UM,
@@ -318,49 +319,42 @@ def prepare(
     if spot_centres is not None:
         elements[names["spots"]] = ("shapes", _spots_shapes(spot_centres, spot_d, grid, cs, u))
 
-    params = {
-        "diffst_version": _version(),
-        "coordinate_system": cs,
-        "um_per_px": u,
-        "um_per_px_source": inputs.um_per_px_source,
-        "measurement": meas.kind,
-        "sources": {**meas.source, "image_key": inputs.image_key},
-        "grid": grid.to_dict(),
-        "lr_um": float(lr_um),
-        "hr_um": float(hr_um),
-        "scale": int(scale),
-        "degradation": {
-            "name": deg_name,
-            "spot_diameter_um": float(spot_d) if spot_d is not None else None,
-            "spot_pitch_um": (
-                float(spot_pitch_um or lr_um)
-                if deg_name == "visium"
-                else (inputs.spot_pitch_um if deg_name == "spots" else None)
-            ),
-        },
-        "genes": list(chosen),
-        "gene_selection": selection_info,
-        "normalisation": {
-            "method": "log1p_quantile",
-            "quantile": 0.99,
-            "description": "x = 2·log1p(counts per HR pixel)/scale_g − 1; LR is first divided by the observed HR-pixel area",
-            "hr_scale": None if hr_scale is None else [float(v) for v in hr_scale],
-            "lr_scale": [float(v) for v in lr_scale],
-            "reference": reference,
-        },
-        "coexpression": {
+    pitch = (
+        (spot_pitch_um or lr_um) if deg_name == "visium" else (inputs.spot_pitch_um if deg_name == "spots" else None)
+    )
+    record = PreparedRecord(
+        diffst_version=_version(),
+        coordinate_system=cs,
+        um_per_px=u,
+        um_per_px_source=inputs.um_per_px_source,
+        measurement=meas.kind,
+        sources={**meas.source, "image_key": inputs.image_key},
+        grid=grid,
+        degradation=DegradationRecord(
+            deg_name, None if spot_d is None else float(spot_d), None if pitch is None else float(pitch)
+        ),
+        genes=tuple(chosen),
+        gene_selection=selection_info,
+        normalisation=NormalisationRecord(
+            lr_scale=tuple(float(v) for v in lr_scale),
+            hr_scale=None if hr_scale is None else tuple(float(v) for v in hr_scale),
+            reference=reference,
+            description="x = 2·log1p(counts per HR pixel)/scale_g − 1; LR is first divided by the observed HR-pixel area",
+        ),
+        coexpression={
             "definition": "I_ij = (p(i|j) + p(j|i))/2, p(i|j) = share of gene j's counts in pixels where gene i is detected",
             "pixels": "HR pixels of training tiles" if reference == "hr" else "observed LR pixels of training tiles",
             "matrix": [[float(v) for v in row] for row in coexpr],
         },
-        "image": spec.to_dict() | {"image_um_per_px": inputs.image_um_per_px, "kind_reason": kind_reason},
-        "tile_um": float(tile_um),
-        "min_tissue": float(min_tissue),
-        "split": {"shares": [float(s) for s in split], "block_um": float(block), "seed": int(seed)}
-        | {k: int(v) for k, v in counts_per_split.items()},
-        "elements": {k: v for k, v in names.items() if v in elements},
-    }
-    writer.commit(elements, attrs={key_added: params}, stale=names.values())
+        image=ImageRecord(spec, inputs.image_um_per_px, kind_reason),
+        tile_um=float(tile_um),
+        min_tissue=float(min_tissue),
+        split=SplitRecord(
+            tuple(float(s) for s in split), float(block), int(seed), {k: int(v) for k, v in counts_per_split.items()}
+        ),
+        elements={k: v for k, v in names.items() if v in elements},
+    )
+    writer.commit(elements, attrs={key_added: record.to_dict()}, stale=names.values())
     log.info(
         f"prepared {len(chosen)} genes on {grid.lr_shape[0]}×{grid.lr_shape[1]} LR / "
         f"{grid.hr_shape[0]}×{grid.hr_shape[1]} HR pixels ({lr_um:g} → {hr_um:g} µm), {len(tiles)} tiles of {tile_um:g} µm "

@@ -13,12 +13,12 @@ import pandas as pd
 import torch
 
 from .. import _logging as log
+from .._contract import Prepared
 from .._degradation import degradation_for
 from .._image import read_tile
 from .._normalise import lr_per_hr_pixel, lr_to_model_units, to_counts
 from ..model.floor import hr_signal, image_floor
 from ..model.upsample import fill_unobserved, upsample_lr
-from ._data import Prepared
 from ._output import Units, check_sr_free, write_sr
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ def _interpolate(lr: np.ndarray, coverage: np.ndarray, s: int, gene_scale: np.nd
 
 def _project(sdata: SpatialData, prep: Prepared, counts: np.ndarray, lr: np.ndarray) -> np.ndarray:
     """``counts`` made exactly consistent with the observed LR counts under the data's degradation operator."""
-    op = degradation_for(sdata, prep.attrs)
+    op = degradation_for(sdata, prep)
     observed = prep.coverage > 0
     return op.project(counts, lr, observed).astype(np.float32)
 

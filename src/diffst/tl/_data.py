@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .._contract import Prepared, read_window
 from .._grid import Grid
 from .._image import ImageSpec, in_memory_level, read_tile
 from .._normalise import lr_to_model_units, to_model_units
@@ -16,80 +17,6 @@ from .._normalise import lr_to_model_units, to_model_units
 if TYPE_CHECKING:
     import geopandas as gpd
     from spatialdata import SpatialData
-
-
-@dataclass
-class Prepared:
-    """The parameters and elements ``dst.pp.prepare`` recorded under ``sdata.attrs[key]``."""
-
-    key: str
-    attrs: dict[str, Any]
-    grid: Grid
-    genes: list[str]
-    image: ImageSpec
-    elements: dict[str, str]
-    coverage: np.ndarray = field(repr=False)
-
-    @classmethod
-    def from_sdata(cls, sdata: SpatialData, key: str) -> Prepared:
-        """Collect the prepared data under ``key``, with a clear error when it is missing or incomplete."""
-        attrs = sdata.attrs.get(key)
-        if not isinstance(attrs, dict) or "grid" not in attrs:
-            found = [k for k, v in sdata.attrs.items() if isinstance(v, dict) and "grid" in v]
-            msg = f"No prepared data under key {key!r}. Run `dst.pp.prepare(sdata, key_added={key!r})` first" + (
-                f", or pass one of the prepared keys {found}." if found else "."
-            )
-            raise KeyError(msg)
-        elements = dict(attrs["elements"])
-        missing = [name for name in elements.values() if name not in sdata]
-        if missing:
-            msg = f"sdata.attrs[{key!r}] refers to elements {missing} that are not in the SpatialData; rerun `dst.pp.prepare(..., overwrite=True)`."
-            raise KeyError(msg)
-        image = ImageSpec.from_dict(attrs["image"])
-        if image.key not in sdata.images:
-            msg = f"The image {image.key!r} that `prepare` used is not in the SpatialData any more."
-            raise KeyError(msg)
-        coverage = np.asarray(sdata[elements["lr_mask"]].values[0], dtype=np.float32)
-        return cls(
-            key=key,
-            attrs=attrs,
-            grid=Grid.from_dict(attrs["grid"]),
-            genes=list(attrs["genes"]),
-            image=image,
-            elements=elements,
-            coverage=coverage,
-        )
-
-    @property
-    def has_hr(self) -> bool:
-        """Whether HR counts (ground truth) exist."""
-        return "hr" in self.elements
-
-    @property
-    def tile_lr(self) -> int:
-        """Tile side in LR pixels."""
-        return int(round(self.attrs["tile_um"] / self.grid.lr_um))
-
-    @property
-    def hr_scale(self) -> np.ndarray | None:
-        """Per-gene robust scale of HR counts (model units), when HR exists."""
-        v = self.attrs["normalisation"]["hr_scale"]
-        return None if v is None else np.asarray(v, dtype=np.float32)
-
-    @property
-    def lr_scale(self) -> np.ndarray:
-        """Per-gene robust scale of LR counts per HR pixel."""
-        return np.asarray(self.attrs["normalisation"]["lr_scale"], dtype=np.float32)
-
-    @property
-    def coexpression(self) -> np.ndarray:
-        """Co-expression intensity matrix of the genes."""
-        return np.asarray(self.attrs["coexpression"]["matrix"], dtype=np.float32)
-
-    def tiles(self, sdata: SpatialData, split: str | None = None) -> gpd.GeoDataFrame:
-        """The tiles (optionally of one split)."""
-        tiles = sdata[self.elements["tiles"]]
-        return tiles if split is None else tiles[tiles["split"] == split]
 
 
 @dataclass
@@ -133,7 +60,7 @@ class TileSource:
         if footprint:
             from .._degradation import degradation_for
 
-            foot = degradation_for(sdata, prep.attrs).footprint(prep.grid.hr_shape)
+            foot = degradation_for(sdata, prep).footprint(prep.grid.hr_shape)
         return cls(
             grid=prep.grid,
             image_element=sdata.images[prep.image.key],
@@ -155,10 +82,6 @@ class TileSource:
         self.image_element = in_memory_level(self.image_element, self.image, image_um, max_bytes)
         return self
 
-    def _channels(self, array: Any, rows: slice, cols: slice) -> np.ndarray:
-        block = np.asarray(array[:, rows, cols], dtype=np.float32)
-        return block if self.gene_index is None else block[self.gene_index]
-
     def read(
         self,
         lr_row0: int,
@@ -179,47 +102,26 @@ class TileSource:
         """
         g = self.grid
         s = g.scale
-        h, w = g.lr_shape
         size_r, size_c = (size_lr, size_lr) if np.isscalar(size_lr) else (int(size_lr[0]), int(size_lr[1]))
-        n_genes = self.lr.shape[0] if self.gene_index is None else len(self.gene_index)
-        rr0, cc0 = max(lr_row0, 0), max(lr_col0, 0)
-        rr1, cc1 = min(lr_row0 + size_r, h), min(lr_col0 + size_c, w)
-        lr = np.zeros((n_genes, size_r, size_c), dtype=np.float32)
-        cov = np.zeros((size_r, size_c), dtype=np.float32)
-        dr, dc = slice(rr0 - lr_row0, rr1 - lr_row0), slice(cc0 - lr_col0, cc1 - lr_col0)
-        inside = rr1 > rr0 and cc1 > cc0
-        if inside:
-            lr[:, dr, dc] = self._channels(self.lr, slice(rr0, rr1), slice(cc0, cc1))
-            cov[dr, dc] = self.coverage[rr0:rr1, cc0:cc1]
+        rows, cols = (lr_row0, lr_row0 + size_r), (lr_col0, lr_col0 + size_c)
+        hr_rows, hr_cols = (rows[0] * s, rows[1] * s), (cols[0] * s, cols[1] * s)
+        lr = read_window(self.lr, rows, cols, channels=self.gene_index)
+        cov = read_window(self.coverage, rows, cols)
         out = {"lr": lr_to_model_units(lr, cov, s, gene_scale), "mask": np.clip(cov, 0.0, 1.0)[None]}
         x0, y0 = g.origin_um[0] + lr_col0 * g.lr_um, g.origin_um[1] + lr_row0 * g.lr_um
         bbox = (x0, y0, x0 + size_c * g.lr_um, y0 + size_r * g.lr_um)
         out["image"] = read_tile(self.image_element, self.image, bbox, image_um)
         if self.features is not None:
-            feats = np.zeros((self.features.shape[0], size_r * s, size_c * s), dtype=np.float32)
-            if inside:
-                block = self.features[:, rr0 * s : rr1 * s, cc0 * s : cc1 * s]
-                feats[:, dr.start * s : dr.stop * s, dc.start * s : dc.stop * s] = np.asarray(block, dtype=np.float32)
+            feats = read_window(self.features, hr_rows, hr_cols)
             per_hr = int(round(g.hr_um / image_um))
             feats = np.repeat(np.repeat(feats, per_hr, axis=1), per_hr, axis=2)
             out["image"] = np.concatenate([out["image"], feats])
         if with_hr and self.hr is not None:
-            hr = np.zeros((n_genes, size_r * s, size_c * s), dtype=np.float32)
-            if inside:
-                hr[:, dr.start * s : dr.stop * s, dc.start * s : dc.stop * s] = self._channels(
-                    self.hr, slice(rr0 * s, rr1 * s), slice(cc0 * s, cc1 * s)
-                )
-            out["x0"] = to_model_units(hr, gene_scale)
+            out["x0"] = to_model_units(read_window(self.hr, hr_rows, hr_cols, channels=self.gene_index), gene_scale)
         if self.footprint is not None:
             out["area"] = cov[None] * s * s
             for name, full in zip(("foot", "offset"), self.footprint, strict=True):
-                full = full[None] if full.ndim == 2 else full
-                part = np.zeros((len(full), size_r * s, size_c * s), dtype=np.float32)
-                if inside:
-                    part[:, dr.start * s : dr.stop * s, dc.start * s : dc.stop * s] = full[
-                        :, rr0 * s : rr1 * s, cc0 * s : cc1 * s
-                    ]
-                out[name] = part
+                out[name] = read_window(full[None] if full.ndim == 2 else full, hr_rows, hr_cols)
         return out
 
 

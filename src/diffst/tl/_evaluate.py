@@ -11,13 +11,12 @@ import numpy as np
 import pandas as pd
 
 from .. import metrics
+from .._contract import Prepared, check_same_grid, read_sr, read_window
 from .._degradation import BinDegradation, SpotDegradation, degradation_for
 from .._genes import resolve_genes
 from .._grid import Grid
 from .._normalise import to_model_units
-from .._spatial import affine_to_cs, channel_names, image_levels, suggest
-from ._data import Prepared
-from ._output import read_sr
+from .._spatial import channel_names, image_levels, suggest
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -84,14 +83,14 @@ def evaluate(
     ``prepared_key``, ``truth`` (element name or ``None``) and ``scale`` (``"normalised"``).
 
     """
-    sr_attrs, sr_element, _ = read_sr(sdata, key)
-    prep = Prepared.from_sdata(sdata, sr_attrs["prepared_key"])
+    record, sr_element, _ = read_sr(sdata, key)
+    prep = Prepared.from_sdata(sdata, record.prepared_key)
     grid = prep.grid
     sr = image_levels(sr_element)[0]
-    _check_same_grid(sr, f"The SR result {key!r}", prep, grid_dict=sr_attrs.get("grid"))
+    check_same_grid(sr, f"The SR result {key!r}", prep, grid=record.grid)
     sr_genes = channel_names(sr)
     genes = _check_genes(genes, sr_genes, prep, key)
-    units = sr_attrs.get("units", "counts")
+    units = record.units
     if units not in ("counts", "log1p"):
         msg = f"SR result {key!r} has units {units!r}; `evaluate` reads 'counts' or 'log1p'."
         raise ValueError(msg)
@@ -106,7 +105,7 @@ def evaluate(
             )
             raise KeyError(msg)
         truth = image_levels(sdata.images[truth_name])[0]
-        _check_same_grid(truth, f"The truth {truth_name!r}", prep)
+        check_same_grid(truth, f"The truth {truth_name!r}", prep)
         truth_genes = channel_names(truth)
         missing = [g for g in genes if g not in truth_genes]
         if missing:
@@ -120,7 +119,7 @@ def evaluate(
     scale_g = prep.hr_scale if prep.hr_scale is not None else prep.lr_scale
     scale_g = np.asarray(scale_g, dtype=np.float32)[prep_idx]
     lr_all = sdata[prep.elements["lr"]].data
-    operator = degradation_for(sdata, prep.attrs)
+    operator = degradation_for(sdata, prep)
     t, s = prep.tile_lr, grid.scale
     n_genes = len(genes)
 
@@ -128,8 +127,8 @@ def evaluate(
     err_sum = np.zeros(n_genes)
     lr_sum = np.zeros(n_genes)
     for r0, c0 in zip(tiles["lr_row0"].astype(int), tiles["lr_col0"].astype(int), strict=True):
-        window = (r0 * s, c0 * s, (r0 + t) * s, (c0 + t) * s)
-        sr_counts = _to_counts(_read(sr.data, sr_idx, window), units)
+        rows, cols = (r0 * s, (r0 + t) * s), (c0 * s, (c0 + t) * s)
+        sr_counts = _to_counts(read_window(sr.data, rows, cols, channels=sr_idx, dtype=np.float64), units)
         lr_tile = np.asarray(lr_all[prep_idx, r0 : r0 + t, c0 : c0 + t], dtype=np.float64)
         observed = prep.coverage[r0 : r0 + t, c0 : c0 + t]
         degraded = _degrade_tile(operator, sr.data, sr_idx, units, sr_counts, r0, c0, t, grid)
@@ -139,7 +138,7 @@ def evaluate(
         if truth is None:
             continue
         pred = to_model_units(sr_counts, scale_g)
-        true = to_model_units(_read(truth.data, truth_idx, window), scale_g)
+        true = to_model_units(read_window(truth.data, rows, cols, channels=truth_idx, dtype=np.float64), scale_g)
         scores = {m: np.empty(n_genes) for m in per_tile}
         for gi in range(n_genes):
             p, q = pred[gi], true[gi]
@@ -173,7 +172,7 @@ def evaluate(
     for c in df:
         if c.startswith("n_tiles"):
             df[c] = df[c].astype(int)
-    method = str(sr_attrs.get("method", key))
+    method = record.method
     df["method"] = method
     df.attrs = {
         "key": key,
@@ -190,17 +189,6 @@ def _nanmean(x: np.ndarray, axis: int | None = None) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns are NaN, as they should be
         return np.nanmean(x, axis=axis)
-
-
-def _read(data: Any, idx: list[int], window: tuple[int, int, int, int]) -> np.ndarray:
-    """Channels ``idx`` of an HR raster over ``window = (row0, col0, row1, col1)``, zero outside the raster."""
-    r0, c0, r1, c1 = window
-    h, w = data.shape[1:]
-    out = np.zeros((len(idx), r1 - r0, c1 - c0), dtype=np.float64)
-    rr0, cc0, rr1, cc1 = max(r0, 0), max(c0, 0), min(r1, h), min(c1, w)
-    if rr1 > rr0 and cc1 > cc0:
-        out[:, rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0] = np.asarray(data[idx, rr0:rr1, cc0:cc1], dtype=np.float64)
-    return out
 
 
 def _to_counts(x: np.ndarray, units: str) -> np.ndarray:
@@ -228,55 +216,13 @@ def _degrade_tile(
     if isinstance(operator, BinDegradation):
         return np.asarray(operator.degrade(sr_counts), dtype=np.float64)
     s = grid.scale
-    radius = operator.diameter_um / 2.0
-    m = max(1, math.ceil(radius / grid.lr_um))
-    rows, cols = grid.pixel_index(operator.centres_um[:, 0], operator.centres_um[:, 1], level="lr")
-    inside = (rows >= r0) & (rows < r0 + t) & (cols >= c0) & (cols < c0 + t)
-    if not inside.any():
+    m = max(1, math.ceil(operator.diameter_um / 2.0 / grid.lr_um))
+    op, inside = operator.window(r0, c0, r0 + t, c0 + t, margin=m)
+    if not len(inside):
         return np.zeros(sr_counts.shape[:1] + (t, t))
-    sub = Grid(
-        origin_um=(grid.origin_um[0] + (c0 - m) * grid.lr_um, grid.origin_um[1] + (r0 - m) * grid.lr_um),
-        lr_um=grid.lr_um,
-        scale=s,
-        lr_shape=(t + 2 * m, t + 2 * m),
-    )
-    op = SpotDegradation(sub, operator.centres_um[inside], operator.diameter_um, supersample=operator.supersample)
-    window = ((r0 - m) * s, (c0 - m) * s, (r0 + t + m) * s, (c0 + t + m) * s)
-    padded = _to_counts(_read(data, idx, window), units)
+    rows, cols = ((r0 - m) * s, (r0 + t + m) * s), ((c0 - m) * s, (c0 + t + m) * s)
+    padded = _to_counts(read_window(data, rows, cols, channels=idx, dtype=np.float64), units)
     return np.asarray(op.degrade(padded), dtype=np.float64)[:, m : m + t, m : m + t]
-
-
-def _check_same_grid(image: Any, what: str, prep: Prepared, grid_dict: dict | None = None) -> None:
-    """Raise unless ``image`` lies on the prepared HR grid (shape and transformation; recorded grid if any)."""
-    grid = prep.grid
-    shape = tuple(int(v) for v in image.shape[1:])
-    problem = None
-    if grid_dict is not None and Grid.from_dict(grid_dict) != grid:
-        other = Grid.from_dict(grid_dict)
-        problem = f"was made on grid {other.lr_shape} LR px of {other.lr_um:g} µm at scale {other.scale}, origin {other.origin_um}"
-    elif shape != grid.hr_shape:
-        problem = f"has shape {shape}"
-    else:
-        cs = prep.attrs["coordinate_system"]
-        try:
-            m = affine_to_cs(image, cs)
-        except Exception:  # noqa: BLE001 - no transformation to cs at all
-            m = None
-        expected = _hr_affine(grid, prep)
-        if m is None or not np.allclose(m, expected, rtol=1e-6, atol=1e-6):
-            problem = f"is not aligned with the HR grid in coordinate system {cs!r}"
-    if problem is not None:
-        msg = (
-            f"{what} {problem}, but the prepared data {prep.key!r} have an HR grid of {grid.hr_shape} pixels of "
-            f"{grid.hr_um:g} µm. Evaluate it against the data it was made from, or rerun the method on these."
-        )
-        raise ValueError(msg)
-
-
-def _hr_affine(grid: Grid, prep: Prepared) -> np.ndarray:
-    """3×3 affine of the HR grid to the prepared coordinate system."""
-    t = grid.transform(prep.attrs["um_per_px"], "hr")
-    return np.asarray(t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=np.float64)
 
 
 def _check_genes(genes: Sequence[str] | None, sr_genes: list[str], prep: Prepared, key: str) -> list[str]:
@@ -361,7 +307,7 @@ def evaluate_spots(
         msg = f"`split` must be 'test', 'val' or 'train'; got {split!r}."
         raise ValueError(msg)
     prep = Prepared.from_sdata(sdata, key)
-    if model is None and not (isinstance(sdata.attrs[key].get("model"), dict)):
+    if model is None and prep.record.model is None:
         msg = f"No model was trained for {key!r}: pass `model=` or run `dst.tl.train(sdata, key={key!r})` first."
         raise ValueError(msg)
     model = _resolve_model(sdata, model, key)

@@ -7,7 +7,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from .. import _logging as log
-from ._data import Prepared
+from .._contract import Prepared, read_record
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -24,7 +24,7 @@ def features_for_training(sdata: SpatialData, prep: Prepared, encoder: str) -> t
     """The prepared data (re-read) and their feature record for ``encoder``; computed when missing or another's."""
     if encoder == "learned":
         return prep, None
-    info = prep.attrs.get("image_features")
+    info = prep.record.image_features
     if info is None or info["encoder"]["name"] != encoder or info["key"] not in sdata.images:
         from ..pp import image_features
 
@@ -32,7 +32,7 @@ def features_for_training(sdata: SpatialData, prep: Prepared, encoder: str) -> t
             log.info(f"the image features under {prep.key!r} are {info['encoder']['name']}'s: computing {encoder}'s")
         image_features(sdata, encoder, key=prep.key, key_added=(info or {}).get("key"), overwrite=info is not None)
         prep = Prepared.from_sdata(sdata, prep.key)
-        info = prep.attrs["image_features"]
+        info = prep.record.image_features
     return prep, info
 
 
@@ -61,7 +61,7 @@ def feature_key(sdata: SpatialData, prep: Prepared, model: DiffST) -> str | None
     if want is None:
         msg = f"The model conditions on {cfg.image_encoder} image features but does not record them; retrain it."
         raise ValueError(msg)
-    have = prep.attrs.get("image_features")
+    have = prep.record.image_features
     fix = (
         f"compute them as in training: `dst.pp.image_features(sdata, {cfg.image_encoder!r}, key={prep.key!r}, "
         f"um_per_px={want['um_per_px']:g}, projection=model.info['image_features']['projection'], overwrite=True)`"
@@ -74,7 +74,7 @@ def feature_key(sdata: SpatialData, prep: Prepared, model: DiffST) -> str | None
             log.info("computing the weight-free image features the model was trained with (its projection)")
             image_features(sdata, "stain", key=prep.key, um_per_px=want["um_per_px"], projection=want["projection"],
                            overwrite=have is not None)  # fmt: skip
-            return Prepared.from_sdata(sdata, prep.key).attrs["image_features"]["key"]
+            return read_record(sdata, prep.key).image_features["key"]
         msg = f"The model conditions on {cfg.image_encoder} image features, which these data under {prep.key!r} lack; {fix}."
         raise ValueError(msg)
     problems = []

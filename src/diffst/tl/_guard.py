@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import _logging as log
+from .._contract import Prepared
 from .._normalise import to_model_units
 from ..metrics import pearson, rmse
 from ._baselines import _interpolate, _project, slide_floor
-from ._data import Prepared
 from ._features import feature_key
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ import torch
 from ..model import DiffSTConfig, DiffSTNet, Diffusion
 
 if TYPE_CHECKING:
-    from ._data import Prepared
+    from .._contract import Prepared
 
 _FORMAT = "diffst-model/1"
 
@@ -151,7 +151,7 @@ class DiffST:
                 f"the model was trained at {self.units['lr_um']:g} → {self.units['hr_um']:g} µm (scale {self.units['scale']})"
             )
         if prep.image.kind != self.units["kind"]:
-            why = prep.attrs.get("image", {}).get("kind_reason")
+            why = prep.record.image.kind_reason
             problems.append(
                 f"the data's image is {prep.image.kind}"
                 + (f" ({why})" if why else "")
@@ -176,8 +176,8 @@ class DiffST:
         The model learned to invert its training data's degradation; applied to another one (a model trained on
         binned transcripts applied to Visium spots), its maps are not what it was validated on.
         """
-        d = prep.attrs["degradation"]
-        trained, here = self.units.get("degradation"), d["name"]
+        d = prep.record.degradation
+        trained, here = self.units.get("degradation"), d.name
         if trained is None:
             return None
 
@@ -189,7 +189,7 @@ class DiffST:
 
         spots = {"visium", "spots"}
         mine = describe(trained, self.units.get("spot_diameter_um"), self.units.get("spot_pitch_um"))
-        theirs = describe(here, d.get("spot_diameter_um"), d.get("spot_pitch_um"))
+        theirs = describe(here, d.spot_diameter_um, d.spot_pitch_um)
         if (trained == "bin") != (here == "bin"):
             fix = (
                 "prepare the transcript slide with `degradation='visium'` (and the spot size of these data, "
@@ -201,7 +201,7 @@ class DiffST:
                 f"The model was trained on LR measured by {mine}, these data's LR is measured by {theirs}: it was never "
                 f"trained or validated on this kind of measurement, so its maps may be wrong; {fix}."
             )
-        a, b = self.units.get("spot_diameter_um"), d.get("spot_diameter_um")
+        a, b = self.units.get("spot_diameter_um"), d.spot_diameter_um
         if trained in spots and a and b and abs(a - b) > 0.1 * max(a, b):
             return (
                 f"The model was trained on LR measured by {mine}, these data's LR is measured by {theirs}: the spot "
@@ -233,10 +233,10 @@ def data_units(prep: Prepared, image_um: float) -> dict[str, Any]:
         "image_um": image_um,
         "kind": prep.image.kind,
         "channels": list(prep.image.channels),
-        "degradation": prep.attrs["degradation"]["name"],
-        "spot_diameter_um": prep.attrs["degradation"].get("spot_diameter_um"),
-        "spot_pitch_um": prep.attrs["degradation"].get("spot_pitch_um"),
-        "measurement": prep.attrs["measurement"],
+        "degradation": prep.record.degradation.name,
+        "spot_diameter_um": prep.record.degradation.spot_diameter_um,
+        "spot_pitch_um": prep.record.degradation.spot_pitch_um,
+        "measurement": prep.record.measurement,
     }
 
 
@@ -245,7 +245,7 @@ def fingerprint(prep: Prepared) -> str:
     import hashlib
     import json
 
-    a = prep.attrs
+    a = prep.record.to_dict()
     key = json.dumps(
         {k: a.get(k) for k in ("grid", "genes", "sources", "coordinate_system", "normalisation", "measurement")},
         sort_keys=True,

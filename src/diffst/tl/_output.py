@@ -5,8 +5,8 @@ An SR result under ``key_added`` is
 - ``images[key_added]``: the (mean) map on the prepared HR grid, channels = gene names, a multiscale pyramid, with the
   HR grid's transformation to the source coordinate system (it overlays the image exactly);
 - ``images[key_added + '_std']``: the per-pixel standard deviation over samples, same units (only when there is one);
-- ``sdata.attrs[key_added]``: ``{"diffst_version", "method", "prepared_key", "units", "genes", "grid", "elements",
-  …method parameters}``.
+- ``sdata.attrs[key_added]``: a :class:`diffst._contract.SRRecord` (``method``, ``prepared_key``, ``units``,
+  ``genes``, ``grid``, ``elements`` and the method's parameters).
 
 Units are ``"counts"`` (expected counts per HR pixel, so that re-binning compares with LR counts) or ``"log1p"``.
 """
@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from spatialdata.models import Image2DModel
 
+from .._contract import Prepared, SRRecord
 from .._store import ElementWriter
-from ._data import Prepared
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -55,7 +55,7 @@ def sr_image(data: np.ndarray | da.Array, genes: list[str], prep: Prepared) -> A
         data,
         dims=("c", "y", "x"),
         c_coords=list(genes),
-        transformations={prep.attrs["coordinate_system"]: prep.grid.transform(prep.attrs["um_per_px"], "hr")},
+        transformations={prep.coordinate_system: prep.hr_transform()},
         scale_factors=factors or None,
         chunks=(min(len(genes), 32), 512, 512),
     )
@@ -81,27 +81,16 @@ def write_sr(
     elements = {names["mean"]: ("images", sr_image(mean, genes, prep))}
     if std is not None:
         elements[names["std"]] = ("images", sr_image(std, genes, prep))
-    attrs = {
-        "diffst_version": __version__,
-        "method": method,
-        "prepared_key": prep.key,
-        "units": units,
-        "genes": list(genes),
-        "grid": prep.grid.to_dict(),
-        "elements": {k: v for k, v in names.items() if v in elements},
-        **params,
-    }
-    ElementWriter(sdata, overwrite=overwrite).commit(elements, attrs={key_added: attrs}, stale=names.values())
-
-
-def read_sr(sdata: SpatialData, key: str) -> tuple[dict[str, Any], Any, Any | None]:
-    """The attrs, mean element and std element (or ``None``) of an SR result, with a clear error if missing."""
-    attrs = sdata.attrs.get(key)
-    if not isinstance(attrs, dict) or "method" not in attrs or key not in sdata.images:
-        found = [k for k, v in sdata.attrs.items() if isinstance(v, dict) and "method" in v]
-        msg = f"No super-resolved result under {key!r}; run `dst.tl.super_resolve(sdata, key_added={key!r})`" + (
-            f" or use one of {found}." if found else "."
-        )
-        raise KeyError(msg)
-    std = attrs["elements"].get("std")
-    return attrs, sdata.images[key], (sdata.images[std] if std else None)
+    record = SRRecord(
+        method=method,
+        prepared_key=prep.key,
+        units=units,
+        genes=tuple(genes),
+        grid=prep.grid,
+        elements={k: v for k, v in names.items() if v in elements},
+        params=dict(params),
+        diffst_version=__version__,
+    )
+    ElementWriter(sdata, overwrite=overwrite).commit(
+        elements, attrs={key_added: record.to_dict()}, stale=names.values()
+    )

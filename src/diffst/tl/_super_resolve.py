@@ -18,13 +18,14 @@ import torch
 from scipy import ndimage
 
 from .. import _logging as log
+from .._contract import Prepared, is_prepared, read_record, read_window
 from .._degradation import BinDegradation, SpotDegradation, degradation_for
 from .._genes import resolve_genes
 from .._grid import Grid
 from .._normalise import to_counts
 from .._settings import settings
 from ..model import Diffusion
-from ._data import Prepared, TileSource
+from ._data import TileSource
 from ._features import feature_key
 from ._model import DiffST, fingerprint
 from ._output import Units, check_sr_free, sr_image, write_sr
@@ -123,12 +124,12 @@ def super_resolve(
         # a preparation or a training this call needs goes into a detached copy: `sdata` is left exactly as it was
         sdata = _detached(sdata)
     model = _resolve_model(sdata, model, key)
-    if key not in sdata.attrs:
+    if not is_prepared(sdata, key):
         _prepare_for(sdata, model, key)
     prep = Prepared.from_sdata(sdata, key)
     want = _resolve_genes(genes, model)
     model.check_compatible(prep, genes=want)
-    if "image" not in prep.attrs or prep.image.key not in sdata.images:
+    if prep.image.key not in sdata.images:
         msg = "The SpatialData has no tissue image for this model; diffst needs the image the data were prepared with."
         raise ValueError(msg)
     transferred = model.info.get("prepared_fingerprint") != fingerprint(prep)
@@ -249,7 +250,7 @@ def _resolve_model(sdata: SpatialData, model: DiffST | str | Path | None, key: s
         return model
     if model is not None:
         return DiffST.load(model)
-    recorded = sdata.attrs.get(key, {}).get("model") if isinstance(sdata.attrs.get(key), dict) else None
+    recorded = read_record(sdata, key).model if is_prepared(sdata, key) else None
     if recorded and Path(recorded["path"]).exists():
         log.info(f"using the model trained for this SpatialData: {recorded['path']}")
         return DiffST.load(recorded["path"])
@@ -258,7 +259,7 @@ def _resolve_model(sdata: SpatialData, model: DiffST | str | Path | None, key: s
     from ..pp import prepare
     from ._train import train
 
-    if key not in sdata.attrs:
+    if not is_prepared(sdata, key):
         log.info(f"no prepared data under {key!r}: preparing with the defaults (dst.pp.prepare)")
         prepare(sdata, key_added=key)
     log.info("no trained model for this SpatialData: training one with the defaults (dst.tl.train)")
@@ -367,7 +368,7 @@ class _Job:
             (r, c) for r in rows for c in cols if reach[max(r, 0) : r + window_lr, max(c, 0) : c + window_lr].any()
         ]
         blocks = [(r, c) for r in range(0, h, block_lr) for c in range(0, w, block_lr)]
-        op = degradation_for(sdata, prep.attrs) if consistency else None
+        op = degradation_for(sdata, prep) if consistency else None
         halo = 0
         if isinstance(op, SpotDegradation):
             halo = int(np.ceil(op.diameter_um / grid.lr_um)) + 2
@@ -561,10 +562,8 @@ class _Job:
         """LR-consistency on the region ``[r0, r1) × [c0, c1)`` of LR pixels (zero-padded outside the grid)."""
         h, w = self.grid.lr_shape
         rr0, cc0, rr1, cc1 = max(r0, 0), max(c0, 0), min(r1, h), min(c1, w)
-        lr = np.zeros((x.shape[0], r1 - r0, c1 - c0), dtype=np.float64)
-        obs = np.zeros((r1 - r0, c1 - c0), dtype=bool)
-        lr[:, rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0] = self.lr_counts[:, rr0:rr1, cc0:cc1]
-        obs[rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0] = self.observed[rr0:rr1, cc0:cc1]
+        lr = read_window(self.lr_counts, (r0, r1), (c0, c1), dtype=np.float64)
+        obs = read_window(self.observed, (r0, r1), (c0, c1), dtype=bool)
         if isinstance(self.operator, BinDegradation):
             return self.operator.project(x, lr, obs)
         # spots: work on the part of the region inside the grid (HR pixels beyond it do not exist)
@@ -572,11 +571,7 @@ class _Job:
         s = g.scale
         x = x.copy()
         inner = (slice(None), slice((rr0 - r0) * s, (rr1 - r0) * s), slice((cc0 - c0) * s, (cc1 - c0) * s))
-        sub = Grid((g.origin_um[0] + cc0 * g.lr_um, g.origin_um[1] + rr0 * g.lr_um), g.lr_um, s, (rr1 - rr0, cc1 - cc0))
-        centres = self.operator.centres_um
-        lr_row, lr_col = g.pixel_index(centres[:, 0], centres[:, 1], level="lr")
-        inside = np.flatnonzero((lr_row >= rr0) & (lr_row < rr1) & (lr_col >= cc0) & (lr_col < cc1))
-        op = SpotDegradation(sub, centres[inside], self.operator.diameter_um)
+        op, inside = self.operator.window(rr0, cc0, rr1, cc1)
         # an LR pixel can be made exact here only if none of its spots' discs is cut by the region's border; the
         # halo is wide enough that every spot reaching the chunk itself is whole, so neighbouring chunks agree
         whole = np.isclose(op.weights.sum(axis=(1, 2)), self.operator.weights[inside].sum(axis=(1, 2)))

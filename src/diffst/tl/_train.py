@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .. import _logging as log
+from .._contract import update_record
 from .._settings import settings
 from ..features import is_encoder_spec
 from ..model import DiffSTConfig, DiffSTNet
@@ -397,7 +398,7 @@ def _supervision(prep: Prepared, key: str, supervision: str) -> str:
         raise ValueError(msg)
     if supervision == "hr" and not prep.has_hr:
         msg = (
-            f"The data under {key!r} have no HR truth ({prep.attrs['measurement']} measure only LR), so "
+            f"The data under {key!r} have no HR truth ({prep.record.measurement} measure only LR), so "
             "`supervision='hr'` has nothing to learn from. Use supervision='lr' (or 'auto') to learn from the "
             "spots themselves, or train on a slide with transcripts or Visium HD bins and transfer the model."
         )
@@ -406,7 +407,7 @@ def _supervision(prep: Prepared, key: str, supervision: str) -> str:
         supervision = "hr" if prep.has_hr else "lr"
         if supervision == "lr":
             log.info(
-                f"the data under {key!r} have no HR truth ({prep.attrs['measurement']}): learning from the spots "
+                f"the data under {key!r} have no HR truth ({prep.record.measurement}): learning from the spots "
                 "alone (supervision='lr'; see dst.tl.train)"
             )
     return supervision
@@ -445,7 +446,7 @@ def _config(
         "image_channels": len(prep.image.channels),
         "hr_um": prep.grid.hr_um,
         "scale": prep.grid.scale,
-        "tile_um": float(window_um if window_um is not None else prep.attrs["tile_um"]),
+        "tile_um": float(window_um if window_um is not None else prep.record.tile_um),
         "image_kind": prep.image.kind,
         "nuclear_channel": prep.image.nuclear_channel,
     }
@@ -576,6 +577,4 @@ def _record(sdata: SpatialData, key: str, model: DiffST) -> None:
         "steps": model.info["steps"],
         "best_val_loss": model.info["best_val_loss"],
     }
-    sdata.attrs[key]["model"] = entry
-    if sdata.path is not None and Path(sdata.path).exists():
-        sdata.write_attrs()
+    update_record(sdata, key, model=entry)
