@@ -1,15 +1,22 @@
-"""Write a tiny prepared store with the diffst of commit 3e6d65e (before the contract module)."""
+"""How ``prepared_0.1.0.dev0.zarr`` was written: by diffst at commit 3e6d65e, before ``diffst._contract`` existed.
 
-import sys, shutil
+    git worktree add /tmp/old 3e6d65e
+    python tests/data/make_prepared_0.1.0.dev0.py /tmp/old tests/data/prepared_0.1.0.dev0.zarr
 
-sys.path.insert(0, "/tmp/old/src")
-sys.path.insert(0, "/tmp/old")
-import diffst as dst
+A 240 µm toy section (tests/toy.py), 4 genes prepared at 40 → 10 µm, a bicubic SR result and a recorded model path
+(the transcripts are dropped to keep the store small). ``tests/test_contract.py`` reads it with the current code.
+"""
 
-assert dst.__file__.startswith("/tmp/old"), dst.__file__
-from tests.toy import toy_xenium
+import shutil
+import sys
 
-out = sys.argv[1]
+old, out = sys.argv[1], sys.argv[2]
+sys.path[:0] = [f"{old}/src", old]
+
+import diffst as dst  # noqa: E402
+from tests.toy import toy_xenium  # noqa: E402
+
+assert dst.__file__.startswith(old), dst.__file__
 sdata = toy_xenium(size_um=240.0, pixel_size=1.0, n=6000, seed=3)
 dst.settings.verbosity = 0
 dst.pp.prepare(sdata, genes=4, lr_um=40.0, scale=4, tile_um=80.0, split=(0.5, 0.25, 0.25), seed=0)
@@ -24,4 +31,3 @@ sdata.attrs["diffst"]["model"] = {
 del sdata.points["transcripts"]
 shutil.rmtree(out, ignore_errors=True)
 sdata.write(out)
-print(sorted(sdata.attrs), sdata.attrs["diffst"]["genes"], list(sdata.images))
