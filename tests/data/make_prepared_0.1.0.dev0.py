@@ -13,8 +13,9 @@ import sys
 old, out = sys.argv[1], sys.argv[2]
 sys.path[:0] = [f"{old}/src", old]
 
-import diffst as dst  # noqa: E402
 from tests.toy import toy_xenium  # noqa: E402
+
+import diffst as dst  # noqa: E402
 
 assert dst.__file__.startswith(old), dst.__file__
 sdata = toy_xenium(size_um=240.0, pixel_size=1.0, n=6000, seed=3)
