@@ -55,7 +55,7 @@ def throughput(args) -> None:
             continue
         spec, kw = ENCODERS[name]
         with measure() as m:
-            dst.pp.image_features(sdata, spec, progress=False, overwrite=True, **kw)
+            dst.pp.image_features(sdata, encoder=spec, progress=False, overwrite=True, **kw)
         info = sdata.attrs["diffst"]["image_features"]
         row = {"encoder": name, "spec": spec, "um_per_px": info["um_per_px"], "dim": info["encoder"]["dim"],
                "tiles": len(tiles), "area_mm2": area, "seconds": m["seconds"],
@@ -85,7 +85,7 @@ def accuracy(args) -> None:
                 extra = {"max_epochs": 2} if args.quick else {}
                 model = dst.tl.train(sdata, preset="tiny" if args.quick else "default", seed=seed, checkpoint_dir=run,
                                      overwrite=True, time_budget=args.budget, image_encoder=encoder, **extra)  # fmt: skip
-                dst.tl.super_resolve(sdata, model, seed=seed, key_added="sr", overwrite=True)
+                dst.tl.super_resolve(sdata, model=model, seed=seed, key_added="sr", overwrite=True)
                 row = dst.tl.evaluate(sdata, key="sr").loc["mean"]
                 guard = (model.info.get("guard") or {}).get("validation", {})
                 rows.append({"dataset": dataset, "scale": scale, "seed": seed, "encoder": encoder,

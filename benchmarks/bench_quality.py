@@ -157,10 +157,10 @@ def quality(args) -> None:
     for sdata, labels, rows in cells("quality", datasets, args):
         dataset, scale, seed = labels["dataset"], labels["scale"], labels["seed"]
         model = train(sdata, seed, args.quick, f"{dataset}{scale}_{seed}")
-        dst.tl.super_resolve(sdata, model, n_samples=4, seed=seed, key_added="diffst_sr")
+        dst.tl.super_resolve(sdata, model=model, n_samples=4, seed=seed, key_added="diffst_sr")
         rows.append(score(sdata, "diffst_sr", method="Diff-ST", train_s=model.info["seconds"], **labels))
         reg = train(sdata, seed, args.quick, f"{dataset}{scale}_{seed}_reg", {"objective": "regression"})
-        dst.tl.super_resolve(sdata, reg, key_added="regression_sr")
+        dst.tl.super_resolve(sdata, model=reg, key_added="regression_sr")
         rows.append(score(sdata, "regression_sr", method="regression", train_s=reg.info["seconds"], **labels))
         for method in ("bicubic", "nearest"):
             dst.tl.upsample(sdata, method=method)
@@ -176,7 +176,7 @@ def accuracy(args) -> None:
         model = train(sdata, seed, args.quick, f"acc_{dataset}{scale}_{seed}")
         guard = model.info.get("guard") or {}
         val = guard.get("validation", {})
-        dst.tl.super_resolve(sdata, model, n_samples=4, seed=seed, key_added="diffst_sr")
+        dst.tl.super_resolve(sdata, model=model, n_samples=4, seed=seed, key_added="diffst_sr")
         rows.append(score(
                     sdata, "diffst_sr", method="Diff-ST", train_s=model.info["seconds"], steps=model.info["steps"],
                     stopped_by=model.info.get("stopped_by"), within_2std=calibration(sdata, "diffst_sr"),
@@ -185,7 +185,7 @@ def accuracy(args) -> None:
                     blended_genes=int(sum(a < 1 for a in guard.get("alpha", []))), **labels,
                 ))  # fmt: skip
         reg = train(sdata, seed, args.quick, f"acc_{dataset}{scale}_{seed}_reg", {"objective": "regression"})
-        dst.tl.super_resolve(sdata, reg, key_added="regression_sr")
+        dst.tl.super_resolve(sdata, model=reg, key_added="regression_sr")
         rows.append(score(sdata, "regression_sr", method="regression", train_s=reg.info["seconds"],
                                   steps=reg.info["steps"], **labels))  # fmt: skip
         for name, kw in (("bicubic", {"method": "bicubic"}),
@@ -209,7 +209,7 @@ def ablation(args) -> None:
                 sdata = load("synthetic", scale, seed, args.quick)
                 tag = f"synthetic{scale}_{seed}" if not cfg else f"abl{scale}_{seed}_{'_'.join(cfg)}"
                 model = train(sdata, seed, args.quick, tag, cfg)
-                dst.tl.super_resolve(sdata, model, n_samples=4, seed=seed)
+                dst.tl.super_resolve(sdata, model=model, n_samples=4, seed=seed)
                 n_params = sum(p.numel() for p in model.net.parameters())
                 append(path, [score(sdata, "diffst_sr", variant=name, scale=scale, seed=seed, params=n_params)])
                 print(f"ablation {name} {scale}× seed {seed} done", flush=True)
@@ -246,7 +246,7 @@ def samples(args) -> None:
             for n in (1, 4, 8):
                 key = f"sr_{int(consistency)}_{n}"
                 t0 = time.perf_counter()
-                dst.tl.super_resolve(sdata, model, n_samples=n, consistency=consistency, seed=seed, key_added=key)
+                dst.tl.super_resolve(sdata, model=model, n_samples=n, consistency=consistency, seed=seed, key_added=key)
                 row = score(
                     sdata, key, seed=seed, consistency=consistency, n_samples=n, seconds=time.perf_counter() - t0
                 )

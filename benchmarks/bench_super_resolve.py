@@ -112,7 +112,7 @@ def run_slide(model_path: str, path: str) -> None:
     model.net.forward = counted
     sdata = sd.read_zarr(path)
     with measure() as m:
-        dst.tl.super_resolve(sdata, model, overwrite=True)
+        dst.tl.super_resolve(sdata, model=model, overwrite=True)
     # one full batched denoiser call on the same shapes
     cfg = model.config
     b = max(calls)

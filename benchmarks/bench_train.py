@@ -100,7 +100,7 @@ def main() -> None:
     w0 = time.perf_counter()
     model = dst.tl.train(
         sdata,
-        key=key,
+        prepared_key=key,
         preset=preset,
         checkpoint_dir=Path(__file__).parent / ".cache" / "bench_train",
         overwrite=True,
@@ -125,8 +125,8 @@ def main() -> None:
     else:
         print("validation PCC never above bicubic")
     print(f"last validation: val_pcc {hist[-1]['val_pcc']:.3f}, val_pcc_bicubic {hist[-1]['val_pcc_bicubic']:.3f}")
-    dst.tl.super_resolve(sdata, model, key=key, key_added="sr")
-    dst.tl.upsample(sdata, key=key, method="bicubic", key_added="bicubic")
+    dst.tl.super_resolve(sdata, model=model, prepared_key=key, key_added="sr")
+    dst.tl.upsample(sdata, prepared_key=key, method="bicubic", key_added="bicubic")
     for k in ("sr", "bicubic"):
         m = dst.tl.evaluate(sdata, key=k).loc["mean"]
         print(f"test tiles, {k:8s}: PCC {m['pcc']:.3f}, RMSE {m['rmse']:.3f}, SSIM {m['ssim']:.3f}")

@@ -94,7 +94,7 @@ def simulated(args) -> None:
             rows = []
             for name, supervision in (("Diff-ST (spots only)", "lr"), ("Diff-ST (HR truth)", "hr")):
                 model = train(sdata, f"visium_{dataset}_{seed}_{supervision}", seed, args, supervision)
-                dst.tl.super_resolve(sdata, model, seed=seed, key_added="sr", overwrite=True)
+                dst.tl.super_resolve(sdata, model=model, seed=seed, key_added="sr", overwrite=True)
                 guard = model.info.get("guard") or {}
                 rows.append(score(sdata, "sr", method=name, steps=model.info["steps"], train_s=model.info["seconds"],
                                   stopped_by=model.info["stopped_by"],
@@ -194,7 +194,7 @@ def slide(args) -> None:
     model = dst.tl.train(sdata, preset="tiny" if args.quick else "default", checkpoint_dir=CACHE / "runs" / "slide",
                          overwrite=True)  # fmt: skip
     wall = time.perf_counter() - t1
-    scores = dst.tl.evaluate_spots(sdata, model)
+    scores = dst.tl.evaluate_spots(sdata, model=model)
     pcc = scores.xs("pcc", axis=1, level="metric").loc["mean"]
     row = {"spots": spots, "prepare_s": prepared_s, "train_wall_s": wall, "trained_s": model.info["seconds"],
            "steps": model.info["steps"], "planned_steps": model.info["planned_steps"],

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
 import diffst as dst
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+    from diffst import DiffST
 
 
 @pytest.fixture
@@ -36,3 +42,27 @@ def log_lines() -> Iterator[list[str]]:
     logger.addHandler(handler)
     yield handler.lines
     logger.removeHandler(handler)
+
+
+@pytest.fixture
+def prepared_toy() -> SpatialData:
+    """A tiny prepared section (tests/toy.py: 320 µm, 3 genes, 40 → 10 µm, 160 µm tiles), fresh for each test."""
+    from tests.toy import toy_xenium
+
+    sdata = toy_xenium(size_um=320, n=8000, seed=1)
+    before = dst.settings.verbosity
+    dst.settings.verbosity = 0
+    try:
+        dst.pp.prepare(sdata, genes=3, lr_um=40.0, scale=4, tile_um=160.0)
+    finally:
+        dst.settings.verbosity = before
+    return sdata
+
+
+@pytest.fixture
+def untrained_model(prepared_toy: SpatialData) -> DiffST:
+    """An untrained ``tiny`` Diff-ST for :func:`prepared_toy` (its output is the mask-aware bicubic baseline)."""
+    from diffst._contract import Prepared
+    from tests.models import untrained
+
+    return untrained(Prepared.from_sdata(prepared_toy, "diffst"))

@@ -198,3 +198,71 @@ def test_top_level_help_lists_every_command_and_imports_no_heavy_library():
     text = "\n".join(help_lines)
     for command in ("demo", "prepare", "train", "super-resolve", "upsample", "evaluate", "plot"):
         assert f"    {command}" in text, command
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the parser is generated from the library functions
+# --------------------------------------------------------------------------------------------------------------------
+#: Every option of every command before the CLI was generated from the signatures (diffst 0.1.0.dev0).
+OPTIONS_BEFORE = {
+    "demo": ["--dataset", "--out", "--overwrite", "--quick", "--seed"],
+    "prepare": [
+        "--bin-size", "--coordinate-system", "--degradation", "--gene-selection", "--genes", "--image-key",
+        "--image-kind", "--key-added", "--layer", "--lr-um", "--min-tissue", "--overwrite", "--points-key", "--region",
+        "--scale", "--seed", "--split", "--split-block-um", "--spot-diameter-um", "--spot-pitch-um", "--table-key",
+        "--tile-um", "--um-per-px",
+    ],
+    "train": [
+        "--accelerator", "--batch-size", "--checkpoint-dir", "--config", "--devices", "--image-encoder", "--key",
+        "--max-epochs", "--no-guard", "--num-workers", "--overwrite", "--patience", "--preset", "--resume", "--seed",
+        "--supervision", "--time-budget", "--val-steps",
+    ],
+    "super-resolve": [
+        "--batch-size", "--block-lr", "--genes", "--key", "--key-added", "--model", "--n-samples", "--no-consistency",
+        "--overwrite", "--sampler", "--seed", "--steps", "--tile-overlap", "--units",
+    ],
+    "upsample": ["--consistency", "--key", "--key-added", "--method", "--no-consistency", "--overwrite", "--units"],
+    "evaluate": ["--genes", "--key", "--output", "--split", "--truth-key", "-o"],
+    "plot": [
+        "--dpi", "--genes", "--key", "--no-show-image", "--output", "--panel-size", "--region", "--show-image",
+        "--split", "--tile", "--units", "-o",
+    ],
+}  # fmt: skip
+
+
+def _subparsers() -> dict:
+    import argparse
+
+    parser = cli.build_parser()
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_every_command_and_option_of_before_is_kept():
+    subs = _subparsers()
+    assert set(subs) == set(OPTIONS_BEFORE)
+    for command, flags in OPTIONS_BEFORE.items():
+        missing = [f for f in flags if f not in subs[command]._option_string_actions]
+        assert not missing, (command, missing)
+
+
+def test_options_take_the_functions_defaults_and_docstrings():
+    import inspect
+
+    for name, command in cli.COMMANDS.items():
+        func = inspect.unwrap(command.load())
+        params = inspect.signature(func).parameters
+        sub = _subparsers()[name]
+        by_dest = {a.dest: a for a in sub._actions}
+        for param in command.params:
+            action = by_dest[param]
+            assert action.default == params[param].default, (name, param)
+            assert action.help, (name, param)  # every exposed parameter is documented
+    # the help is the numpydoc entry, in the command line's words
+    help_of = {a.dest: a.help for a in _subparsers()["train"]._actions}
+    assert help_of["time_budget"].startswith("Limit of training in seconds")
+    assert "`--checkpoint-dir`" in help_of["resume"] and "checkpoint_dir" not in help_of["resume"]
+    # the old `--key` of train, super-resolve and upsample is the prepared key, under its new name too
+    args = cli.build_parser(["train"]).parse_args(["train", "s.zarr", "--key", "k"])
+    assert args.prepared_key == "k"
+    args = cli.build_parser(["upsample"]).parse_args(["upsample", "s.zarr", "--prepared-key", "k", "--no-consistency"])
+    assert args.prepared_key == "k" and args.consistency is False

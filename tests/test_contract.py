@@ -67,7 +67,7 @@ def test_a_store_written_before_the_contract_module_still_loads(old):
     # and everything after prepare reads it
     df = dst.tl.evaluate(old, key="bicubic_sr")
     assert np.isfinite(df.loc["mean", "pcc"]) and -1 <= df.loc["mean", "pcc"] <= 1
-    adata = dst.get.pixels(old, "bicubic_sr", genes=["G2"], tissue_only=False)
+    adata = dst.get.pixels(old, key="bicubic_sr", genes=["G2"], tissue_only=False)
     assert adata.n_vars == 1 and adata.n_obs == int(np.prod(prep.grid.hr_shape))
 
 

@@ -36,7 +36,7 @@ def _he_with_square():
 @pytest.fixture(scope="module")
 def he_features():
     sdata = _he_with_square()
-    dst.pp.image_features(sdata, "stain", n_components=None)
+    dst.pp.image_features(sdata, encoder="stain", n_components=None)
     return sdata
 
 
@@ -112,22 +112,22 @@ def test_feature_element_is_aligned_with_the_hr_grid(he_features):
 
 def test_features_are_deterministic(he_features):
     again = _he_with_square()
-    dst.pp.image_features(again, "stain", n_components=None)
+    dst.pp.image_features(again, encoder="stain", n_components=None)
     assert np.array_equal(_values(he_features.images["diffst_features"]), _values(again.images["diffst_features"]))
 
 
 def test_image_features_refuses_bad_input_before_work():
     sdata = _he_with_square()
-    dst.pp.image_features(sdata, "stain", n_components=4)
+    dst.pp.image_features(sdata, encoder="stain", n_components=4)
     assert _values(sdata.images["diffst_features"]).shape[0] == 4
     with pytest.raises(ValueError, match="already exist.*overwrite=True"):
-        dst.pp.image_features(sdata, "stain")
+        dst.pp.image_features(sdata, encoder="stain")
     with pytest.raises(ValueError, match="`n_components` must be a positive integer"):
-        dst.pp.image_features(sdata, "stain", n_components=0, overwrite=True)
+        dst.pp.image_features(sdata, encoder="stain", n_components=0, overwrite=True)
     with pytest.raises(KeyError, match="No prepared data under key 'nope'"):
-        dst.pp.image_features(sdata, "stain", key="nope")
+        dst.pp.image_features(sdata, encoder="stain", prepared_key="nope")
     with pytest.raises(ValueError, match="Unknown image encoder"):
-        dst.pp.image_features(sdata, "hipt", overwrite=True)
+        dst.pp.image_features(sdata, encoder="hipt", overwrite=True)
 
 
 # ------------------------------------------------------------------------------------------ the model on features
@@ -152,7 +152,7 @@ def test_train_computes_features_and_the_model_conditions_on_them(stain_model):
     # the saved model keeps the record
     again = dst.DiffST.load(model.path)
     assert again.info["image_features"]["projection_hash"] == rec["projection_hash"]
-    dst.tl.super_resolve(sdata, model, n_samples=1, key_added="sr_feat")
+    dst.tl.super_resolve(sdata, model=model, n_samples=1, key_added="sr_feat")
     sr = _values(sdata.images["sr_feat"])
     assert np.isfinite(sr).all() and sr.shape[0] == 5
 
@@ -173,18 +173,18 @@ def test_window_carries_the_features_after_the_image(stain_model):
 
 def test_model_refuses_features_it_was_not_trained_on(stain_model, log_lines, monkeypatch):
     sdata, model = stain_model
-    dst.pp.image_features(sdata, "stain", um_per_px=2.0, overwrite=True)
+    dst.pp.image_features(sdata, encoder="stain", um_per_px=2.0, overwrite=True)
     with pytest.raises(ValueError, match=r"not the ones this model was trained on: they were read at 2 µm/px.*1 µm/px"):
-        dst.tl.super_resolve(sdata, model, n_samples=1, key_added="sr_bad")
+        dst.tl.super_resolve(sdata, model=model, n_samples=1, key_added="sr_bad")
     assert "sr_bad" not in sdata.images
-    dst.pp.image_features(sdata, "stain", n_components=8, overwrite=True)
+    dst.pp.image_features(sdata, encoder="stain", n_components=8, overwrite=True)
     with pytest.raises(ValueError, match="standardisation/PCA was fitted on other data.*projection=model.info"):
-        dst.tl.super_resolve(sdata, model, n_samples=1, key_added="sr_bad")
+        dst.tl.super_resolve(sdata, model=model, n_samples=1, key_added="sr_bad")
     # without features, the weight-free ones are computed with the model's projection, and then match
     del sdata.images["diffst_features"]
     del sdata.attrs["diffst"]["image_features"]
     monkeypatch.setattr(dst.settings, "verbosity", 1)
-    dst.tl.super_resolve(sdata, model, n_samples=1, key_added="sr_again")
+    dst.tl.super_resolve(sdata, model=model, n_samples=1, key_added="sr_again")
     assert any("computing the weight-free image features" in line for line in log_lines)
     assert sdata.attrs["diffst"]["image_features"]["projection"] == model.info["image_features"]["projection"]
 
@@ -192,7 +192,7 @@ def test_model_refuses_features_it_was_not_trained_on(stain_model, log_lines, mo
 def test_features_are_reused_from_the_zarr_store(tmp_path, log_lines, monkeypatch):
     sdata = _he_with_square()
     sdata.write(tmp_path / "s.zarr")
-    dst.pp.image_features(sdata, "stain", n_components=6)
+    dst.pp.image_features(sdata, encoder="stain", n_components=6)
     back = sd.read_zarr(tmp_path / "s.zarr")
     assert back.attrs["diffst"]["image_features"]["n_components"] == 6
     assert np.array_equal(_values(back.images["diffst_features"]), _values(sdata.images["diffst_features"]))
@@ -249,7 +249,7 @@ def test_weight_free_features_on_a_dapi_image():
     # toy_xenium: a one-channel DAPI image whose bright dots are the nuclei the transcripts cluster around
     sdata = toy_xenium()
     dst.pp.prepare(sdata, genes=5, lr_um=40, scale=4, tile_um=160)
-    dst.pp.image_features(sdata, "stain", n_components=None)
+    dst.pp.image_features(sdata, encoder="stain", n_components=None)
     info = sdata.attrs["diffst"]["image_features"]
     assert info["encoder"]["kind"] == "fluorescence" and info["n_components"] == 6  # 6 per channel
     feats = _values(sdata.images["diffst_features"])

@@ -42,10 +42,10 @@ def with_result():
 
 CALLS = {
     "pp.prepare": lambda s, m: dst.pp.prepare(s, genes=["G1", "NOPE"], lr_um=40, scale=4, tile_um=160, key_added="x"),
-    "tl.super_resolve": lambda s, m: dst.tl.super_resolve(s, m, genes=["NOPE"], inplace=False),
+    "tl.super_resolve": lambda s, m: dst.tl.super_resolve(s, model=m, genes=["NOPE"], inplace=False),
     "tl.evaluate": lambda s, m: dst.tl.evaluate(s, key="bicubic_sr", genes=["NOPE"]),
-    "get.pixels": lambda s, m: dst.get.pixels(s, "bicubic_sr", genes=["NOPE"]),
-    "pl.gene_maps": lambda s, m: dst.pl.gene_maps(s, ["NOPE"], key="bicubic_sr"),
+    "get.pixels": lambda s, m: dst.get.pixels(s, key="bicubic_sr", genes=["NOPE"]),
+    "pl.gene_maps": lambda s, m: dst.pl.gene_maps(s, genes=["NOPE"], key="bicubic_sr"),
 }
 
 

@@ -54,7 +54,7 @@ def _shapes(polygons, transform, index):
 
 def test_pixels_are_the_tissue_hr_pixels_with_values_coordinates_and_std(xenium, tmp_path):
     sdata = xenium
-    adata = dst.get.pixels(sdata, "truth_sr")
+    adata = dst.get.pixels(sdata, key="truth_sr")
     tissue = np.asarray(sdata["diffst_tissue"].values) > 0
     assert adata.n_obs == tissue.sum() * 16  # every HR pixel of every tissue LR pixel, nothing else
     assert tissue[adata.obs["row"] // 4, adata.obs["col"] // 4].all()
@@ -83,20 +83,20 @@ def test_pixels_are_the_tissue_hr_pixels_with_values_coordinates_and_std(xenium,
 def test_pixels_reads_genes_in_order_the_hr_truth_and_the_whole_grid(xenium):
     sdata = xenium
     genes = sdata.attrs["diffst"]["genes"]
-    sr = dst.get.pixels(sdata, "bicubic_sr", genes=[genes[2], genes[0]])
+    sr = dst.get.pixels(sdata, key="bicubic_sr", genes=[genes[2], genes[0]])
     assert list(sr.var_names) == [genes[2], genes[0]] and "std" not in sr.layers  # bicubic has no std
-    assert "std" not in dst.get.pixels(sdata, "truth_sr", layer_std=False).layers
-    truth = dst.get.pixels(sdata, "diffst_hr", genes=[genes[2], genes[0]], tissue_only=False)
+    assert "std" not in dst.get.pixels(sdata, key="truth_sr", layer_std=False).layers
+    truth = dst.get.pixels(sdata, key="diffst_hr", genes=[genes[2], genes[0]], tissue_only=False)
     assert truth.n_obs == 64 * 64 and truth.uns["diffst"]["units"] == "counts"
     r, c = truth.obs["row"].to_numpy(), truth.obs["col"].to_numpy()
     assert np.array_equal(truth.X, _hr_truth(sdata)[[2, 0]][:, r, c].T.astype(np.float32))
     assert set(sr.obs_names) <= set(truth.obs_names)
     with pytest.raises(ValueError, match="HR grid"):
-        dst.get.pixels(sdata, "he_image")
+        dst.get.pixels(sdata, key="he_image")
     with pytest.raises(KeyError, match="neither"):
-        dst.get.pixels(sdata, "no_such_sr")
+        dst.get.pixels(sdata, key="no_such_sr")
     with pytest.raises(KeyError, match="not channels"):
-        dst.get.pixels(sdata, "truth_sr", genes=["NOT_A_GENE"])
+        dst.get.pixels(sdata, key="truth_sr", genes=["NOT_A_GENE"])
 
 
 def test_squidpy_morans_i_sees_structure_and_not_its_shuffled_copy():
@@ -157,13 +157,13 @@ def test_aggregate_sums_the_truth_over_squares_whatever_their_transform(xenium):
 
     expected = np.stack([_box_sum(truth, b) for b in SQUARES.values()])
     for name in ("squares_um", "squares_px", "squares_shifted"):
-        cells = dst.get.aggregate(sdata, "truth_sr", shapes_key=name, how="sum")
+        cells = dst.get.aggregate(sdata, key="truth_sr", shapes_key=name, how="sum")
         assert list(cells.obs_names) == list(SQUARES)
         assert np.allclose(cells.X, expected, rtol=1e-5), name
         assert list(cells.obs["n_pixels"]) == [100, 48, 30]
         centres = np.array([[(x0 + x1) / 2, (y0 + y1) / 2] for x0, y0, x1, y1 in SQUARES.values()]) / PX
         assert np.allclose(cells.obsm["spatial"], centres)
-    mean = dst.get.aggregate(sdata, "diffst_hr", shapes_key="squares_um", how="mean")
+    mean = dst.get.aggregate(sdata, key="diffst_hr", shapes_key="squares_um", how="mean")
     assert np.allclose(mean.X, expected / np.array([100, 48, 30])[:, None], rtol=1e-5)
     assert mean.uns["diffst"]["units"] == "counts" and mean.uns["diffst"]["how"] == "mean"
 
@@ -179,14 +179,14 @@ def test_aggregate_circles_overlaps_and_table(xenium):
     )  # fmt: skip
     rr, cc = np.mgrid[0:64, 0:64]
     within = np.hypot((cc + 0.5) * HR - centre[0], (rr + 0.5) * HR - centre[1]) <= radius
-    disc = dst.get.aggregate(sdata, "truth_sr", shapes_key="disc")
+    disc = dst.get.aggregate(sdata, key="truth_sr", shapes_key="disc")
     assert disc.obs["n_pixels"].iloc[0] == within.sum()
     assert np.allclose(disc.X[0], truth[:, within].sum(axis=1), rtol=1e-5)
 
     # overlapping squares: each pixel counted once, to the cell with the nearest centroid
     boxes = [shapely.box(100, 100, 200, 200), shapely.box(150, 100, 300, 200)]
     sdata.shapes["overlap"] = _shapes(boxes, Scale([1 / PX, 1 / PX], axes=("x", "y")), ["left", "right"])
-    cells = dst.get.aggregate(sdata, "truth_sr", shapes_key="overlap", table_key_added="overlap_table")
+    cells = dst.get.aggregate(sdata, key="truth_sr", shapes_key="overlap", table_key_added="overlap_table")
     assert cells.obs["n_pixels"].sum() == 20 * 10
     assert np.allclose(cells.X.sum(axis=0), _box_sum(truth, (100, 100, 300, 200)), rtol=1e-5)
     # the overlap 150–200 µm is nearer the left centroid (150) up to x = 187.5 µm: pixel columns 15–18
@@ -196,8 +196,8 @@ def test_aggregate_circles_overlaps_and_table(xenium):
     assert attrs["region"] == "overlap" and attrs["instance_key"] == "cell_id"
     assert list(table.obs["cell_id"]) == ["left", "right"]
     with pytest.raises(ValueError, match="already exist"):
-        dst.get.aggregate(sdata, "truth_sr", shapes_key="overlap", table_key_added="overlap_table")
-    dst.get.aggregate(sdata, "truth_sr", shapes_key="overlap", table_key_added="overlap_table", overwrite=True)
+        dst.get.aggregate(sdata, key="truth_sr", shapes_key="overlap", table_key_added="overlap_table")
+    dst.get.aggregate(sdata, key="truth_sr", shapes_key="overlap", table_key_added="overlap_table", overwrite=True)
 
 
 @pytest.mark.parametrize("window", [512, 7], ids=["one_window", "cells_across_windows"])
@@ -205,7 +205,7 @@ def test_aggregate_xenium_cell_boundaries_match_pixel_centres_in_polygons(xenium
     sdata = xenium
     truth = _hr_truth(sdata)
     monkeypatch.setattr(aggregate_module, "_WINDOW", window)
-    cells = dst.get.aggregate(sdata, "truth_sr", shapes_key="cell_boundaries")
+    cells = dst.get.aggregate(sdata, key="truth_sr", shapes_key="cell_boundaries")
     polygons = sdata["cell_boundaries"]
     assert list(cells.obs_names) == list(polygons.index)
     rr, cc = np.mgrid[0:64, 0:64]
@@ -236,7 +236,7 @@ def test_aggregate_labels_at_their_own_resolution(xenium):
         seg[(y0 - 4) // 2 : (y1 - 4) // 2, (x0 - 4) // 2 : (x1 - 4) // 2] = label
     to_global = Sequence([Scale([2 / PX, 2 / PX], axes=("y", "x")), Translation([4 / PX, 4 / PX], axes=("y", "x"))])
     sdata.labels["seg"] = Labels2DModel.parse(seg, dims=("y", "x"), transformations={"global": to_global})
-    cells = dst.get.aggregate(sdata, "truth_sr", labels_key="seg", table_key_added="seg_table")
+    cells = dst.get.aggregate(sdata, key="truth_sr", labels_key="seg", table_key_added="seg_table")
     assert list(cells.obs["cell_id"]) == [3, 7, 12] and list(cells.obs_names) == ["3", "7", "12"]
     expected = np.stack([_box_sum(truth, SQUARES[k]) for k in ("b", "a", "c")])
     assert np.allclose(cells.X, expected, rtol=1e-5)
@@ -249,14 +249,14 @@ def test_aggregate_log1p_sr_in_counts_and_errors(xenium):
     dst.tl.upsample(sdata, key_added="bicubic_log1p", units="log1p")
     boxes = [shapely.box(*b) for b in SQUARES.values()]
     sdata.shapes["sq"] = _shapes(boxes, Scale([1 / PX, 1 / PX], axes=("x", "y")), list(SQUARES))
-    counts = dst.get.aggregate(sdata, "bicubic_sr", shapes_key="sq")
-    from_log = dst.get.aggregate(sdata, "bicubic_log1p", shapes_key="sq")
+    counts = dst.get.aggregate(sdata, key="bicubic_sr", shapes_key="sq")
+    from_log = dst.get.aggregate(sdata, key="bicubic_log1p", shapes_key="sq")
     assert np.allclose(counts.X, from_log.X, rtol=1e-4)
     with pytest.raises(ValueError, match="exactly one"):
-        dst.get.aggregate(sdata, "truth_sr", shapes_key="sq", labels_key="diffst_tissue")
+        dst.get.aggregate(sdata, key="truth_sr", shapes_key="sq", labels_key="diffst_tissue")
     with pytest.raises(ValueError, match="exactly one"):
-        dst.get.aggregate(sdata, "truth_sr")
+        dst.get.aggregate(sdata, key="truth_sr")
     with pytest.raises(ValueError, match="`how`"):
-        dst.get.aggregate(sdata, "truth_sr", shapes_key="sq", how="median")
+        dst.get.aggregate(sdata, key="truth_sr", shapes_key="sq", how="median")
     with pytest.raises(KeyError, match="shapes_key"):
-        dst.get.aggregate(sdata, "truth_sr", shapes_key="cell_boundary")
+        dst.get.aggregate(sdata, key="truth_sr", shapes_key="cell_boundary")

@@ -66,7 +66,7 @@ def _scale_bars(ax):
 
 def test_gene_maps_layout_titles_and_one_colour_scale_per_gene(xenium):
     genes = ["G0", "G2"]
-    fig = pl.gene_maps(xenium, genes)
+    fig = pl.gene_maps(xenium, genes=genes)
     panels = _panels(fig)
     assert sorted(panels) == sorted((g, c) for g in genes for c in ("lr", "sr", "truth", "std"))
     assert len(fig.axes) == 8 + 2 * 2  # panels + one expression and one std colorbar per row
@@ -97,7 +97,7 @@ def test_gene_maps_layout_titles_and_one_colour_scale_per_gene(xenium):
     shown = _map(panels["G0", "std"]).get_array()
     expected = xenium["diffst_sr_std"].sel(c="G0").values / (1 + sr.sel(c="G0").values)
     assert np.allclose(shown.filled(np.nan)[~shown.mask], expected[~shown.mask], rtol=1e-5)
-    fig2 = pl.gene_maps(xenium, ["G0"], std_scale="shared")
+    fig2 = pl.gene_maps(xenium, genes=["G0"], std_scale="shared")
     p2 = _panels(fig2)
     assert _map(p2["G0", "std"]).get_clim() == _map(p2["G0", "sr"]).get_clim()
     assert len(fig2.axes) == 4 + 1
@@ -125,7 +125,7 @@ def test_gene_maps_large_grid_defaults_to_first_test_tile_and_reads_the_pyramid(
     tiles = sdata["diffst_tiles"]
     first_test = tiles.index[tiles["split"] == "test"][0]
     bx0, by0, bx1, by1 = tiles.geometry.loc[first_test].bounds
-    fig = pl.gene_maps(sdata, "G1", show_image=False)
+    fig = pl.gene_maps(sdata, genes="G1", show_image=False)
     panels = _panels(fig)
     assert sorted(panels) == [("G1", "lr"), ("G1", "sr"), ("G1", "truth")]
     assert _map(panels["G1", "sr"]).get_extent() == pytest.approx([bx0, bx1, by1, by0])
@@ -136,7 +136,7 @@ def test_gene_maps_large_grid_defaults_to_first_test_tile_and_reads_the_pyramid(
 
 def test_gene_maps_pixels_land_on_their_um_position(xenium):
     # a region off the pixel edges is expanded to whole HR pixels
-    fig = pl.gene_maps(xenium, ["G1"], region=(250, 133, 555, 420))
+    fig = pl.gene_maps(xenium, genes=["G1"], region=(250, 133, 555, 420))
     panels = _panels(fig)
     x0, y0, x1, y1 = 250, 130, 560, 420
     sr_panel = panels["G1", "sr"]
@@ -164,32 +164,32 @@ def test_gene_maps_tile_and_split_choose_the_tile_region(xenium):
     tiles = xenium["diffst_tiles"]
     tid = tiles.index[5]
     bx0, by0, bx1, by1 = tiles.geometry.loc[tid].bounds
-    fig = pl.gene_maps(xenium, "G3", tile=tid)
+    fig = pl.gene_maps(xenium, genes="G3", tile=tid)
     assert _map(_panels(fig)["G3", "sr"]).get_extent() == pytest.approx([bx0, bx1, by1, by0])
     first_test = tiles.index[tiles["split"] == "test"][0]
     bx0, by0, bx1, by1 = tiles.geometry.loc[first_test].bounds
-    fig = pl.gene_maps(xenium, "G3", split="test")
+    fig = pl.gene_maps(xenium, genes="G3", split="test")
     assert _map(_panels(fig)["G3", "truth"]).get_extent() == pytest.approx([bx0, bx1, by1, by0])
     assert f"tile {first_test} (test)" in fig._suptitle.get_text()
 
 
 def test_gene_maps_scale_bar(xenium):
-    fig = pl.gene_maps(xenium, ["G0", "G1"])
+    fig = pl.gene_maps(xenium, genes=["G0", "G1"])
     panels = _panels(fig)
     for g in ("G0", "G1"):
         (bar,) = _scale_bars(panels[g, "lr"])
         assert bar.txt_label.get_text() == "200 µm"  # a round number near 800 µm / 5
         assert bar.size_bar.get_children()[0].get_width() == pytest.approx(200)  # in data units, i.e. µm
         assert not _scale_bars(panels[g, "sr"])
-    fig = pl.gene_maps(xenium, "G0", region=(0, 0, 200, 200), scale_bar_um=50)
+    fig = pl.gene_maps(xenium, genes="G0", region=(0, 0, 200, 200), scale_bar_um=50)
     (bar,) = _scale_bars(_panels(fig)["G0", "lr"])
     assert bar.txt_label.get_text() == "50 µm"
-    fig = pl.gene_maps(xenium, "G0", scale_bar_um=False)
+    fig = pl.gene_maps(xenium, genes="G0", scale_bar_um=False)
     assert not _scale_bars(_panels(fig)["G0", "lr"])
 
 
 def test_gene_maps_units_counts_and_no_image(xenium):
-    fig = pl.gene_maps(xenium, "G2", units="counts", show_image=False, region=(0, 0, 200, 200))
+    fig = pl.gene_maps(xenium, genes="G2", units="counts", show_image=False, region=(0, 0, 200, 200))
     panels = _panels(fig)
     for col in ("lr", "sr", "truth", "std"):
         assert len(panels["G2", col].get_images()) == 1  # no tissue image
@@ -226,7 +226,7 @@ def test_gene_maps_without_truth_or_std_has_lr_and_sr_columns_only():
 
 def test_gene_maps_errors(xenium):
     with pytest.raises(KeyError, match=r"\['NOPE'\].*'G0', 'G1', 'G2', 'G3'"):
-        pl.gene_maps(xenium, ["G0", "NOPE"])
+        pl.gene_maps(xenium, genes=["G0", "NOPE"])
     with pytest.raises(KeyError, match="No super-resolved result under 'other'"):
         pl.gene_maps(xenium, key="other")
     with pytest.raises(ValueError, match="outside the prepared grid.*x 0–800 µm"):
@@ -393,7 +393,7 @@ def test_plots_draw_into_a_given_axes_and_save(xenium, tmp_path):
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
     left.plot([0, 1], [0, 1], gid="mine")
-    out = pl.gene_maps(xenium, ["G1", "G2"], ax=right, save=tmp_path / "maps.png")
+    out = pl.gene_maps(xenium, genes=["G1", "G2"], ax=right, save=tmp_path / "maps.png")
     assert out is fig and right not in fig.axes and left in fig.axes  # the axes' place, the rest untouched
     panels = _panels(fig)
     assert sorted(panels) == sorted((g, c) for g in ("G1", "G2") for c in ("lr", "sr", "truth", "std"))
@@ -403,6 +403,6 @@ def test_plots_draw_into_a_given_axes_and_save(xenium, tmp_path):
     history = pl.training_history(_history(), save=tmp_path / "curves.pdf")
     assert (tmp_path / "curves.pdf").read_bytes()[:4] == b"%PDF" and history.axes
     with pytest.raises(FileNotFoundError, match="folder .* does not exist"):
-        pl.gene_maps(xenium, ["G1"], save=tmp_path / "nope" / "x.png")
+        pl.gene_maps(xenium, genes=["G1"], save=tmp_path / "nope" / "x.png")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         pl.benchmark(pd.DataFrame({"method": ["a"], "pcc": [0.5]}).set_index("method"), save=tmp_path / "no" / "b.svg")

@@ -234,7 +234,7 @@ def test_visium_slide_alone_trains_from_its_spots_and_super_resolves(tmp_path):
     model = dst.tl.train(sdata, preset="tiny", max_epochs=2, time_budget=None, checkpoint_dir=tmp_path / "run")
     assert model.config.supervision == "lr"
     assert model.info["guard"]["spots"] > 0
-    dst.tl.super_resolve(sdata, model, n_samples=2)
+    dst.tl.super_resolve(sdata, model=model, n_samples=2)
     prep = Prepared.from_sdata(sdata, "diffst")
     mean = np.asarray(_level0(sdata.images["diffst_sr"]).values, dtype=np.float64)
     lr = np.asarray(sdata["diffst_lr"].values)
@@ -356,7 +356,7 @@ def test_visium_hd_prepare_train_super_resolve_alignment(visium_hd, tmp_path):
     _check_hd_hr(sdata, visium_hd)
 
     model = _train_a_few_steps(sdata, tmp_path / "run")
-    dst.tl.super_resolve(sdata, model, n_samples=1, steps=2)
+    dst.tl.super_resolve(sdata, model=model, n_samples=1, steps=2)
     hr = sdata["diffst_hr"]
     sr = sdata["diffst_sr"]
     m = _affine(sr, cs)
@@ -615,7 +615,7 @@ def test_xenium_prepare_train_super_resolve_alignment(xenium, tmp_path):
         assert np.abs(got - expected).sum() <= 1e-3 * expected.sum() + 2  # float32 positions on pixel edges
 
     model = _train_a_few_steps(sdata, tmp_path / "run")
-    dst.tl.super_resolve(sdata, model, n_samples=1, steps=2)
+    dst.tl.super_resolve(sdata, model=model, n_samples=1, steps=2)
     sr = sdata["diffst_sr"]
     assert np.allclose(_affine(sr, "global"), _affine(hr, "global"))
 

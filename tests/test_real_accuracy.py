@@ -182,7 +182,7 @@ def test_std_map_has_no_window_border_structure(prepared, monkeypatch):
         return np.full(shape, 5.0), np.full(shape, 4.0)
 
     monkeypatch.setattr(_Job, "_sample_windows", flat)
-    out = dst.tl.super_resolve(prepared, model, n_samples=4, consistency=False, inplace=False, tile_overlap=0.5)
+    out = dst.tl.super_resolve(prepared, model=model, n_samples=4, consistency=False, inplace=False, tile_overlap=0.5)
     std = out["std"].values
     tissue = np.asarray(prepared[prep.elements["tissue"]].values, dtype=bool).repeat(4, 0).repeat(4, 1)
     assert np.allclose(std[:, tissue], 2.0, atol=1e-6)
@@ -228,7 +228,7 @@ def test_super_resolve_blends_with_the_floor_by_the_guard(prepared, trained):
     model = dst.DiffST.load(trained.path)
     g = len(model.genes)
     model.info["guard"] = {**model.info["guard"], "alpha": [0.0] * g}
-    dst.tl.super_resolve(prepared, model, key_added="guarded_sr", overwrite=True)
+    dst.tl.super_resolve(prepared, model=model, key_added="guarded_sr", overwrite=True)
     dst.tl.upsample(prepared, method="image", key_added="floor_sr", overwrite=True)
     a = np.asarray(image_levels(prepared.images["guarded_sr"])[0].values)
     b = np.asarray(image_levels(prepared.images["floor_sr"])[0].values)

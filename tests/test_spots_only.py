@@ -140,8 +140,8 @@ def test_spot_data_train_from_the_spots_alone(visium):
 
 def test_spots_only_super_resolve_is_lr_consistent_with_a_std(visium):
     sdata, model = visium
-    out = dst.tl.super_resolve(sdata, model, n_samples=2, inplace=False, seed=1)
-    again = dst.tl.super_resolve(sdata, model, n_samples=2, inplace=False, seed=1)
+    out = dst.tl.super_resolve(sdata, model=model, n_samples=2, inplace=False, seed=1)
+    again = dst.tl.super_resolve(sdata, model=model, n_samples=2, inplace=False, seed=1)
     mean, std = np.asarray(out["mean"].values), np.asarray(out["std"].values)
     np.testing.assert_array_equal(mean, np.asarray(again["mean"].values))  # same seed, same map
     assert np.all(std >= 0) and std.mean() > 0
@@ -226,7 +226,7 @@ def test_evaluate_spots_scores_held_out_spots_for_every_method(visium):
     assert np.all(np.abs(pcc.loc["mean"].to_numpy()) <= 1)
     # the same spots and halves for every method: the mean row is the mean of the genes
     np.testing.assert_allclose(pcc.loc["mean"], pcc.iloc[:-1].mean(), rtol=1e-12)
-    same = dst.tl.evaluate_spots(sdata, model, seed=0)
+    same = dst.tl.evaluate_spots(sdata, model=model, seed=0)
     pd.testing.assert_frame_equal(df, same)
     with pytest.raises(ValueError, match="`split` must be"):
         dst.tl.evaluate_spots(sdata, split="everything")

@@ -62,19 +62,19 @@ def test_offline_weights_file_gives_the_same_encoder(tmp_path):
 
 def test_timm_features_train_and_refuse_other_weights(tmp_path):
     sdata = _he_with_square()
-    dst.pp.image_features(sdata, _encoder(), n_components=8)
+    dst.pp.image_features(sdata, encoder=_encoder(), n_components=8)
     info = sdata.attrs["diffst"]["image_features"]
     feats = np.asarray(image_levels(sdata.images[info["key"]])[0].values)
     assert feats.shape[0] == 8 and info["encoder"]["name"] == f"timm:{VIT}" and info["um_per_px"] == 0.5
     model = dst.tl.train(sdata, image_encoder=f"timm:{VIT}", checkpoint_dir=tmp_path / "run", **FAST)
     assert model.config.feature_channels == 8 and model.info["image_features"]["fingerprint"] == info["fingerprint"]
-    dst.tl.super_resolve(sdata, model, n_samples=1, key_added="sr_timm")
+    dst.tl.super_resolve(sdata, model=model, n_samples=1, key_added="sr_timm")
     # other random weights: refused, with the command that makes the right ones
-    dst.pp.image_features(sdata, _encoder(seed=1), projection=info["projection"], overwrite=True)
+    dst.pp.image_features(sdata, encoder=_encoder(seed=1), projection=info["projection"], overwrite=True)
     with pytest.raises(ValueError, match=r"weights or parameters differ.*with the same `weights`"):
-        dst.tl.super_resolve(sdata, model, n_samples=1, key_added="sr_other")
+        dst.tl.super_resolve(sdata, model=model, n_samples=1, key_added="sr_other")
     # a timm model's features are not computed behind the user's back
     del sdata.images["diffst_features"]
     del sdata.attrs["diffst"]["image_features"]
     with pytest.raises(ValueError, match="lack; compute them as in training"):
-        dst.tl.super_resolve(sdata, model, n_samples=1, key_added="sr_other")
+        dst.tl.super_resolve(sdata, model=model, n_samples=1, key_added="sr_other")

@@ -96,11 +96,6 @@ class DegradationRecord:
     spot_diameter_um: float | None = None
     spot_pitch_um: float | None = None
 
-    @property
-    def is_spots(self) -> bool:
-        """Whether LR pixels are spot discs (any name but ``"bin"``)."""
-        return self.name != "bin"
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
         return dataclasses.asdict(self)

@@ -170,23 +170,23 @@ def run_demo(
     budget = {} if settings.train_minutes is None else {"time_budget": 60.0 * settings.train_minutes}
     model = tl.train(
         sdata,
-        key=KEY,
+        prepared_key=KEY,
         preset=settings.preset,
         max_epochs=settings.max_epochs,
         seed=seed,
         checkpoint_dir=paths["model_dir"].resolve(),  # recorded in the store: valid from any working directory
         **budget,
     )
-    tl.super_resolve(sdata, model, key=KEY, n_samples=settings.n_samples, seed=seed, key_added=SR_KEY)
-    tl.upsample(sdata, key=KEY, method="bicubic", key_added=BICUBIC_KEY)
-    tl.upsample(sdata, key=KEY, method="image", key_added=FLOOR_KEY)
+    tl.super_resolve(sdata, model=model, prepared_key=KEY, n_samples=settings.n_samples, seed=seed, key_added=SR_KEY)
+    tl.upsample(sdata, prepared_key=KEY, method="bicubic", key_added=BICUBIC_KEY)
+    tl.upsample(sdata, prepared_key=KEY, method="image", key_added=FLOOR_KEY)
 
     metrics = _metrics(sdata)
     metrics.to_csv(paths["metrics_csv"])
 
     genes = list(read_record(sdata, KEY).genes)[:3]
     plt = pyplot()
-    fig = pl.gene_maps(sdata, genes, key=SR_KEY, region=_test_region(sdata))
+    fig = pl.gene_maps(sdata, genes=genes, key=SR_KEY, region=_test_region(sdata))
     fig.savefig(paths["figure"], dpi=150)
     plt.close(fig)
     fig = pl.training_history(model)

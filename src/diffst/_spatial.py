@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import xarray as xr
 from spatialdata.models import get_channel_names
 from spatialdata.transformations import Scale, Sequence, Translation, get_transformation
-
-if TYPE_CHECKING:
-    from spatialdata import SpatialData
 
 
 def element_cs(element: Any) -> list[str]:
@@ -112,8 +109,3 @@ def image_extent_cs(image: Any, cs: str) -> tuple[float, float, float, float]:
     m = affine_to_cs(image, cs)
     cx, cy = transform_points(m, np.array([0.0, nx, 0.0, nx]), np.array([0.0, 0.0, ny, ny]))
     return float(cx.min()), float(cy.min()), float(cx.max()), float(cy.max())
-
-
-def spatial_element_names(sdata: SpatialData, kind: str) -> list[str]:
-    """Names of elements of one kind (``images``, ``points``, ``shapes``, ``labels``, ``tables``)."""
-    return list(getattr(sdata, kind).keys())

@@ -19,6 +19,7 @@ import shlex
 import sys
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,36 +29,18 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 PROG = "diffst"
-
-#: The keyword arguments each command passes to its library function: their defaults are the function's own.
-DEMO_ARGS = ("dataset", "out", "quick", "seed", "overwrite")
-PREPARE_ARGS = (
-    "genes scale lr_um degradation image_key points_key table_key coordinate_system tile_um min_tissue split "
-    "split_block_um gene_selection layer bin_size um_per_px spot_diameter_um spot_pitch_um region image_kind seed "
-    "key_added overwrite"
-).split()
-TRAIN_ARGS = (
-    "key preset max_epochs batch_size accelerator devices seed checkpoint_dir resume overwrite config patience "
-    "val_steps num_workers time_budget guard supervision image_encoder"
-).split()
-SUPER_RESOLVE_ARGS = (
-    "genes key sampler steps n_samples consistency tile_overlap batch_size seed units key_added overwrite block_lr"
-).split()
-EVALUATE_ARGS = ("key", "truth_key", "split", "genes")
-UPSAMPLE_ARGS = ("key", "method", "key_added", "units", "consistency", "overwrite")
-PLOT_ARGS = ("key", "region", "tile", "split", "units", "show_image", "panel_size")
-
-#: One line per command, for `diffst --help` (which builds only the command it is asked about, so it imports nothing
-#: heavy).
-SUMMARIES = {
-    "demo": "Run the whole Diff-ST workflow on built-in data and compare it with bicubic up-sampling.",
-    "prepare": "Build low- and high-resolution gene rasters, tiles and a train/val/test split (dst.pp.prepare).",
-    "train": "Train a Diff-ST model on the prepared tiles (dst.tl.train).",
-    "super-resolve": "Super-resolve the gene maps over the whole tissue (dst.tl.super_resolve).",
-    "upsample": "Up-sample the LR gene maps without a model: the baselines (dst.tl.upsample).",
-    "plot": "Draw gene maps of a result over the tissue image: LR | SR mean | truth | SR std (dst.pl.gene_maps).",
-    "evaluate": "Score a super-resolved result against the HR truth on held-out tiles (dst.tl.evaluate).",
-}
+DESCRIPTION = (
+    "Super-resolve spatial transcriptomics gene maps with Diff-ST, guided by the tissue image.\n\n"
+    "All sizes are physical, in µm. The commands work on a SpatialData zarr store (PATH) and write their "
+    "results into it: `prepare` the LR/HR gene rasters, tiles and split; `train` a model (recorded in the "
+    "store); `super-resolve` into images['diffst_sr']; `evaluate` PCC / RMSE / SSIM on the test tiles. "
+    "For example, 100 µm LR pixels super-resolved 10× to 10 µm:\n"
+    "  diffst prepare slide.zarr --genes 25 --lr-um 100 --scale 10 --tile-um 400\n"
+    "  diffst train slide.zarr\n"
+    "  diffst super-resolve slide.zarr --n-samples 4\n"
+    "  diffst evaluate slide.zarr --output metrics.csv\n"
+    "`diffst demo` runs all of it on built-in data. `diffst COMMAND --help` explains each command."
+)
 
 #: Exceptions that mean "the input or the data are wrong", reported without a traceback.
 _DATA_ERRORS = (ValueError, KeyError, OSError, ImportError)
@@ -121,16 +104,25 @@ class CliWords:
 
     def __init__(self, parser: argparse.ArgumentParser, command: str | None = None) -> None:
         self.flags: dict[str, argparse.Action] = {}
-        self.commands: set[str] = set()
+        self.commands: set[str] = set(COMMANDS)
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):
                 for name, sub in action.choices.items():
-                    self.commands.add(name)
                     if command is not None and name != command:
                         continue  # only the flags the user can pass to this command
-                    for a in sub._actions:
-                        if any(o.startswith("--") for o in a.option_strings) and a.dest != "help":
-                            self.flags.setdefault(a.dest, a)
+                    self._add_flags(sub)
+
+    @classmethod
+    def of_command(cls, sub: argparse.ArgumentParser) -> CliWords:
+        """The words of one subcommand's parser (to rewrite its own help)."""
+        words = cls(argparse.ArgumentParser(add_help=False))
+        words._add_flags(sub)
+        return words
+
+    def _add_flags(self, sub: argparse.ArgumentParser) -> None:
+        for a in sub._actions:
+            if any(o.startswith("--") for o in a.option_strings) and a.dest != "help":
+                self.flags.setdefault(a.dest, a)
 
     def __call__(self, text: str) -> str:
         text = self._FUNC.sub(self._function, text)
@@ -224,7 +216,7 @@ def _version() -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Parser
+# Parser, generated from the library functions
 # --------------------------------------------------------------------------------------------------------------------
 class _Formatter(argparse.HelpFormatter):
     """Wraps each line of a description on its own (keeping lists) and appends ``(default: …)`` where meaningful."""
@@ -260,11 +252,50 @@ class _Formatter(argparse.HelpFormatter):
         return text
 
 
+@dataclass(frozen=True)
+class Option:
+    """How one library parameter reads on the command line, where its signature alone does not say it."""
+
+    flags: tuple[str, ...] = ()
+    type: Callable[[str], Any] | None = None
+    metavar: str | None = None
+    nargs: str | None = None
+    const: Any = None
+    choices: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: the library function it calls, the parameters it exposes and what the CLI adds around them.
+
+    Each parameter in ``params`` becomes ``--name-with-dashes`` with the function's default, a type, choices or flag
+    form derived from its annotation, and the help text of its numpydoc entry; ``options`` covers what the
+    annotation cannot express (a comma-separated list, a JSON object). ``cli_only`` adds the options the function
+    has no parameter for (``--output``).
+    """
+
+    function: str  # "module:name"
+    summary: str
+    description: str
+    params: tuple[str, ...]
+    run: Callable[[argparse.Namespace], int]
+    path: str | None = None  # help of the PATH positional; None: the command takes no store
+    options: dict[str, Option] = field(default_factory=dict)
+    cli_only: Callable[[argparse.ArgumentParser], None] | None = None
+
+    def load(self) -> Callable[..., Any]:
+        """The library function (imported now: only for the command being run or asked about)."""
+        import importlib
+
+        module, name = self.function.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
 def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The ``diffst`` argument parser with its subcommands.
 
-    ``commands``: the subcommands to build with their options (each takes its defaults from the library function's
-    signature, which imports it); the others are listed by name and summary only. ``None``: all of them.
+    ``commands``: the subcommands to build with their options (each imports its library function, whose signature
+    and docstring the options are made from); the others are listed by name and summary only. ``None``: all of them.
     """
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: the options may come before or after the subcommand without one position resetting the other
@@ -282,502 +313,116 @@ def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentPars
         default=argparse.SUPPRESS,
         help="Print only warnings, errors and results (dst.settings.verbosity = 0; no progress bars).",
     )
-
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description=(
-            "Super-resolve spatial transcriptomics gene maps with Diff-ST, guided by the tissue image.\n\n"
-            "All sizes are physical, in µm. The commands work on a SpatialData zarr store (PATH) and write their "
-            "results into it: `prepare` the LR/HR gene rasters, tiles and split; `train` a model (recorded in the "
-            "store); `super-resolve` into images['diffst_sr']; `evaluate` PCC / RMSE / SSIM on the test tiles. "
-            "For example, 100 µm LR pixels super-resolved 10× to 10 µm:\n"
-            "  diffst prepare slide.zarr --genes 25 --lr-um 100 --scale 10 --tile-um 400\n"
-            "  diffst train slide.zarr\n"
-            "  diffst super-resolve slide.zarr --n-samples 4\n"
-            "  diffst evaluate slide.zarr --output metrics.csv\n"
-            "`diffst demo` runs all of it on built-in data. `diffst COMMAND --help` explains each command."
-        ),
-        formatter_class=_Formatter,
-        parents=[common],
-    )
+    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, formatter_class=_Formatter, parents=[common])
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    adders = {
-        "demo": _add_demo,
-        "prepare": _add_prepare,
-        "train": _add_train,
-        "super-resolve": _add_super_resolve,
-        "upsample": _add_upsample,
-        "evaluate": _add_evaluate,
-        "plot": _add_plot,
-    }
-    for name, add in adders.items():
+    for name, command in COMMANDS.items():
         if commands is None or name in commands:
-            add(sub, common)
+            _add_command(sub, common, name, command)
         else:  # listed with its summary; its options (and the library they come from) are loaded when it is used
-            sub.add_parser(name, help=SUMMARIES[name], parents=[common])
+            sub.add_parser(name, help=command.summary, parents=[common])
     return parser
 
 
-def _subparser(sub: Any, common: argparse.ArgumentParser, name: str, description: str):
-    """A command's parser: its one-line summary (from ``SUMMARIES``) above ``description``."""
-    summary = SUMMARIES[name]
-    return sub.add_parser(
-        name, help=summary, description=f"{summary}\n\n{description}", formatter_class=_Formatter, parents=[common]
+def _add_command(sub: Any, common: argparse.ArgumentParser, name: str, command: Command) -> None:
+    func = command.load()
+    p = sub.add_parser(
+        name,
+        help=command.summary,
+        description=f"{command.summary}\n\n{command.description}",
+        formatter_class=_Formatter,
+        parents=[common],
     )
+    if command.path is not None:
+        p.add_argument("path", metavar="PATH", help=f"SpatialData zarr store (a `.zarr` folder) {command.path}.")
+    target = inspect.unwrap(func)
+    signature = inspect.signature(target)
+    docs = _parameter_docs(target)
+    for param in command.params:
+        _add_option(p, param, signature.parameters[param], docs.get(param, ""), target, command.options.get(param))
+    if command.cli_only is not None:
+        command.cli_only(p)
+    words = CliWords.of_command(p)
+    for action in p._actions:
+        if action.help:
+            action.help = words(action.help)
+    p.set_defaults(func=command.run, library_params=command.params)
 
 
-def _library_defaults(p: argparse.ArgumentParser, func: Callable[..., Any], names: Sequence[str]) -> None:
-    """Give the options of ``names`` the defaults of ``func``'s parameters, so help and behaviour follow the API."""
-    params = inspect.signature(func).parameters
-    p.set_defaults(**{n: params[n].default for n in names})
+def _add_option(
+    p: argparse.ArgumentParser, name: str, param: inspect.Parameter, doc: str, func: Callable, option: Option | None
+) -> None:
+    """``--name`` for one parameter: its default, and type, choices or flag form from its annotation."""
+    option = option or Option()
+    flags = option.flags or (f"--{name.replace('_', '-')}",)
+    kwargs: dict[str, Any] = {"dest": name, "default": param.default, "help": doc}
+    base, choices, optional = _annotation(param.annotation, func)
+    if option.type is not None or option.nargs is not None:
+        kwargs.update(type=option.type, metavar=option.metavar, nargs=option.nargs)
+        if option.nargs == "?":
+            kwargs["const"] = option.const
+    elif base is bool and param.default is False and not optional:
+        kwargs["action"] = "store_true"
+    elif base is bool:  # True or None by default: both --name and --no-name
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif choices is not None or option.choices is not None:
+        kwargs["choices"] = list(option.choices or choices)
+    elif base in (int, float):
+        kwargs["type"] = {int: _positive_int, float: _positive_float}[base] if name not in _ANY_NUMBER else base
+        kwargs["metavar"] = option.metavar
+    else:
+        kwargs["metavar"] = option.metavar
+    p.add_argument(*flags, **{k: v for k, v in kwargs.items() if v is not None or k == "default"})
 
 
-def _add_path(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("path", metavar="PATH", help=f"SpatialData zarr store (a `.zarr` folder) {what}.")
+#: Numeric parameters that may be zero or negative (the others must be positive).
+_ANY_NUMBER = frozenset({"seed", "num_workers", "tile", "bin_size", "min_tissue", "tile_overlap"})
 
 
-def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = _subparser(
-        sub,
-        common,
-        "demo",
-        "Prepares 25 genes (100 µm LR → 10 µm HR, 400 µm tiles on the synthetic slide), trains the default preset "
-        "with its default budget (about 750 steps, capped at 6 minutes of training so that the demo ends within "
-        "about 10 minutes on a 2-core CPU; the best validation checkpoint is kept), super-resolves with 4 samples, "
-        "up-samples bicubically and scores both on the held-out test tiles. Writes into --out:\n"
-        "  demo.zarr        SpatialData: the image, the transcripts, the prepared elements (diffst_lr, diffst_hr, "
-        "…), images['diffst_sr'] and ['diffst_sr_std'] (Diff-ST mean and std), images['bicubic_sr']\n"
-        "  gene_maps.png    LR | SR mean | truth | SR std of 3 genes over a test region\n"
-        "  training.png     training and validation curves\n"
-        "  metrics.csv      PCC / RMSE / SSIM / LR consistency per gene and their mean, Diff-ST and bicubic\n"
-        "  model/model.pt   the trained model (checkpoints and logs beside it)\n"
-        "--quick takes about a minute (a 1200 × 1200 µm slide, 5 genes, 40 µm LR → 10 µm HR on 160 µm tiles, the "
-        "tiny preset with its default budget, 1 sample): it shows that everything works, not how good Diff-ST is.",
-    )
-    p.add_argument(
-        "--dataset",
-        choices=["synthetic", "merfish"],
-        help="'synthetic': a seeded synthetic Xenium slide with H&E (3000 × 3000 µm, nothing to download); 'merfish': "
-        "the real Vizgen MERFISH mouse brain crop (500 × 450 µm, DAPI/PolyT; downloaded into the cache, or read "
-        "from $DIFFST_DATA_DIR), prepared at 25 µm LR → 5 µm HR on 100 µm tiles.",
-    )
-    p.add_argument("--out", help="Output folder (created if needed).")
-    p.add_argument(
-        "--quick", action="store_true", help="A smaller run (tiny preset, few steps, 1 sample) for a first look or CI."
-    )
-    p.add_argument("--seed", type=int, help="Seed of the synthetic tissue, the split, training and sampling.")
-    p.add_argument(
-        "--overwrite", action="store_true", help="Replace the results of an earlier demo in --out (default: refuse)."
-    )
-    from ._demo import run_demo
+def _annotation(annotation: Any, func: Callable) -> tuple[type | None, list[str] | None, bool]:
+    """``(base type, Literal choices, whether None is allowed)`` of a parameter's (string) annotation."""
+    import typing
 
-    _library_defaults(p, run_demo, DEMO_ARGS)
-    p.set_defaults(func=_cmd_demo)
+    if isinstance(annotation, str):
+        namespace = {**vars(typing), "Path": Path, **func.__globals__}
+        try:
+            annotation = eval(annotation, namespace)
+        except NameError:  # a name imported for type checking only (SpatialData, DiffST): not a CLI value
+            return None, None, False
+    args = typing.get_args(annotation)
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return str, [str(a) for a in args], False
+    if args and type(None) in args:  # X | None
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) > 1:  # a union of several types: only an explicit `Option` can parse it
+            return None, None, True
+        base, choices, _ = _annotation(rest[0], func)
+        return base, choices, True
+    if annotation in (bool, int, float, str):
+        return annotation, None, False
+    return None, None, False
 
 
-def _add_prepare(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = _subparser(
-        sub,
-        common,
-        "prepare",
-        "Works on transcripts (Xenium, MERFISH, CosMx), spots (Visium, ST) and Visium HD bins with an H&E or "
-        "fluorescence image. Writes into the store, under --key-added (default 'diffst'):\n"
-        "  images['diffst_lr']       LR counts per LR pixel (channels = genes)\n"
-        "  images['diffst_lr_mask']  observed fraction of each LR pixel\n"
-        "  images['diffst_hr']       HR counts per HR pixel, the truth (transcripts and bins only)\n"
-        "  labels['diffst_tissue']   tissue mask on the LR grid\n"
-        "  shapes['diffst_tiles']    tile squares with a `split` column (train / val / test)\n"
-        "  shapes['diffst_spots']    the spots defining the LR pixels (spot data, --degradation visium)\n"
-        "  attrs['diffst']           units, grid, genes, normalisation, co-expression",
-    )
-    _add_path(p, "with an image and one measurement (transcripts, spots or bins)")
-    p.add_argument(
-        "--genes",
-        type=_genes_or_count,
-        metavar="N|G1,G2,…",
-        help="Number of genes to select (top N by --gene-selection, control probes excluded) or a comma-separated "
-        "list of gene names.",
-    )
-    p.add_argument(
-        "--scale",
-        type=_positive_int,
-        help="Super-resolution factor: HR pixels are lr_um / scale µm (10: 100 µm → 10 µm).",
-    )
-    p.add_argument("--lr-um", type=_positive_float, help="LR pixel size in µm (100 for Visium-scale spots).")
-    p.add_argument(
-        "--degradation",
-        choices=["bin", "visium"],
-        help="How LR arises from HR when the data have HR (transcripts, bins): 'bin' sums scale × scale HR pixels (the "
-        "paper's setting); 'visium' measures 55 µm-diameter (0.55 · pitch) discs on a hexagonal lattice of pitch "
-        "lr_um, like a Visium slide. Ignored for spot data, whose LR is the measured spots.",
-    )
-    p.add_argument(
-        "--image-key",
-        help="The tissue image element; needed when there are several (default: the only one; for Visium the finest "
-        "of full/hires/lowres).",
-    )
-    p.add_argument(
-        "--points-key", help="Transcripts (points with a gene column); needed when there are several points elements."
-    )
-    p.add_argument(
-        "--table-key",
-        help="Spot or bin counts table (Visium: 'table'; Visium HD: 'square_002um' …). Setting it chooses spots/bins "
-        "over transcripts.",
-    )
-    p.add_argument(
-        "--coordinate-system",
-        help="Coordinate system shared by the image and the measurement (default: the only shared one, 'global' "
-        "preferred).",
-    )
-    p.add_argument(
-        "--tile-um",
-        type=_positive_float,
-        help="Tile side in µm, a multiple of --lr-um; training and evaluation use these tiles (default: 400 µm, or four "
-        "spot pitches where the spots are sparser, e.g. 800 µm on the ST array; the tiny preset is designed for 160 µm).",
-    )
-    p.add_argument("--min-tissue", type=float, help="Minimum tissue fraction of a kept tile, in [0, 1].")
-    p.add_argument(
-        "--split",
-        type=_split_shares,
-        metavar="TRAIN,VAL,TEST",
-        help="Shares of tiles for train, validation and test, comma-separated (default: 0.7,0.15,0.15).",
-    )
-    p.add_argument(
-        "--split-block-um",
-        type=_positive_float,
-        help="Side in µm of the square blocks of tiles that go whole to one split, so neighbouring tiles do not leak "
-        "across splits (default: 2 × tile_um).",
-    )
-    p.add_argument(
-        "--gene-selection",
-        choices=["spatially_variable", "highly_expressed"],
-        help="How --genes N picks genes: Moran's I of the LR maps, or total counts; genes must be detected in at least "
-        "5 %% of tissue LR pixels.",
-    )
-    p.add_argument("--layer", help="Table layer with raw counts (spots/bins) when X is not raw (default: X).")
-    p.add_argument(
-        "--bin-size",
-        type=int,
-        help="Visium HD bin size in µm to build HR from (default: the largest one dividing lr_um / scale).",
-    )
-    p.add_argument(
-        "--um-per-px",
-        type=_positive_float,
-        help="µm per unit of the coordinate system, overriding the value derived from the data (which is reported).",
-    )
-    p.add_argument(
-        "--spot-diameter-um",
-        type=_positive_float,
-        help="Spot diameter in µm, for spot data (default: table.uns['spot_diameter_um'] or 55 µm) and for "
-        "--degradation visium (default: 0.55 × pitch).",
-    )
-    p.add_argument(
-        "--spot-pitch-um",
-        type=_positive_float,
-        help="Lattice pitch in µm for --degradation visium (default: lr_um); for spot data, the array's "
-        "centre-to-centre distance (default: 100 µm Visium, 200 µm ST, from the array coordinates).",
-    )
-    p.add_argument(
-        "--region",
-        help="For a table annotating several regions: the shapes element of the spots or bins to use (default: the "
-        "one sharing a coordinate system with the image).",
-    )
-    p.add_argument(
-        "--image-kind",
-        choices=["rgb", "fluorescence"],
-        help="Brightfield H&E ('rgb') or fluorescence, overriding what is decided from the pixels.",
-    )
-    p.add_argument("--seed", type=int, help="Seed of the train/val/test split.")
-    p.add_argument("--key-added", help="Prefix of the new elements and key of the store's attrs.")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="Replace existing elements of the same names (default: an existing key is an error).",
-    )
-    from .pp import prepare
+def _parameter_docs(func: Callable) -> dict[str, str]:
+    """Each parameter's numpydoc description, as one paragraph in the command line's words."""
+    import docstring_parser
 
-    _library_defaults(p, prepare, PREPARE_ARGS)
-    p.set_defaults(func=_cmd_prepare)
+    parsed = docstring_parser.parse(inspect.getdoc(func) or "", style=docstring_parser.DocstringStyle.NUMPYDOC)
+    out = {}
+    for p in parsed.params:
+        text = _plain(p.description or "")
+        for name in p.arg_name.split(","):
+            out[name.strip()] = text
+    return out
 
 
-def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
-    from .tl import train
-    from .tl._train import DEFAULT_STEPS, PAPER_EPOCHS
-
-    p = _subparser(
-        sub,
-        common,
-        "train",
-        "Learns from HR truth (transcripts, Visium HD bins) or, on a spot slide alone (Visium, ST), from the spots: "
-        "hidden spots predicted from the image and the other spots. Prints a progress line every 30 s (step, loss, validation "
-        "PCC, time left), stops early when the validation PCC stops improving or when --time-budget runs out, writes "
-        "a checkpoint at least every minute and on Ctrl-C (then says how to resume with --resume), and saves the "
-        "model (EMA weights) as <run folder>/model.pt. Its path is recorded in the store's attrs[KEY]['model'], "
-        "where `diffst super-resolve` finds it. Each run starts afresh in its own folder unless --resume.",
-    )
-    _add_path(p, "prepared with `diffst prepare`")
-    p.add_argument("--key", help="The --key-added used in `diffst prepare`.")
-    p.add_argument(
-        "--preset",
-        choices=["default", "paper", "tiny"],
-        help="Model size: 'default' (400 µm tiles of 10 µm HR pixels; trains on a laptop CPU in minutes), 'paper' "
-        "(the paper's Table 3 on 2500 µm tiles; needs a GPU) or 'tiny' (160 µm tiles; tests).",
-    )
-    p.add_argument(
-        "--max-epochs",
-        type=_positive_int,
-        help=f"Number of epochs (default: about {DEFAULT_STEPS['default']} optimiser steps for 'default', "
-        f"{DEFAULT_STEPS['tiny']} steps for 'tiny', {PAPER_EPOCHS} epochs for 'paper'; early stopping may end sooner).",
-    )
-    p.add_argument("--batch-size", type=_positive_int, help="Tiles per optimiser step (default: the preset's).")
-    p.add_argument(
-        "--accelerator",
-        help="Lightning accelerator: 'auto' (a CUDA GPU, then MPS, else CPU), 'cpu', 'gpu', 'mps'.",
-    )
-    p.add_argument(
-        "--devices",
-        type=_devices,
-        help="Number of devices, a comma-separated list of device indices, or 'auto'; several train with DDP.",
-    )
-    p.add_argument("--seed", type=int, help="Seed of weights, batches, noise and augmentation (same seed, same model).")
-    p.add_argument(
-        "--checkpoint-dir",
-        help="Where checkpoints, logs and model.pt go (default: a new run-<time>/ folder beside the store, under "
-        "<PATH>.diffst/<key>-<data fingerprint>-<config hash>/).",
-    )
-    p.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
-        type=_resume,
-        metavar="auto",
-        help="Continue the latest run of these data, configuration and seed (or the one in --checkpoint-dir) from "
-        "its last checkpoint; an error when there is none. '--resume auto': continue one if there is one, else start "
-        "afresh. Without it every run starts afresh.",
-    )
-    p.add_argument(
-        "--time-budget",
-        type=_budget,
-        metavar="SECONDS|none",
-        help="Training time limit in seconds, over all sessions of a resumed run; 'none' for none.",
-    )
-    p.add_argument(
-        "--no-guard",
-        dest="guard",
-        action="store_false",
-        help="Skip the guard (the check against bicubic and the image floor on validation, and its per-gene blend).",
-    )
-    p.add_argument(
-        "--supervision",
-        choices=["auto", "hr", "lr"],
-        help="'hr': learn from HR truth; 'lr': learn from the LR spots alone (never reading HR truth, even where "
-        "there is some); 'auto': 'hr' when the data have HR truth, else 'lr'.",
-    )
-    p.add_argument(
-        "--image-encoder",
-        metavar="learned|stain|timm:MODEL",
-        help="Where the tissue-level image features come from: the model's own encoder ('learned'), the weight-free "
-        "stain and texture features ('stain') or a timm model ('timm:<name>'), computed once per slide and stored.",
-    )
-    p.add_argument(
-        "--overwrite", action="store_true", help="Start afresh even if --checkpoint-dir holds an earlier run."
-    )
-    p.add_argument(
-        "--config",
-        type=_json_object,
-        metavar="JSON",
-        help="Overrides of the preset's DiffSTConfig fields as a JSON object, e.g. '{\"cam\": false}' or "
-        "'{\"learning_rate\": 5e-4}'.",
-    )
-    p.add_argument(
-        "--patience",
-        type=_positive_int,
-        help="Validation checks (about every 50 optimiser steps) without improvement of the validation PCC before "
-        "stopping early.",
-    )
-    p.add_argument(
-        "--val-steps", type=_positive_int, help="Sampler steps of the validation PCC (of fast-sampled maps)."
-    )
-    p.add_argument("--num-workers", type=int, help="DataLoader worker processes.")
-    _library_defaults(p, train, TRAIN_ARGS)
-    p.set_defaults(func=_cmd_train)
-
-
-def _add_super_resolve(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = _subparser(
-        sub,
-        common,
-        "super-resolve",
-        "Covers the tissue with overlapping model windows, samples each, blends the seams and, with --n-samples > 1, "
-        "also gives the per-pixel standard deviation. Writes into the store:\n"
-        "  images['diffst_sr']      the SR map on the HR grid (pixels of lr_um / scale µm; channels = genes; --units), "
-        "aligned to the image\n"
-        "  images['diffst_sr_std']  per-pixel standard deviation over samples (only with --n-samples > 1)\n"
-        "  attrs['diffst_sr']       sampler, steps, seed, model path …\n"
-        "(names follow --key-added). A store that was not prepared is prepared with the model's genes and units.",
-    )
-    _add_path(p, "with the tissue image (prepared, or raw)")
-    p.add_argument(
-        "--model",
-        help="A saved model (model.pt, or the folder holding it). Default: the model `diffst train` recorded in the "
-        "store; if there is none, one is trained with the defaults first.",
-    )
-    p.add_argument(
-        "--genes",
-        type=_gene_list,
-        metavar="G1,G2,…",
-        help="Comma-separated genes to write (default: all the model's genes; the model predicts them jointly).",
-    )
-    p.add_argument("--key", help="Key of the prepared data (--key-added of `diffst prepare`).")
-    p.add_argument(
-        "--sampler",
-        choices=["fast", "ddim", "dpmsolver", "ddpm"],
-        help="'fast' (the model's fast sampler, DPM-Solver++), 'ddim', 'dpmsolver' or 'ddpm' (1000 ancestral steps as "
-        "in the paper; slow).",
-    )
-    p.add_argument(
-        "--steps",
-        type=_positive_int,
-        help="Sampler steps (default: the model's, 20 for the default preset's fast sampler).",
-    )
-    p.add_argument(
-        "--n-samples",
-        type=_positive_int,
-        help="Samples per pixel; more than one also writes images['<key-added>_std'].",
-    )
-    p.add_argument(
-        "--no-consistency",
-        dest="consistency",
-        action="store_false",
-        help="Do not rescale samples so that re-degrading them reproduces the observed LR counts exactly (default: "
-        "enforced).",
-    )
-    p.add_argument(
-        "--tile-overlap",
-        type=float,
-        help="Overlap of neighbouring model windows as a fraction of the window, in [0, 1).",
-    )
-    p.add_argument("--batch-size", type=_positive_int, help="Model windows per network call.")
-    p.add_argument("--seed", type=int, help="Same seed, same map (on the same device).")
-    p.add_argument(
-        "--units",
-        choices=["counts", "log1p"],
-        help="'counts': expected counts per HR pixel (re-binning compares with LR counts); 'log1p': log1p of them.",
-    )
-    p.add_argument("--key-added", help="Name of the result element (and of its attrs).")
-    p.add_argument("--overwrite", action="store_true", help="Replace an existing result of that name.")
-    p.add_argument(
-        "--block-lr",
-        type=_positive_int,
-        help="Output chunk side in LR pixels (of lr_um µm each); memory per chunk grows with its square.",
-    )
-    from .tl import super_resolve
-
-    _library_defaults(p, super_resolve, SUPER_RESOLVE_ARGS)
-    p.set_defaults(func=_cmd_super_resolve)
-
-
-def _add_upsample(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = _subparser(
-        sub,
-        common,
-        "upsample",
-        "'bicubic' and 'nearest' interpolate the LR counts; 'image' is the training-free image floor (bicubic weighted "
-        "by the nuclear stain of the tissue image, kept consistent with every LR pixel). Writes images['<key-added>'] "
-        "(default '<method>_sr', e.g. 'bicubic_sr') on the HR grid, which `diffst evaluate` and `diffst plot` read.",
-    )
-    _add_path(p, "prepared with `diffst prepare`")
-    p.add_argument("--key", help="Key of the prepared data (--key-added of `diffst prepare`).")
-    p.add_argument("--method", choices=["bicubic", "nearest", "image"], help="The up-sampling.")
-    p.add_argument("--key-added", help="Name of the result element (default: '<method>_sr', 'image_floor_sr').")
-    p.add_argument(
-        "--units",
-        choices=["counts", "log1p"],
-        help="'counts': expected counts per HR pixel; 'log1p': log1p of them.",
-    )
-    p.add_argument(
-        "--consistency",
-        action=argparse.BooleanOptionalAction,
-        help="Rescale so that re-degrading reproduces the LR counts (default: on for 'image', off otherwise).",
-    )
-    p.add_argument("--overwrite", action="store_true", help="Replace an existing result of that name.")
-    from .tl import upsample
-
-    _library_defaults(p, upsample, UPSAMPLE_ARGS)
-    p.set_defaults(func=_cmd_upsample)
-
-
-def _add_plot(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = _subparser(
-        sub,
-        common,
-        "plot",
-        "One row per gene, over the same region of the slide in µm (by default a test tile). Writes the figure to "
-        "--output (PNG, PDF or SVG by its suffix).",
-    )
-    _add_path(p, "with an SR result (`diffst super-resolve` or `diffst upsample`)")
-    p.add_argument(
-        "--genes",
-        type=_gene_list,
-        metavar="G1,G2,…",
-        help="Comma-separated genes, one row each (default: the first three of the result).",
-    )
-    p.add_argument("--key", help="The SR result to draw: images[KEY] (e.g. 'diffst_sr', 'bicubic_sr').")
-    p.add_argument(
-        "--region",
-        type=_region,
-        metavar="X0,Y0,X1,Y1",
-        help="The region in µm of the prepared coordinate system (default: one tile of --split).",
-    )
-    p.add_argument("--tile", type=int, help="Draw this tile of the prepared tiles (its index).")
-    p.add_argument("--split", choices=["test", "val", "train"], help="Draw the first tile of this split.")
-    p.add_argument("--units", choices=["counts", "log1p"], help="Colour scale of the maps.")
-    p.add_argument("--show-image", action=argparse.BooleanOptionalAction, help="Draw the tissue image under the maps.")
-    p.add_argument("--panel-size", type=_positive_float, help="Size of each panel in inches.")
-    p.add_argument("--output", "-o", metavar="FILE", default="gene_maps.png", help="The figure file.")
-    p.add_argument("--dpi", type=_positive_int, default=150, help="Resolution of a raster figure.")
-    from .pl import gene_maps
-
-    _library_defaults(p, gene_maps, PLOT_ARGS)
-    p.set_defaults(func=_cmd_plot, genes=None)
-
-
-def _add_evaluate(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = _subparser(
-        sub,
-        common,
-        "evaluate",
-        "Scores the SR map on the prepared HR grid (pixels of hr_um = lr_um / scale µm, e.g. 10 µm) against the HR "
-        "truth, per gene, averaged over the tiles of --split, on the normalised scale x = 2·log1p(counts)/s_g − 1: signed "
-        "Pearson r (pcc), rmse, ssim; lr_consistency Σ|D(SR) − LR| / Σ LR in counts; and the paper-compatible "
-        "paper_pcc, paper_rmse (per-tile min-max scaled, |r|; they flatter every method). Any SR result is scored "
-        "the same way (Diff-ST or a baseline written by dst.tl.upsample). Prints the table (genes, then their mean) "
-        "and writes it to --output; the store is not changed. Without HR truth (spot data) only lr_consistency is "
-        "computed.",
-    )
-    _add_path(p, "with an SR result")
-    p.add_argument(
-        "--key",
-        help="The SR result: images[KEY] with attrs[KEY] (e.g. 'diffst_sr', 'bicubic_sr').",
-    )
-    p.add_argument(
-        "--truth-key",
-        help="An image on the same HR grid with counts per HR pixel (genes as channels) to use as truth (default: the "
-        "prepared HR counts images['<prepared key>_hr']).",
-    )
-    p.add_argument("--split", choices=["test", "val", "train"], help="Which tiles to score.")
-    p.add_argument(
-        "--genes",
-        type=_gene_list,
-        metavar="G1,G2,…",
-        help="Comma-separated genes to score (default: all genes of the SR result).",
-    )
-    p.add_argument("--output", "-o", metavar="CSV", help="CSV file for the table (default: print only).")
-    from .tl import evaluate
-
-    _library_defaults(p, evaluate, EVALUATE_ARGS)
-    p.set_defaults(func=_cmd_evaluate)
+def _plain(text: str) -> str:
+    """A docstring's reST as plain text: roles → `dst.pp.prepare`, ``code`` → `code`, one paragraph."""
+    text = re.sub(r":\w+:`~?diffst\.((?:pp|tl|pl|get)\.\w+)`", r"`dst.\1`", text)
+    text = re.sub(r":\w+:`~?(?:[\w.]+\.)?(\w+)`", r"`\1`", text)
+    text = re.sub(r"``([^`]+)``", r"`\1`", text)
+    return " ".join(text.split()).replace("%", "%%")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -909,14 +554,15 @@ def _read(path: str) -> SpatialData:
         raise ValueError(msg) from e
 
 
-def _kwargs(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
-    return {n: getattr(args, n) for n in names}
+def _kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The library function's keyword arguments: every parameter the command exposes."""
+    return {n: getattr(args, n) for n in args.library_params}
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
-    run_demo(**_kwargs(args, DEMO_ARGS))
+    run_demo(**_kwargs(args))
     return 0
 
 
@@ -924,7 +570,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from .pp import prepare
 
     sdata = _read(args.path)
-    prepare(sdata, **_kwargs(args, PREPARE_ARGS))
+    prepare(sdata, **_kwargs(args))
     from ._contract import read_record
 
     written = read_record(sdata, args.key_added).elements
@@ -936,12 +582,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .tl import train
 
     sdata = _read(args.path)
-    kwargs = _kwargs(args, TRAIN_ARGS)
+    kwargs = _kwargs(args)
     if args.checkpoint_dir is not None:
         # the store records the model's path: an absolute one still holds when the store is used from elsewhere
         kwargs["checkpoint_dir"] = Path(args.checkpoint_dir).expanduser().resolve()
     model = train(sdata, **kwargs)
-    print(f"model saved to {model.path} (recorded in attrs[{args.key!r}]['model'] of {args.path})")
+    print(f"model saved to {model.path} (recorded in attrs[{args.prepared_key!r}]['model'] of {args.path})")
     return 0
 
 
@@ -949,7 +595,7 @@ def _cmd_super_resolve(args: argparse.Namespace) -> int:
     from .tl import super_resolve
 
     sdata = _read(args.path)
-    super_resolve(sdata, args.model, **_kwargs(args, SUPER_RESOLVE_ARGS))
+    super_resolve(sdata, **_kwargs(args))
     written = [args.key_added] + ([f"{args.key_added}_std"] if args.n_samples > 1 else [])
     print(f"wrote {', '.join(f'images[{w!r}]' for w in written)} and attrs[{args.key_added!r}] to {args.path}")
     return 0
@@ -959,7 +605,7 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
     from .tl import upsample
 
     sdata = _read(args.path)
-    kwargs = _kwargs(args, UPSAMPLE_ARGS)
+    kwargs = _kwargs(args)
     upsample(sdata, **kwargs)
     key = args.key_added or ("image_floor_sr" if args.method == "image" else f"{args.method}_sr")
     print(f"wrote images[{key!r}] and attrs[{key!r}] to {args.path}")
@@ -985,7 +631,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     from .pl import gene_maps
 
     sdata = _read(args.path)
-    fig = gene_maps(sdata, args.genes, **_kwargs(args, PLOT_ARGS))
+    fig = gene_maps(sdata, **_kwargs(args))
     fig.savefig(output, dpi=args.dpi, bbox_inches="tight")
     print(f"wrote {output}")
     return 0
@@ -996,7 +642,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     output = _output_file(args.output)
     sdata = _read(args.path)
-    df = evaluate(sdata, **_kwargs(args, EVALUATE_ARGS))
+    df = evaluate(sdata, **_kwargs(args))
     import pandas as pd
 
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.float_format", "{:.4f}".format):
@@ -1006,6 +652,159 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         df.to_csv(output)
         print(f"wrote {output}")
     return 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The commands
+# --------------------------------------------------------------------------------------------------------------------
+def _output_option(p: argparse.ArgumentParser, metavar: str, default: str | None, what: str) -> None:
+    p.add_argument("--output", "-o", metavar=metavar, default=default, help=what)
+
+
+def _plot_options(p: argparse.ArgumentParser) -> None:
+    _output_option(p, "FILE", "gene_maps.png", "The figure file (PNG, PDF or SVG by its suffix).")
+    p.add_argument("--dpi", type=_positive_int, default=150, help="Resolution of a raster figure.")
+
+
+_GENES = Option(type=_gene_list, metavar="G1,G2,…")
+_SPLIT = Option(choices=("test", "val", "train"))
+_PREPARED_KEY = Option(flags=("--prepared-key", "--key"), metavar="KEY")
+
+COMMANDS: dict[str, Command] = {
+    "demo": Command(
+        "diffst._demo:run_demo",
+        "Run the whole Diff-ST workflow on built-in data and compare it with bicubic up-sampling.",
+        "Prepares 25 genes (100 µm LR → 10 µm HR, 400 µm tiles on the synthetic slide), trains the default preset "
+        "with its default budget (about 750 steps, capped at 6 minutes of training so that the demo ends within "
+        "about 10 minutes on a 2-core CPU; the best validation checkpoint is kept), super-resolves with 4 samples, "
+        "up-samples bicubically and scores both on the held-out test tiles. Writes into --out:\n"
+        "  demo.zarr        SpatialData: the image, the transcripts, the prepared elements (diffst_lr, diffst_hr, "
+        "…), images['diffst_sr'] and ['diffst_sr_std'] (Diff-ST mean and std), images['bicubic_sr']\n"
+        "  gene_maps.png    LR | SR mean | truth | SR std of 3 genes over a test region\n"
+        "  training.png     training and validation curves\n"
+        "  metrics.csv      PCC / RMSE / SSIM / LR consistency per gene and their mean, Diff-ST and bicubic\n"
+        "  model/model.pt   the trained model (checkpoints and logs beside it)\n"
+        "--quick takes about a minute (a 1200 × 1200 µm slide, 5 genes, 40 µm LR → 10 µm HR on 160 µm tiles, the "
+        "tiny preset with its default budget, 1 sample): it shows that everything works, not how good Diff-ST is.",
+        ("dataset", "out", "quick", "seed", "overwrite"),
+        run=_cmd_demo,
+    ),
+    "prepare": Command(
+        "diffst.pp:prepare",
+        "Build low- and high-resolution gene rasters, tiles and a train/val/test split (dst.pp.prepare).",
+        "Works on transcripts (Xenium, MERFISH, CosMx), spots (Visium, ST) and Visium HD bins with an H&E or "
+        "fluorescence image. Writes into the store, under --key-added (default 'diffst'):\n"
+        "  images['diffst_lr']       LR counts per LR pixel (channels = genes)\n"
+        "  images['diffst_lr_mask']  observed fraction of each LR pixel\n"
+        "  images['diffst_hr']       HR counts per HR pixel, the truth (transcripts and bins only)\n"
+        "  labels['diffst_tissue']   tissue mask on the LR grid\n"
+        "  shapes['diffst_tiles']    tile squares with a `split` column (train / val / test)\n"
+        "  shapes['diffst_spots']    the spots defining the LR pixels (spot data, --degradation visium)\n"
+        "  attrs['diffst']           units, grid, genes, normalisation, co-expression",
+        (
+            "genes scale lr_um degradation image_key points_key table_key coordinate_system tile_um min_tissue split "
+            "split_block_um gene_selection layer bin_size um_per_px spot_diameter_um spot_pitch_um region image_kind "
+            "seed key_added overwrite"
+        ).split(),
+        run=_cmd_prepare,
+        path="with an image and one measurement (transcripts, spots or bins)",
+        options={
+            "genes": Option(type=_genes_or_count, metavar="N|G1,G2,…"),
+            "split": Option(type=_split_shares, metavar="TRAIN,VAL,TEST"),
+        },
+    ),
+    "train": Command(
+        "diffst.tl:train",
+        "Train a Diff-ST model on the prepared tiles (dst.tl.train).",
+        "Learns from HR truth (transcripts, Visium HD bins) or, on a spot slide alone (Visium, ST), from the spots: "
+        "hidden spots predicted from the image and the other spots. Prints a progress line every 30 s (step, loss, "
+        "validation PCC, time left), stops early when the validation PCC stops improving or when --time-budget runs "
+        "out, writes a checkpoint at least every minute and on Ctrl-C (then says how to resume with --resume), and "
+        "saves the model (EMA weights) as <run folder>/model.pt. Its path is recorded in the store's "
+        "attrs[KEY]['model'], where `diffst super-resolve` finds it. Each run starts afresh in its own folder unless "
+        "--resume. The default preset trains on windows of at most 400 µm.",
+        (
+            "prepared_key preset max_epochs batch_size accelerator devices seed checkpoint_dir resume overwrite config "
+            "patience val_steps num_workers time_budget guard supervision image_encoder"
+        ).split(),
+        run=_cmd_train,
+        path="prepared with `diffst prepare`",
+        options={
+            "prepared_key": _PREPARED_KEY,
+            "devices": Option(type=_devices, metavar="N|I,J,…|auto"),
+            "resume": Option(type=_resume, nargs="?", const=True, metavar="auto"),
+            "time_budget": Option(type=_budget, metavar="SECONDS|none"),
+            "config": Option(type=_json_object, metavar="JSON"),
+            "image_encoder": Option(metavar="learned|stain|timm:MODEL"),
+        },
+    ),
+    "super-resolve": Command(
+        "diffst.tl:super_resolve",
+        "Super-resolve the gene maps over the whole tissue (dst.tl.super_resolve).",
+        "Covers the tissue with overlapping model windows, samples each, blends the seams and, with --n-samples > 1, "
+        "also gives the per-pixel standard deviation. Writes into the store:\n"
+        "  images['diffst_sr']      the SR map on the HR grid (pixels of lr_um / scale µm; channels = genes; --units), "
+        "aligned to the image\n"
+        "  images['diffst_sr_std']  per-pixel standard deviation over samples (only with --n-samples > 1)\n"
+        "  attrs['diffst_sr']       sampler, steps, seed, model path …\n"
+        "(names follow --key-added). A store that was not prepared is prepared with the model's genes and units.",
+        (
+            "model genes prepared_key sampler steps n_samples consistency tile_overlap batch_size seed units key_added "
+            "overwrite block_lr"
+        ).split(),
+        run=_cmd_super_resolve,
+        path="with the tissue image (prepared, or raw)",
+        options={"prepared_key": _PREPARED_KEY, "genes": _GENES, "model": Option(metavar="MODEL")},
+    ),
+    "upsample": Command(
+        "diffst.tl:upsample",
+        "Up-sample the LR gene maps without a model: the baselines (dst.tl.upsample).",
+        "'bicubic' and 'nearest' interpolate the LR counts; 'image' is the training-free image floor (bicubic weighted "
+        "by the nuclear stain of the tissue image, kept consistent with every LR pixel). Writes images['<key-added>'] "
+        "(default '<method>_sr', e.g. 'bicubic_sr') on the HR grid of µm pixels, which `diffst evaluate` and "
+        "`diffst plot` read.",
+        ("prepared_key", "method", "key_added", "units", "consistency", "overwrite"),
+        run=_cmd_upsample,
+        path="prepared with `diffst prepare`",
+        options={"prepared_key": _PREPARED_KEY},
+    ),
+    "evaluate": Command(
+        "diffst.tl:evaluate",
+        "Score a super-resolved result against the HR truth on held-out tiles (dst.tl.evaluate).",
+        "Scores the SR map on the prepared HR grid (pixels of hr_um = lr_um / scale µm, e.g. 10 µm) against the HR "
+        "truth, per gene, averaged over the tiles of --split, on the normalised scale x = 2·log1p(counts)/s_g − 1: "
+        "signed Pearson r (pcc), rmse, ssim; lr_consistency Σ|D(SR) − LR| / Σ LR in counts; and the "
+        "paper-compatible paper_pcc, paper_rmse (per-tile min-max scaled, |r|; they flatter every method). Any SR "
+        "result is scored the same way (Diff-ST or a baseline written by dst.tl.upsample). Prints the table (genes, "
+        "then their mean) and writes it to --output; the store is not changed. Without HR truth (spot data) only "
+        "lr_consistency is computed.",
+        ("key", "truth_key", "split", "genes"),
+        run=_cmd_evaluate,
+        path="with an SR result",
+        options={"split": _SPLIT, "genes": _GENES},
+        cli_only=lambda p: _output_option(p, "CSV", None, "CSV file for the table (default: print only)."),
+    ),
+    "plot": Command(
+        "diffst.pl:gene_maps",
+        "Draw gene maps of a result over the tissue image: LR | SR mean | truth | SR std (dst.pl.gene_maps).",
+        "One row per gene, over the same region of the slide in µm (by default a test tile). Writes the figure to "
+        "--output (PNG, PDF or SVG by its suffix).",
+        ("genes", "key", "region", "tile", "split", "units", "show_image", "panel_size"),
+        run=_cmd_plot,
+        path="with an SR result (`diffst super-resolve` or `diffst upsample`)",
+        options={
+            "genes": _GENES,
+            "split": _SPLIT,
+            "region": Option(type=_region, metavar="X0,Y0,X1,Y1"),
+            "tile": Option(type=int),
+        },
+        cli_only=_plot_options,
+    ),
+}
+
+#: One line per command, for `diffst --help` (which builds only the command it is asked about, so it imports nothing
+#: heavy).
+SUMMARIES = {name: command.summary for name, command in COMMANDS.items()}
 
 
 if __name__ == "__main__":  # pragma: no cover

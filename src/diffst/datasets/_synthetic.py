@@ -1,6 +1,6 @@
 """Synthetic Xenium, Visium and Visium HD datasets in the layouts of :mod:`spatialdata_io`.
 
-All three are views of one simulated tissue (:mod:`diffst.datasets._tissue`): with the same ``seed`` and size they
+All three are views of one simulated tissue (:mod:`diffst.datasets._sim`): with the same ``seed`` and size they
 show the same cells, so a synthetic Xenium slide is the single-cell ground truth of the synthetic Visium (HD) slide.
 Images are lazy dask arrays rendered chunk by chunk (and each pyramid level at its own resolution), so building a
 dataset takes seconds and reading a crop costs only the chunks it touches.
@@ -31,7 +31,8 @@ from spatialdata.transformations import Affine, Identity, Scale
 from xarray import DataArray, DataTree
 
 from .._degradation import VISIUM_FULLRES_SPOT_UM
-from . import _tissue as T
+from . import _sim as T
+from ._sim._common import _rng
 
 __all__ = ["synthetic_visium", "synthetic_visium_hd", "synthetic_xenium"]
 
@@ -369,7 +370,7 @@ def synthetic_xenium(
     tx = T.simulate_transcripts(tissue, panel, transcripts_per_cell=tpc, seed=seed)
     cells = tissue.cells
     n_cells = tissue.n_cells
-    cell_ids = _xenium_cell_ids(T._rng(seed, "cell-ids"), n_cells)
+    cell_ids = _xenium_cell_ids(_rng(seed, "cell-ids"), n_cells)
     to_global = Scale([1 / ps, 1 / ps], axes=("x", "y"))
 
     # --- transcripts ---
@@ -599,7 +600,7 @@ def synthetic_visium(
     spots = T.capture_spots(tissue, tx, efficiency=eff, diffusion_um=diff, seed=seed)
 
     keep = np.flatnonzero(spots.in_tissue)
-    barcodes = _barcodes(T._rng(seed, "barcodes"), len(keep))
+    barcodes = _barcodes(_rng(seed, "barcodes"), len(keep))
     order = np.argsort(barcodes, kind="stable")  # a filtered matrix lists barcodes in sorted order
     keep, barcodes = keep[order], barcodes[order]
     n = len(keep)

@@ -15,6 +15,7 @@ from anndata import AnnData
 from spatialdata.models import TableModel
 
 from .. import _logging as log
+from .._compat import deprecated_arguments
 from .._spatial import affine_to_cs, element_cs, image_levels, pick_key, suggest, transform_points
 from .._store import ElementWriter
 from ._source import HRSource, resolve
@@ -26,10 +27,11 @@ if TYPE_CHECKING:
 _WINDOW = 512  # HR pixels per side of the windows cells are matched in (bounds memory on large slides)
 
 
+@deprecated_arguments(positional=("key",))
 def aggregate(
     sdata: SpatialData,
-    key: str = "diffst_sr",
     *,
+    key: str = "diffst_sr",
     shapes_key: str | None = None,
     labels_key: str | None = None,
     genes: str | Sequence[str] | None = None,

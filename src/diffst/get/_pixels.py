@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from .._compat import deprecated_arguments
 from .._spatial import image_levels, transform_points
 from ..pp._tiles import SPLITS
 from ._source import HRSource, resolve
@@ -17,11 +18,12 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 
+@deprecated_arguments(positional=("key", "genes"))
 def pixels(
     sdata: SpatialData,
+    *,
     key: str = "diffst_sr",
     genes: str | Sequence[str] | None = None,
-    *,
     tissue_only: bool = True,
     layer_std: bool = True,
     coordinate_system: str | None = None,

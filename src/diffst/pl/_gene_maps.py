@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from .._compat import deprecated_arguments
 from .._contract import Prepared, read_sr
 from .._genes import resolve_genes
 from .._image import read_tile
@@ -39,10 +40,11 @@ class _Region:
     what: str
 
 
+@deprecated_arguments(positional=("genes",))
 def gene_maps(
     sdata: SpatialData,
-    genes: str | Sequence[str] | None = None,
     *,
+    genes: str | Sequence[str] | None = None,
     key: str = "diffst_sr",
     region: tuple[float, float, float, float] | None = None,
     tile: int | None = None,

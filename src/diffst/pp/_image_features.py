@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import _logging as log
+from .._compat import deprecated_arguments
 from .._image import in_memory_level, read_tile
 from .._store import ElementWriter
 from ..features import ImageEncoder, make_encoder, pixels_per_hr
@@ -21,11 +22,12 @@ if TYPE_CHECKING:
 FIT_TILES, FIT_PIXELS = 24, 200_000
 
 
+@deprecated_arguments(renamed={"key": "prepared_key"}, positional=("encoder",))
 def image_features(
     sdata: SpatialData,
-    encoder: str | ImageEncoder = "stain",
     *,
-    key: str = "diffst",
+    encoder: str | ImageEncoder = "stain",
+    prepared_key: str = "diffst",
     key_added: str | None = None,
     n_components: int | None = 32,
     um_per_px: float | None = None,
@@ -58,10 +60,10 @@ def image_features(
         download). ``"timm:<model>"``: any timm model (:class:`diffst.features.TimmEncoder`), e.g.
         ``"timm:hf-hub:MahmoodLab/UNI"``, with pretrained weights from the Hugging Face hub, or from ``weights``
         offline. Or an :class:`diffst.features.ImageEncoder`. See :doc:`/encoders`.
-    key
-        The prepared key.
+    prepared_key
+        The key of the prepared data (``key_added`` of :func:`diffst.pp.prepare`).
     key_added
-        Name of the feature element (default ``"{key}_features"``).
+        Name of the feature element (default ``"{prepared_key}_features"``).
     n_components
         Features kept (PCA); ``None`` keeps all.
     um_per_px
@@ -89,14 +91,14 @@ def image_features(
 
     Returns
     -------
-    Nothing; writes ``sdata.images[key_added]`` and ``sdata.attrs[key]["image_features"]`` (the encoder, its
+    Nothing; writes ``sdata.images[key_added]`` and ``sdata.attrs[prepared_key]["image_features"]`` (the encoder, its
     fingerprint, µm per pixel and the projection).
 
     """
     from .._contract import Prepared
 
-    prep = Prepared.from_sdata(sdata, key)
-    key_added = key_added or f"{key}_features"
+    prep = Prepared.from_sdata(sdata, prepared_key)
+    key_added = key_added or f"{prepared_key}_features"
     if n_components is not None and (not isinstance(n_components, int | np.integer) or n_components < 1):
         msg = f"`n_components` must be a positive integer or None; got {n_components!r}."
         raise ValueError(msg)
@@ -152,7 +154,7 @@ def image_features(
     }
     channels = [f"feature_{j}" for j in range(k)]
     record = dataclasses.replace(prep.record, image_features=features)
-    writer.commit({key_added: ("images", sr_image(out, channels, prep))}, attrs={key: record.to_dict()})
+    writer.commit({key_added: ("images", sr_image(out, channels, prep))}, attrs={prepared_key: record.to_dict()})
     log.info(
         f"image features: {enc.name} at {enc.um_per_px:g} µm/px, {enc.dim} → {k} per HR pixel on {len(origins)} tiles "
         f"({area_mm2:.2f} mm²) in {seconds:.1f} s ({area_mm2 / max(seconds, 1e-9) * 60:.1f} mm²/min) "

@@ -100,8 +100,9 @@ def prepare(
         preferred, ``*_downscaled_*`` avoided).
     tile_um
         Tile side in µm (a multiple of ``lr_um``); training and evaluation use these tiles, and a training window is
-        at most one tile. Default: 400 µm, or four spot pitches where the spots are sparser (800 µm for the ST array's
-        200 µm grid, so that a window holds enough spots to learn from), rounded up to a multiple of ``lr_um``.
+        at most one tile (default: 400 µm, or four spot pitches where the spots are sparser: 800 µm for the ST
+        array's 200 µm grid, so that a window holds enough spots to learn from; rounded up to a multiple of
+        ``lr_um``).
     min_tissue
         Minimum tissue fraction of a kept tile.
     split

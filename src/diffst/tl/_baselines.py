@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 
 from .. import _logging as log
+from .._compat import deprecated_arguments
 from .._contract import Prepared
 from .._degradation import degradation_for
 from .._image import read_tile
@@ -30,10 +31,11 @@ UpsampleMethod = Literal["bicubic", "nearest", "image"]
 FLOOR_PX_PER_HR = 4
 
 
+@deprecated_arguments(renamed={"key": "prepared_key"})
 def upsample(
     sdata: SpatialData,
     *,
-    key: str = "diffst",
+    prepared_key: str = "diffst",
     method: UpsampleMethod = "bicubic",
     key_added: str | None = None,
     units: Units = "counts",
@@ -65,8 +67,8 @@ def upsample(
     ----------
     sdata
         SpatialData prepared with ``dst.pp.prepare``.
-    key
-        The prepared key.
+    prepared_key
+        The key of the prepared data (``key_added`` of :func:`diffst.pp.prepare`).
     method
         ``"bicubic"`` or ``"nearest"``.
     key_added
@@ -97,7 +99,7 @@ def upsample(
         msg = f"`units` must be 'counts' or 'log1p'; got {units!r}."
         raise ValueError(msg)
     key_added = {"image": "image_floor_sr"}.get(method, f"{method}_sr") if key_added is None else key_added
-    prep = Prepared.from_sdata(sdata, key)
+    prep = Prepared.from_sdata(sdata, prepared_key)
     check_sr_free(sdata, key_added, overwrite=overwrite)
 
     s = prep.grid.scale
@@ -246,10 +248,11 @@ def _tesla_imputation():
     return run
 
 
+@deprecated_arguments(renamed={"key": "prepared_key"})
 def tesla(
     sdata: SpatialData,
     *,
-    key: str = "diffst",
+    prepared_key: str = "diffst",
     split: str | None = "test",
     key_added: str = "tesla_sr",
     image_px_per_hr: int = 8,
@@ -282,8 +285,8 @@ def tesla(
     ----------
     sdata
         SpatialData prepared with ``dst.pp.prepare``.
-    key
-        The prepared key.
+    prepared_key
+        The key of the prepared data (``key_added`` of :func:`diffst.pp.prepare`).
     split
         Tiles to process (``"test"``, ``"val"``, ``"train"``), or ``None`` for all tiles.
     key_added
@@ -316,11 +319,13 @@ def tesla(
     if image_px_per_hr < 2 or margin_lr < 0:
         msg = f"`image_px_per_hr` must be ≥ 2 and `margin_lr` ≥ 0; got {image_px_per_hr} and {margin_lr}."
         raise ValueError(msg)
-    prep = Prepared.from_sdata(sdata, key)
+    prep = Prepared.from_sdata(sdata, prepared_key)
     check_sr_free(sdata, key_added, overwrite=overwrite)
     tiles = prep.tiles(sdata, split)
     if len(tiles) == 0:
-        msg = f"No {split!r} tiles under {key!r} to run TESLA on; pass another `split` (or None for all tiles)."
+        msg = (
+            f"No {split!r} tiles under {prepared_key!r} to run TESLA on; pass another `split` (or None for all tiles)."
+        )
         raise ValueError(msg)
 
     grid = prep.grid

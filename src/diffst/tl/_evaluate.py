@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .. import metrics
+from .._compat import deprecated_arguments
 from .._contract import Prepared, check_same_grid, read_sr, read_window
 from .._degradation import BinDegradation, SpotDegradation, degradation_for
 from .._genes import resolve_genes
@@ -262,11 +263,12 @@ def _split_tiles(sdata: SpatialData, prep: Prepared, split: str) -> pd.DataFrame
     return tiles
 
 
+@deprecated_arguments(renamed={"key": "prepared_key"}, positional=("model",))
 def evaluate_spots(
     sdata: SpatialData,
-    model: DiffST | str | Path | None = None,
     *,
-    key: str = "diffst",
+    model: DiffST | str | Path | None = None,
+    prepared_key: str = "diffst",
     split: str = "test",
     seed: int = 0,
 ) -> pd.DataFrame:
@@ -284,10 +286,10 @@ def evaluate_spots(
     sdata
         The prepared spot SpatialData.
     model
-        A :class:`~diffst.DiffST` or the path of a saved one; default the model trained for ``key``
-        (``sdata.attrs[key]['model']``).
-    key
-        The prepared key.
+        A :class:`~diffst.DiffST` or the path of a saved one; default the model trained for ``prepared_key``
+        (``sdata.attrs[prepared_key]['model']``).
+    prepared_key
+        The key of the prepared data (``key_added`` of :func:`diffst.pp.prepare`).
     split
         ``"test"`` (default) or ``"val"`` (what the guard used).
     seed
@@ -306,11 +308,11 @@ def evaluate_spots(
     if split not in ("test", "val", "train"):
         msg = f"`split` must be 'test', 'val' or 'train'; got {split!r}."
         raise ValueError(msg)
-    prep = Prepared.from_sdata(sdata, key)
+    prep = Prepared.from_sdata(sdata, prepared_key)
     if model is None and prep.record.model is None:
-        msg = f"No model was trained for {key!r}: pass `model=` or run `dst.tl.train(sdata, key={key!r})` first."
+        msg = f"No model was trained for {prepared_key!r}: pass `model=` or run `dst.tl.train(sdata, prepared_key={prepared_key!r})` first."
         raise ValueError(msg)
-    model = _resolve_model(sdata, model, key)
+    model = _resolve_model(sdata, model, prepared_key)
     model.check_compatible(prep, genes=list(model.genes))
     maps = heldout_spots(sdata, prep, model, split=split, seed=seed)
     if maps is None or maps["truth"].shape[1] < 3:
@@ -323,5 +325,7 @@ def evaluate_spots(
     df = pd.DataFrame(columns, index=pd.Index(list(model.genes), name="gene"))
     df.columns = pd.MultiIndex.from_tuples(df.columns, names=["method", "metric"])
     df.loc["mean"] = df.mean(axis=0, skipna=True)
-    df.attrs.update({"spots": int(maps["truth"].shape[1]), "split": split, "prepared_key": key, "scale": "normalised"})
+    df.attrs.update(
+        {"spots": int(maps["truth"].shape[1]), "split": split, "prepared_key": prepared_key, "scale": "normalised"}
+    )
     return df

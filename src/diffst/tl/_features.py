@@ -30,7 +30,9 @@ def features_for_training(sdata: SpatialData, prep: Prepared, encoder: str) -> t
 
         if info is not None:
             log.info(f"the image features under {prep.key!r} are {info['encoder']['name']}'s: computing {encoder}'s")
-        image_features(sdata, encoder, key=prep.key, key_added=(info or {}).get("key"), overwrite=info is not None)
+        image_features(
+            sdata, encoder=encoder, prepared_key=prep.key, key_added=(info or {}).get("key"), overwrite=info is not None
+        )
         prep = Prepared.from_sdata(sdata, prep.key)
         info = prep.record.image_features
     return prep, info
@@ -63,7 +65,7 @@ def feature_key(sdata: SpatialData, prep: Prepared, model: DiffST) -> str | None
         raise ValueError(msg)
     have = prep.record.image_features
     fix = (
-        f"compute them as in training: `dst.pp.image_features(sdata, {cfg.image_encoder!r}, key={prep.key!r}, "
+        f"compute them as in training: `dst.pp.image_features(sdata, encoder={cfg.image_encoder!r}, prepared_key={prep.key!r}, "
         f"um_per_px={want['um_per_px']:g}, projection=model.info['image_features']['projection'], overwrite=True)`"
         + (" with the same `weights`" if cfg.image_encoder.startswith("timm:") else "")
     )
@@ -72,7 +74,7 @@ def feature_key(sdata: SpatialData, prep: Prepared, model: DiffST) -> str | None
             from ..pp import image_features
 
             log.info("computing the weight-free image features the model was trained with (its projection)")
-            image_features(sdata, "stain", key=prep.key, um_per_px=want["um_per_px"], projection=want["projection"],
+            image_features(sdata, encoder="stain", prepared_key=prep.key, um_per_px=want["um_per_px"], projection=want["projection"],
                            overwrite=have is not None)  # fmt: skip
             return read_record(sdata, prep.key).image_features["key"]
         msg = f"The model conditions on {cfg.image_encoder} image features, which these data under {prep.key!r} lack; {fix}."

@@ -18,6 +18,7 @@ import torch
 from scipy import ndimage
 
 from .. import _logging as log
+from .._compat import deprecated_arguments
 from .._contract import Prepared, is_prepared, read_record, read_window
 from .._degradation import BinDegradation, SpotDegradation, degradation_for
 from .._genes import resolve_genes
@@ -41,12 +42,13 @@ SamplerName = Literal["fast", "ddpm", "ddim", "dpmsolver"]
 DEFAULT_BLOCK_LR = 48
 
 
+@deprecated_arguments(renamed={"key": "prepared_key"}, positional=("model",))
 def super_resolve(
     sdata: SpatialData,
-    model: DiffST | str | Path | None = None,
     *,
+    model: DiffST | str | Path | None = None,
     genes: str | list[str] | None = None,
-    key: str = "diffst",
+    prepared_key: str = "diffst",
     sampler: SamplerName = "fast",
     steps: int | None = None,
     n_samples: int = 1,
@@ -72,14 +74,14 @@ def super_resolve(
     Parameters
     ----------
     sdata
-        The SpatialData: prepared with :func:`diffst.pp.prepare`, or raw (then it is prepared under ``key`` with the
+        The SpatialData: prepared with :func:`diffst.pp.prepare`, or raw (then it is prepared under ``prepared_key`` with the
         model's genes and units; a Visium slide with only spots works).
     model
         A :class:`diffst.DiffST`, a path to a saved one, or ``None``: the model :func:`diffst.tl.train` recorded in
-        ``sdata.attrs[key]['model']``; if there is none, one is trained with the defaults first (you are told).
+        ``sdata.attrs[prepared_key]['model']``; if there is none, one is trained with the defaults first (you are told).
     genes
         Genes to write (default: all the model's genes). The model always predicts its genes jointly.
-    key
+    prepared_key
         Key of the prepared data.
     sampler
         ``"fast"`` (the model's fast sampler, DPM-Solver++), ``"ddim"``, ``"dpmsolver"`` or ``"ddpm"`` (1000 ancestral
@@ -123,10 +125,10 @@ def super_resolve(
     else:
         # a preparation or a training this call needs goes into a detached copy: `sdata` is left exactly as it was
         sdata = _detached(sdata)
-    model = _resolve_model(sdata, model, key)
-    if not is_prepared(sdata, key):
-        _prepare_for(sdata, model, key)
-    prep = Prepared.from_sdata(sdata, key)
+    model = _resolve_model(sdata, model, prepared_key)
+    if not is_prepared(sdata, prepared_key):
+        _prepare_for(sdata, model, prepared_key)
+    prep = Prepared.from_sdata(sdata, prepared_key)
     want = _resolve_genes(genes, model)
     model.check_compatible(prep, genes=want)
     if prep.image.key not in sdata.images:
@@ -263,7 +265,7 @@ def _resolve_model(sdata: SpatialData, model: DiffST | str | Path | None, key: s
         log.info(f"no prepared data under {key!r}: preparing with the defaults (dst.pp.prepare)")
         prepare(sdata, key_added=key)
     log.info("no trained model for this SpatialData: training one with the defaults (dst.tl.train)")
-    return train(sdata, key=key)
+    return train(sdata, prepared_key=key)
 
 
 def _detached(sdata: SpatialData) -> SpatialData:

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .. import _logging as log
+from .._compat import deprecated_arguments
 from .._contract import update_record
 from .._settings import settings
 from ..features import is_encoder_spec
@@ -67,10 +68,11 @@ MIN_TRAIN_SPOTS = 100
 Supervision = Literal["auto", "hr", "lr"]
 
 
+@deprecated_arguments(renamed={"key": "prepared_key"})
 def train(
     sdata: SpatialData,
     *,
-    key: str = "diffst",
+    prepared_key: str = "diffst",
     preset: Preset = "default",
     max_epochs: int | None = None,
     batch_size: int | None = None,
@@ -129,7 +131,7 @@ def train(
     ----------
     sdata
         SpatialData prepared with :func:`diffst.pp.prepare`.
-    key
+    prepared_key
         The ``key_added`` used in ``prepare``.
     preset
         Model size: ``"default"`` (small, trains on a laptop CPU in minutes), ``"paper"`` (the paper's Table 3;
@@ -145,7 +147,7 @@ def train(
         Seed of weights, batches, noise and augmentation: same seed on the same device, same model.
     checkpoint_dir
         Where checkpoints (``checkpoints/``), logs and the final ``model.pt`` go. Default: a new
-        ``run-<UTC time>`` folder per call under ``<store>.diffst/<key>-<data fingerprint>-<config hash>/`` beside
+        ``run-<UTC time>`` folder per call under ``<store>.diffst/<prepared_key>-<data fingerprint>-<config hash>/`` beside
         a zarr-backed SpatialData, else under ``dst.settings.cachedir/models/``; the folder name ties a run to the
         exact prepared data, configuration and seed.
     resume
@@ -188,18 +190,18 @@ def train(
 
     Returns
     -------
-    The trained :class:`diffst.DiffST` (EMA weights). Its path is recorded in ``sdata.attrs[key]['model']`` (and written
+    The trained :class:`diffst.DiffST` (EMA weights). Its path is recorded in ``sdata.attrs[prepared_key]['model']`` (and written
     to the zarr store when backed), so :func:`diffst.tl.super_resolve` finds it.
 
     """
-    prep = Prepared.from_sdata(sdata, key)
-    supervision = _supervision(prep, key, supervision)
+    prep = Prepared.from_sdata(sdata, prepared_key)
+    supervision = _supervision(prep, prepared_key, supervision)
     if image_encoder != "learned" and not is_encoder_spec(image_encoder):
         msg = f"`image_encoder` must be 'learned', 'stain' or 'timm:<model name>'; got {image_encoder!r}."
         raise ValueError(msg)
     n_train = len(prep.tiles(sdata, "train"))
     if n_train == 0:
-        msg = f"No training tiles under {key!r}; prepare with smaller `tile_um` or a larger train share in `split`."
+        msg = f"No training tiles under {prepared_key!r}; prepare with smaller `tile_um` or a larger train share in `split`."
         raise ValueError(msg)
     if max_epochs is not None and max_epochs < 1:
         msg = f"`max_epochs` must be at least 1; got {max_epochs}."
@@ -230,7 +232,7 @@ def train(
     gene_scale = prep.hr_scale if supervision == "hr" else prep.lr_scale
     planned = max_epochs * steps_per_epoch
     fp = fingerprint(prep)
-    family = None if checkpoint_dir is not None else _default_dir(sdata, prep, key, cfg, seed)
+    family = None if checkpoint_dir is not None else _default_dir(sdata, prep, prepared_key, cfg, seed)
     run_dir, ckpt_path = run_directory(
         family, None if checkpoint_dir is None else Path(checkpoint_dir), resume=resume, overwrite=overwrite
     )
@@ -376,7 +378,7 @@ def train(
             "run_dir": str(run_dir),
             "window_lr": int(window_lr),
             "prepared_fingerprint": fp,
-            "key": key,
+            "key": prepared_key,
             **({"image_features": model_record(features)} if features else {}),
         },
     )
@@ -384,7 +386,7 @@ def train(
         if guard:
             model.info["guard"] = fit_guard(sdata, prep, model, seed=seed)
         model.save(run_dir / "model.pt")
-        _record(sdata, key, model)
+        _record(sdata, prepared_key, model)
         log.info(
             f"trained {model.info['steps']} steps in {seconds:.0f} s ({stopped}; {_summary(model.info)})"
             f"; model saved to {model.path}"
