@@ -226,6 +226,7 @@ def test_visium_zarr_round_trip(visium, tmp_path):
     assert "diffst_lr" in again.images
 
 
+@pytest.mark.slow
 def test_visium_slide_alone_trains_from_its_spots_and_super_resolves(tmp_path):
     """The one-call path for the commonest user: a Space Ranger folder, no HR data, read by spatialdata-io."""
     folder = from_synthetic("visium", tmp_path / "outs", size_um=2000.0)

@@ -148,6 +148,7 @@ def test_refiner_trains_a_mean_head_and_samples_around_it():
         Diffusion(cfg).predict_mean(net, lr, mask, image)
 
 
+@pytest.mark.slow
 def test_refiner_mean_head_learns_what_regression_learns():
     """A mean head trained jointly with the diffusion fits a fixed batch like a regression network does."""
     results = {}

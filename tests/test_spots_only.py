@@ -138,6 +138,7 @@ def test_spot_data_train_from_the_spots_alone(visium):
     assert rows and {"val_pcc_floor", "val_pcc_bicubic", "val_pcc_nearest"} <= set(rows[-1])
 
 
+@pytest.mark.slow
 def test_spots_only_super_resolve_is_lr_consistent_with_a_std(visium):
     sdata, model = visium
     out = dst.tl.super_resolve(sdata, model=model, n_samples=2, inplace=False, seed=1)
@@ -152,6 +153,7 @@ def test_spots_only_super_resolve_is_lr_consistent_with_a_std(visium):
     np.testing.assert_allclose(op.degrade(mean.astype(np.float64)), lr, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_supervision_lr_never_reads_the_hr_truth():
     sdata = dst.datasets.synthetic_xenium(seed=0, boundaries=False)
     dst.pp.prepare(sdata, genes=5, degradation="visium", image_key="he_image", tile_um=400)
@@ -163,6 +165,7 @@ def test_supervision_lr_never_reads_the_hr_truth():
     np.testing.assert_array_equal(model.gene_scale, prep.lr_scale)
 
 
+@pytest.mark.slow
 def test_implicit_training_on_spot_data_says_so(visium, monkeypatch, log_lines):
     sdata, _ = visium
     sdata = dst.tl._super_resolve._detached(sdata)

@@ -55,6 +55,7 @@ def _snapshot(sdata):
 # --- LR consistency -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_consistency_reproduces_lr_exactly_bin(trained):
     sdata, model = trained
     dst.tl.super_resolve(sdata, model=model, n_samples=2, block_lr=7)
@@ -67,6 +68,7 @@ def test_consistency_reproduces_lr_exactly_bin(trained):
     assert np.abs(BinDegradation(4).degrade(_mean(sdata, "raw")) - lr).max() > 0.5
 
 
+@pytest.mark.slow
 def test_consistency_reproduces_lr_exactly_visium_spots():
     sdata = _prepared(degradation="visium")
     prep = Prepared.from_sdata(sdata, "diffst")
@@ -121,6 +123,7 @@ def test_blended_tiles_leave_no_seams_on_a_smooth_field():
 # --- output element -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sr_element_is_aligned_named_and_multiscale(tmp_path):
     # one hot LR pixel: with consistency, all its SR counts stay inside it
     rng = np.random.default_rng(1)
@@ -149,6 +152,7 @@ def test_sr_element_is_aligned_named_and_multiscale(tmp_path):
     assert attrs["genes"] == ["HOT", "G2"]
 
 
+@pytest.mark.slow
 def test_n_samples_gives_mean_and_std_and_log1p_units(trained):
     sdata, model = trained
     out = dst.tl.super_resolve(sdata, model=model, n_samples=4, consistency=False, inplace=False)
@@ -215,6 +219,7 @@ def test_progress_in_a_log_file_is_plain_lines(monkeypatch, log_lines):
     assert _super_resolve._progress is None
 
 
+@pytest.mark.slow
 def test_same_seed_same_map_different_seed_different(trained):
     sdata, model = trained
     run = functools.partial(dst.tl.super_resolve, sdata, model=model, consistency=False, inplace=False, n_samples=2)
@@ -230,6 +235,7 @@ def test_same_seed_same_map_different_seed_different(trained):
     assert np.allclose(a["mean"].values, c["mean"].values, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_dask_distributed_cluster_gives_the_same_map(trained, monkeypatch):
     distributed = pytest.importorskip("distributed")
     # the cluster's nannies set OMP_NUM_THREADS=1 & co. in this process's environment: undo that after the test
@@ -248,6 +254,7 @@ def test_dask_distributed_cluster_gives_the_same_map(trained, monkeypatch):
     assert np.allclose(local, remote, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_zarr_backed_result_is_written_to_disk(trained, tmp_path):
     sdata, model = trained
     path = tmp_path / "s.zarr"
@@ -317,6 +324,7 @@ def test_raw_spatialdata_is_prepared_with_the_models_genes_and_units(trained):
     assert _mean(raw).shape[0] == len(model.genes)
 
 
+@pytest.mark.slow
 def test_transfer_to_a_visium_slide_with_only_spots():
     # train on transcripts degraded like Visium (spots), with an H&E image; apply to a spot-only Visium slide
     sdata = toy_xenium(size_um=1600, n=200_000, he=True)

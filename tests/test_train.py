@@ -53,6 +53,7 @@ def test_tile_dataset_gives_model_inputs_in_model_units(prepared):
     assert float(item["image"].max()) <= 1.0 and float(item["image"].min()) >= 0.0
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights_different_seed_different(prepared, tmp_path):
     a = dst.tl.train(prepared, max_epochs=1, seed=1, checkpoint_dir=tmp_path / "a", **FAST)
     b = dst.tl.train(prepared, max_epochs=1, seed=1, checkpoint_dir=tmp_path / "b", **FAST)
@@ -62,6 +63,7 @@ def test_same_seed_same_weights_different_seed_different(prepared, tmp_path):
     assert not torch.allclose(_weights(a), _weights(c))
 
 
+@pytest.mark.slow
 def test_training_loss_falls(tmp_path):
     sdata = _prepared(seed=5)
     # around the bicubic base the untrained loss is large, so the optimiser's progress is plain to see
@@ -92,6 +94,7 @@ def test_save_load_round_trip_gives_identical_samples(prepared, tmp_path):
     assert torch.equal(s1, s2)
 
 
+@pytest.mark.slow
 def test_resume_continues_an_interrupted_run(prepared, tmp_path):
     first = dst.tl.train(prepared, max_epochs=1, checkpoint_dir=tmp_path, **FAST)
     steps_one_epoch = first.info["steps"]

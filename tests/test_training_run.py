@@ -121,6 +121,7 @@ def test_sigint_saves_a_checkpoint_says_how_to_resume_and_resuming_matches_an_un
     assert resumed.info["trained_seconds"] > 0
 
 
+@pytest.mark.slow
 def test_a_checkpoint_is_written_at_least_every_interval(prepared, tmp_path, monkeypatch):
     saved: list[int] = []
     original = _run.RunControl.save
@@ -142,6 +143,7 @@ def test_a_checkpoint_is_written_at_least_every_interval(prepared, tmp_path, mon
 # --------------------------------------------------------------------------------------------------------------------
 # resumable, never by surprise
 # --------------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_default_runs_never_share_checkpoints_and_resume_only_when_asked(tmp_path, log_lines):
     sdata = _prepared()
     sdata.write(tmp_path / "s.zarr")
@@ -169,6 +171,7 @@ def test_default_runs_never_share_checkpoints_and_resume_only_when_asked(tmp_pat
         dst.tl.train(backed, max_epochs=1, resume="yes", **RUN)
 
 
+@pytest.mark.slow
 def test_a_budget_below_what_the_checkpoint_did_is_a_clear_message(prepared, tmp_path):
     run = tmp_path / "run"
     dst.tl.train(prepared, max_epochs=3, checkpoint_dir=run, **RUN)
@@ -197,6 +200,7 @@ def test_a_checkpoint_of_other_data_is_refused(prepared, tmp_path):
 # --------------------------------------------------------------------------------------------------------------------
 # bounded: why training stopped, in plain words
 # --------------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_stopping_before_the_first_validation_is_said_plainly(prepared, tmp_path, log_lines):
     model = dst.tl.train(
         prepared, max_epochs=2, checkpoint_dir=tmp_path, preset="tiny", val_steps=2, guard=False,
@@ -217,6 +221,7 @@ def test_the_time_budget_stops_training_records_it_and_counts_across_resumes(pre
         dst.tl.train(prepared, max_epochs=500, checkpoint_dir=tmp_path, time_budget=1.5, resume=True, **RUN)
 
 
+@pytest.mark.slow
 def test_progress_lines_carry_step_loss_validation_and_time_left(prepared, tmp_path, log_lines, monkeypatch):
     monkeypatch.setattr(dst.settings, "progress_every", 0.0)
     dst.tl.train(prepared, max_epochs=2, checkpoint_dir=tmp_path, **RUN)
@@ -269,6 +274,7 @@ def test_cli_words_name_the_flags():
     assert demo("pass a larger `time_budget`, or `overwrite=True`") == "pass a larger `time_budget`, or `--overwrite`"
 
 
+@pytest.mark.slow
 def test_cli_errors_and_warnings_use_flags(tmp_path, capsys, log_lines):
     path = tmp_path / "s.zarr"
     toy_xenium(size_um=800, n=60_000, seed=0).write(path)
