@@ -217,14 +217,14 @@ def ablation(args) -> None:
 
 def calibration(sdata, key: str) -> float:
     """Share of HR pixels of the test tiles whose true count lies within mean ± 2 std."""
+    from diffst._contract import Prepared, read_sr
     from diffst._spatial import image_levels
-    from diffst.tl._data import Prepared
 
-    prep = Prepared.from_sdata(sdata, "diffst")
-    attrs = sdata.attrs[key]
-    mean = np.asarray(image_levels(sdata.images[key])[0].values)
-    std = np.asarray(image_levels(sdata.images[attrs["elements"]["std"]])[0].values)
-    truth = np.asarray(sdata[prep.elements["hr"]].values)[[prep.genes.index(g) for g in attrs["genes"]]]
+    record, mean_el, std_el = read_sr(sdata, key)
+    prep = Prepared.from_sdata(sdata, record.prepared_key)
+    mean = np.asarray(image_levels(mean_el)[0].values)
+    std = np.asarray(image_levels(std_el)[0].values)
+    truth = np.asarray(sdata[prep.elements["hr"]].values)[[prep.genes.index(g) for g in record.genes]]
     s, t = prep.grid.scale, prep.tile_lr
     inside = []
     for r0, c0 in zip(*(prep.tiles(sdata, "test")[c] for c in ("lr_row0", "lr_col0")), strict=True):

@@ -556,7 +556,11 @@ def read_window(
     rr0, cc0, rr1, cc1 = max(r0, 0), max(c0, 0), min(r1, h), min(c1, w)
     if rr1 > rr0 and cc1 > cc0:
         inner = (slice(rr0, rr1), slice(cc0, cc1))
-        if data.ndim == 3:
-            inner = (slice(None) if channels is None else np.asarray(channels), *inner)
-        out[..., rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0] = np.asarray(data[inner], dtype=dtype)
+        few = channels is not None and data.ndim == 3 and 2 * len(channels) < data.shape[0]
+        if few:  # a few channels of many: read only those
+            block = np.asarray(data[(np.asarray(channels), *inner)], dtype=dtype)
+        else:  # most or all: one plain slice, then pick in memory (cheaper than fancy indexing a dask array)
+            block = np.asarray(data[(..., *inner)], dtype=dtype)
+            block = block if channels is None else block[np.asarray(channels)]
+        out[..., rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0] = block
     return out
