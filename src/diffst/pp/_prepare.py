@@ -229,10 +229,12 @@ def prepare(
     op = None
     spot_centres = None
     spot_d = None
+    spot_pitch = None
     if meas.kind == "spots":
         lr = all_lr[gene_idx].astype(np.float32)
         deg_name = "spots"
         spot_d = meas.spot_diameter_um
+        spot_pitch = inputs.spot_pitch_um
         x0, y0, x1, y1 = grid.extent_um
         c = meas.centres_um
         spot_centres = c[(c[:, 0] >= x0) & (c[:, 0] < x1) & (c[:, 1] >= y0) & (c[:, 1] < y1)]
@@ -242,7 +244,7 @@ def prepare(
             op = BinDegradation(scale)
             coverage = op.coverage(grid.lr_shape)
         else:
-            pitch = float(spot_pitch_um) if spot_pitch_um is not None else float(lr_um)
+            pitch = spot_pitch = float(spot_pitch_um) if spot_pitch_um is not None else float(lr_um)
             spot_d = (
                 float(spot_diameter_um)
                 if spot_diameter_um is not None
@@ -320,9 +322,6 @@ def prepare(
     if spot_centres is not None:
         elements[names["spots"]] = ("shapes", _spots_shapes(spot_centres, spot_d, grid, cs, u))
 
-    pitch = (
-        (spot_pitch_um or lr_um) if deg_name == "visium" else (inputs.spot_pitch_um if deg_name == "spots" else None)
-    )
     record = PreparedRecord(
         diffst_version=_version(),
         coordinate_system=cs,
@@ -332,7 +331,7 @@ def prepare(
         sources={**meas.source, "image_key": inputs.image_key},
         grid=grid,
         degradation=DegradationRecord(
-            deg_name, None if spot_d is None else float(spot_d), None if pitch is None else float(pitch)
+            deg_name, None if spot_d is None else float(spot_d), None if spot_pitch is None else float(spot_pitch)
         ),
         genes=tuple(chosen),
         gene_selection=selection_info,
