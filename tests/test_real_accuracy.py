@@ -13,7 +13,7 @@ from diffst.model import DiffSTConfig, DiffSTNet, Diffusion
 from diffst.model.floor import density_weights, floor_model_units, image_floor, nuclear_channel, nuclear_signal
 from diffst.model.upsample import upsample_lr
 from diffst.tl._data import Prepared, TileSource, WindowDataset, choose_window, tiled_origins, window_origins
-from diffst.tl._guard import coverage_scale
+from diffst.tl._guard import coverage_scale, predictive_std
 from diffst.tl._super_resolve import _Job
 
 from .models import untrained
@@ -189,6 +189,16 @@ def test_std_map_has_no_window_border_structure(prepared, monkeypatch):
     assert np.allclose(std[:, tissue], 2.0, atol=1e-6)
     assert np.allclose(out["mean"].values[:, tissue], 5.0, atol=1e-6)
 
+    # a guard writes the predictive std c · sqrt(spread² + mean): still flat, 1.5 · sqrt(2² + 5) = 4.5
+    g = len(model.genes)
+    model.info["guard"] = {"alpha": [1.0] * g, "std_scale": [1.5] * g, "std_noise": "poisson"}
+    out = dst.tl.super_resolve(prepared, model=model, n_samples=4, consistency=False, inplace=False, tile_overlap=0.5)
+    assert np.allclose(out["std"].values[:, tissue], 4.5, atol=1e-5)
+    # a guard fitted before the Poisson term keeps scaling the spread alone
+    model.info["guard"] = {"alpha": [1.0] * g, "std_scale": [1.5] * g}
+    out = dst.tl.super_resolve(prepared, model=model, n_samples=4, consistency=False, inplace=False, tile_overlap=0.5)
+    assert np.allclose(out["std"].values[:, tissue], 3.0, atol=1e-5)
+
 
 def test_coverage_scale_calibrates_two_std_to_95_percent():
     rng = np.random.default_rng(0)
@@ -198,6 +208,30 @@ def test_coverage_scale_calibrates_two_std_to_95_percent():
     c = coverage_scale(truth, mean, sigma / 2)  # a std map that is half the true spread
     assert c == pytest.approx(2 * 1.96 / 2, rel=0.02)
     assert coverage_scale(truth, mean, np.zeros_like(mean)) == 1.0
+
+
+def test_the_predictive_std_carries_from_sparse_validation_tissue_to_richer_tissue():
+    """Calibrated on nearly empty validation tiles, the interval still covers ~95 % of counts where expression is high.
+
+    Counts are Poisson around the model's mean; the samples spread a little. Scaling the spread alone to cover the
+    validation counts (the calibration before the Poisson term) covers far fewer counts where there are more of them.
+    """
+    rng = np.random.default_rng(0)
+    spread = 0.1
+    val_mean = np.full(50_000, 0.02)
+    val_truth = rng.poisson(val_mean).astype(float)
+    test_mean = rng.uniform(0.5, 4.0, 50_000)
+    test_truth = rng.poisson(test_mean).astype(float)
+
+    def covered(c, mean, std, truth):
+        return float(np.mean(np.abs(truth - mean) <= 2 * c * std + 1e-9))
+
+    c = max(1.0, coverage_scale(val_truth, val_mean, predictive_std(val_mean, np.full_like(val_mean, spread))))
+    assert c == 1.0  # sparse validation counts cannot narrow it below Poisson
+    test_std = predictive_std(test_mean, np.full_like(test_mean, spread))
+    assert 0.92 <= covered(c, test_mean, test_std, test_truth) <= 0.98
+    c_old = coverage_scale(val_truth, val_mean, np.full_like(val_mean, spread))
+    assert covered(c_old, test_mean, np.full_like(test_mean, spread), test_truth) < 0.6
 
 
 # ---------------------------------------------------------------------------------------------------- train + guard
@@ -218,7 +252,8 @@ def test_training_selects_on_validation_pcc_and_records_the_baselines(trained):
     guard = trained.info["guard"]
     assert len(guard["alpha"]) == len(trained.genes)
     assert all(0.0 <= a <= 1.0 for a in guard["alpha"])
-    assert all(c > 0 for c in guard["std_scale"])
+    assert all(c >= 1.0 for c in guard["std_scale"]) and guard["std_noise"] == "poisson"
+    assert 0.9 <= guard["coverage_val"] <= 1.0
     table = guard["validation"]
     # the guarded map is at least as good as the model alone and as the floor on validation (α = 1 and 0 are tried)
     assert table["guarded"]["pcc"] >= table["model"]["pcc"] - 1e-6

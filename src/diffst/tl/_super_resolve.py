@@ -89,7 +89,10 @@ def super_resolve(
     steps
         Sampler steps (default: the model's, 20 for the fast samplers).
     n_samples
-        Samples per pixel; more than one adds ``images[key_added + '_std']``.
+        Samples per pixel; more than one adds ``images[key_added + '_std']``. For a model with a guard (trained with
+        HR truth and validation tiles), that is the predictive std of a measured count: the spread of the samples plus
+        Poisson counting noise, scaled per gene so that mean ± 2 std covered 95 % of the validation counts;
+        otherwise the spread of the samples.
     consistency
         Enforce that the map, re-degraded, reproduces the observed LR counts exactly (non-negative).
     tile_overlap
@@ -193,8 +196,10 @@ def super_resolve(
 def _apply_guard(stack: da.Array, sdata, prep: Prepared, model: DiffST, want: list[str], guard: dict) -> da.Array:
     """Blend each gene's map with the image floor by the weight validation chose; scale the std by its calibration.
 
-    ``mean = α_g · model + (1 − α_g) · floor`` (both LR-consistent, so the blend is too) and
-    ``std = α_g · c_g · std``, with ``α_g`` and ``c_g`` fitted on the validation windows by :func:`dst.tl.train`.
+    ``mean = α_g · model + (1 − α_g) · floor`` (both LR-consistent, so the blend is too) and the predictive std
+    ``c_g · sqrt((α_g · std)² + mean)`` (:func:`~diffst.tl._guard.predictive_std`), with ``α_g`` and ``c_g`` fitted on
+    the validation windows by :func:`dst.tl.train`. A guard fitted before the Poisson term (no ``"std_noise"``) scales
+    the sample spread alone: ``α_g · c_g · std``.
     """
     from ._baselines import slide_floor
 
@@ -209,6 +214,8 @@ def _apply_guard(stack: da.Array, sdata, prep: Prepared, model: DiffST, want: li
             f"guard: {int(np.sum(alpha[:, 0, 0] < 1))} of {len(want)} genes blended with the image floor "
             "(weights fitted on validation, see sdata.attrs[key_added]['guard'])"
         )
+    if guard.get("std_noise") == "poisson":
+        return da.stack([mean, scale * da.sqrt(da.square(std * alpha) + da.clip(mean, 0.0, None))])
     return da.stack([mean, std * alpha * scale])
 
 
@@ -219,7 +226,12 @@ def _guard_params(guard: dict | None, model: DiffST, want: list[str]) -> dict | 
     return {
         "alpha": {g: float(guard["alpha"][i]) for g, i in zip(want, idx, strict=True)},
         "std_scale": {g: float(guard["std_scale"][i]) for g, i in zip(want, idx, strict=True)},
-        "definition": "mean = alpha * model + (1 - alpha) * image floor; std = alpha * std_scale * model std",
+        "definition": "mean = alpha * model + (1 - alpha) * image floor; "
+        + (
+            "std = std_scale * sqrt((alpha * model std)^2 + mean), the sample spread plus Poisson counting noise"
+            if guard.get("std_noise") == "poisson"
+            else "std = alpha * std_scale * model std"
+        ),
     }
 
 
