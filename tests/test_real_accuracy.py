@@ -5,12 +5,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from skimage.color import rgb2hed
 
 import diffst as dst
 from diffst._spatial import image_levels
 from diffst.model import DiffSTConfig, DiffSTNet, Diffusion
-from diffst.model.floor import density_weights, floor_model_units, image_floor, nuclear_channel, nuclear_signal
+from diffst.model.floor import (
+    default_exponents,
+    density_weights,
+    fit_stain_exponents,
+    floor_model_units,
+    image_floor,
+    nuclear_channel,
+    nuclear_signal,
+    stain_candidates,
+    stain_signals,
+)
 from diffst.model.upsample import upsample_lr
 from diffst.tl._data import Prepared, TileSource, WindowDataset, choose_window, tiled_origins, window_origins
 from diffst.tl._guard import coverage_scale, predictive_std
@@ -74,6 +85,59 @@ def test_image_floor_baseline_is_lr_consistent_and_beats_bicubic(prepared):
         dst.tl.upsample(prepared, method="image", consistency=False, key_added="x")
 
 
+def test_the_floors_exponents_give_the_floor_and_an_rgb_image_has_two_stains():
+    rng = np.random.default_rng(1)
+    signal = torch.from_numpy(rng.uniform(0, 1, (2, 1, 8, 8)).astype(np.float32))
+    signal[0, 0, :4, :4] = 0.0  # an unstained LR pixel: flat in both
+    stains = torch.cat([signal, torch.from_numpy(rng.uniform(0, 1, (2, 1, 8, 8)).astype(np.float32))], 1)
+    ex = default_exponents(3, 2, "fluorescence", channel=0)
+    fitted = density_weights(stains, 4, ex)
+    assert fitted.shape == (2, 3, 8, 8)
+    assert torch.allclose(fitted, density_weights(signal, 4).expand(-1, 3, -1, -1), atol=1e-5)
+    assert default_exponents(1, 2, "fluorescence", channel=1).tolist() == [[0.0, 0.5]]
+    rgb = torch.rand(1, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    assert stain_signals(rgb, "rgb").shape == (1, 2, 5, 5)
+    assert torch.allclose(stain_signals(rgb, "rgb")[:, :1], nuclear_signal(rgb, "rgb"), atol=1e-6)
+    cands = stain_candidates(3)
+    assert ((cands > 0).sum(1) <= 2).all() and len(cands) == len({tuple(c) for c in cands.tolist()})
+
+
+def _stain_windows(follows: int, seed: int = 0):
+    """Windows whose gene 0 follows stain ``follows`` of two (gene 1 is flat noise): truth, LR, mask, image."""
+    s, per_hr, b, h = 4, 2, 8, 4
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(b, 2, h * s * per_hr, h * s * per_hr, generator=g) ** 3
+    stain = F.avg_pool2d(image[:, follows : follows + 1], per_hr)
+    counts = torch.cat([8 * stain, torch.rand(b, 1, h * s, h * s, generator=g)], 1)
+    gene_scale = torch.full((2,), 3.0)
+    x0 = 2 * torch.log1p(counts) / gene_scale.view(1, -1, 1, 1) - 1
+    lr_counts = F.avg_pool2d(counts, s)  # counts per HR pixel of each LR pixel, as the model units hold them
+    lr = 2 * torch.log1p(lr_counts) / gene_scale.view(1, -1, 1, 1) - 1
+    return x0, lr, torch.ones(b, 1, h, h), image, {"scale": s, "per_hr": per_hr, "gene_scale": gene_scale}
+
+
+def test_fitted_floor_finds_the_stain_a_gene_follows_and_keeps_the_floor_otherwise():
+    x0, lr, mask, image, kw = _stain_windows(follows=1)
+    ex, pcc = fit_stain_exponents(x0, lr, mask, image, kind="fluorescence", n_stains=2, channel=0, **kw)
+    assert ex.shape == (2, 2)
+    assert float(ex[0, 1]) > 0 and float(ex[0, 0]) == 0.0  # gene 0 follows the second stain only
+    assert float(pcc["fitted"][0]) > float(pcc["floor"][0]) + 0.1
+    assert ex[1].tolist() == [0.5, 0.0] or float(pcc["fitted"][1]) > float(pcc["floor"][1]) + 0.005
+    # a gene that follows the nuclear stain keeps the floor: nothing beats it by the margin
+    x0, lr, mask, image, kw = _stain_windows(follows=0)
+    ex, pcc = fit_stain_exponents(x0, lr, mask, image, kind="fluorescence", n_stains=2, channel=0, **kw)
+    assert float(ex[0, 1]) == 0.0
+    # the fitted exponents are what the model's base then uses
+    cfg = DiffSTConfig.preset("tiny", n_genes=2, image_channels=2, image_kind="fluorescence", scale=4,
+                              stain_exponents=ex.tolist())  # fmt: skip
+    diffusion = Diffusion(cfg, gene_scale=kw["gene_scale"])
+    assert torch.equal(diffusion.stain_exponents, ex)
+    floor_cfg = DiffSTConfig.preset("tiny", base="floor", n_genes=2, stain_exponents=ex.tolist())
+    assert Diffusion(floor_cfg, gene_scale=kw["gene_scale"]).stain_exponents is None
+    with pytest.raises(ValueError, match="one row per gene"):
+        DiffSTConfig.preset("tiny", n_genes=3, stain_exponents=ex.tolist())
+
+
 # ---------------------------------------------------------------------------------------------------- windows
 def test_windows_inside_a_region_at_every_offset():
     region = np.zeros((10, 10), dtype=bool)
@@ -126,7 +190,7 @@ def _inputs(cfg, b=2, seed=0):
 
 def test_refiner_trains_a_mean_head_and_samples_around_it():
     cfg = DiffSTConfig.preset("tiny")
-    assert cfg.objective == "refiner" and cfg.base == "floor"
+    assert cfg.objective == "refiner" and cfg.base == "fitted"
     torch.manual_seed(0)
     net = DiffSTNet(cfg)
     diffusion = Diffusion(cfg, gene_scale=torch.full((cfg.n_genes,), 3.0))
@@ -249,6 +313,10 @@ def test_training_selects_on_validation_pcc_and_records_the_baselines(trained):
         assert np.isfinite(rows[-1][k]), k
     assert trained.info["best_val_pcc"] == pytest.approx(max(r["val_pcc"] for r in rows), abs=1e-6)
     assert trained.info["stopped_by"] in ("completed", "early stopping")
+    # the fitted floor's exponents were chosen before training: one row per gene, one column per stain (the toy's
+    # image is one DAPI channel)
+    assert trained.config.base == "fitted" and trained.config.image_kind == "fluorescence"
+    assert np.asarray(trained.config.stain_exponents).shape == (len(trained.genes), trained.config.image_channels)
     guard = trained.info["guard"]
     assert len(guard["alpha"]) == len(trained.genes)
     assert all(0.0 <= a <= 1.0 for a in guard["alpha"])

@@ -10,7 +10,7 @@
 from .cam import ConcatFusion, DisentangledFusion, disentangling_loss
 from .config import DiffSTConfig
 from .diffusion import Diffusion, Sampler
-from .floor import floor_model_units, hr_signal, image_floor, nuclear_signal
+from .floor import fit_stain_exponents, floor_model_units, hr_signal, image_floor, nuclear_signal, stain_signals
 from .graph import CIGCGraph, coexpression_intensity, normalize_coexpression
 from .image_encoder import HierarchicalImageEncoder, patch_entropy
 from .network import DiffSTNet, DiffSTOutput
@@ -31,11 +31,13 @@ __all__ = [
     "coexpression_intensity",
     "disentangling_loss",
     "fill_unobserved",
+    "fit_stain_exponents",
     "floor_model_units",
     "hr_signal",
     "image_floor",
     "normalize_coexpression",
     "nuclear_signal",
     "patch_entropy",
+    "stain_signals",
     "upsample_lr",
 ]

@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+import numpy as np
+
 __all__ = ["DiffSTConfig"]
 
 PresetName = Literal["paper", "default", "tiny"]
@@ -67,11 +69,14 @@ class DiffSTConfig:
         there is no HR residual for a diffusion to learn; the spread comes from leave-spots-out predictions instead.
     residual
         Diffuse ``x0 - base`` instead of ``x0`` (SR3/SRDiff style) and add the base back after sampling.
-    base
-        The map the residual is taken around, and the LR condition the network reads: ``"floor"`` (the default) is the
-        training-free image floor (:func:`~diffst.model.image_floor`: bicubic × nuclear-stain density, each LR pixel
-        keeping its counts), so an untrained model already returns the floor and training learns what it misses;
-        ``"bicubic"`` is the mask-aware bicubic up-sampling :func:`~diffst.model.upsample_lr` (the paper's setting).
+    base, stain_exponents
+        The map the residual is taken around, and the LR condition the network reads. ``"fitted"`` (the default) is
+        the image floor with a per-gene density of all the image's stains, whose exponents ``stain_exponents``
+        (``G × K``) :func:`diffst.tl.train` chooses on the training tiles (:func:`~diffst.model.fit_stain_exponents`;
+        until then, or for genes where the fit does not beat it, the floor itself). ``"floor"`` is the training-free
+        image floor (:func:`~diffst.model.image_floor`: bicubic × nuclear-stain density, each LR pixel keeping its
+        counts), so an untrained model already returns the floor and training learns what it misses; ``"bicubic"`` is
+        the mask-aware bicubic up-sampling :func:`~diffst.model.upsample_lr` (the paper's setting).
     image_encoder, feature_channels
         Where the tissue-level image features come from. ``"learned"`` (the default, ``feature_channels=0``): the
         tissue encoder learns them from the image on this slide. Otherwise the name of the encoder of
@@ -139,7 +144,8 @@ class DiffSTConfig:
     beta_end: float = 0.02
     prediction_type: str = "sample"
     residual: bool = True
-    base: str = "floor"
+    base: str = "fitted"
+    stain_exponents: list[list[float]] | None = None
     image_kind: str = "rgb"
     nuclear_channel: int = 0
     image_encoder: str = "learned"
@@ -336,9 +342,16 @@ class DiffSTConfig:
         if not 0.0 < self.hide_fraction < 1.0:
             msg = f"hide_fraction must lie in (0, 1), got {self.hide_fraction}."
             raise ValueError(msg)
-        if self.base not in ("floor", "bicubic"):
-            msg = f"base must be 'floor' or 'bicubic', got {self.base!r}."
+        if self.base not in ("fitted", "floor", "bicubic"):
+            msg = f"base must be 'fitted', 'floor' or 'bicubic', got {self.base!r}."
             raise ValueError(msg)
+        if self.stain_exponents is not None:
+            ex = np.asarray(self.stain_exponents, dtype=float)
+            if ex.ndim != 2 or ex.shape[0] != self.n_genes or not np.all(np.isfinite(ex)):
+                msg = (
+                    f"stain_exponents must be finite, one row per gene ({self.n_genes} × stains); got shape {ex.shape}."
+                )
+                raise ValueError(msg)
         if (self.image_encoder == "learned") != (self.feature_channels == 0) or self.feature_channels < 0:
             msg = (
                 "image_encoder='learned' has no feature channels and any other encoder needs some; got "

@@ -70,7 +70,11 @@ class Diffusion:
         return self.scheduler.alphas_cumprod
 
     def condition(self, lr: Tensor, mask: Tensor, image: Tensor | None = None) -> Tensor:
-        """The base map in model units: the image floor (``base="floor"``) or ``up(y)`` (``"bicubic"``)."""
+        """The base map in model units.
+
+        The image floor (``base="floor"``), the fitted floor (``"fitted"``, see
+        :func:`~diffst.model.fit_stain_exponents`) or ``up(y)`` (``"bicubic"``).
+        """
         c = self.config
         if c.base == "bicubic":
             return upsample_lr(lr, mask, c.scale)
@@ -79,8 +83,16 @@ class Diffusion:
             raise ValueError(msg)
         return floor_model_units(
             lr, mask, image, scale=c.scale, per_hr=c.image_per_hr, gene_scale=self.gene_scale.to(lr.device),
-            kind=c.image_kind, channel=c.nuclear_channel,
+            kind=c.image_kind, channel=c.nuclear_channel, exponents=self.stain_exponents,
         ).to(lr.dtype)  # fmt: skip
+
+    @property
+    def stain_exponents(self) -> Tensor | None:
+        """The fitted floor's per-gene stain exponents ``(G, K)`` (``base="fitted"``), else ``None`` (the floor)."""
+        c = self.config
+        if c.base != "fitted" or c.stain_exponents is None:
+            return None
+        return torch.as_tensor(c.stain_exponents, dtype=torch.float32)
 
     def baseline(self, lr: Tensor, mask: Tensor, image: Tensor | None = None) -> Tensor:
         """The HR baseline the residual is taken from (:meth:`condition`; zeros when ``residual=False``)."""

@@ -6,6 +6,12 @@ fluorescence, haematoxylin from colour deconvolution for H&E). Each LR pixel the
 carry transcripts and nuclei mark cells, so the density says *where inside the LR pixel* the counts most likely are;
 the bicubic factor keeps the smooth trend between neighbouring LR pixels. No parameter is fitted.
 
+The *fitted* floor (the model's ``base="fitted"``) lets each gene weigh every stain of the image: its density is
+``Π_k signal_k^γ_gk`` over the stains (the fluorescence channels; haematoxylin and eosin of H&E), with per-gene
+exponents chosen on the training tiles by :func:`fit_stain_exponents` (the training-free floor is
+``γ = ½`` on the nuclear stain and 0 elsewhere). A total-RNA stain such as MERFISH's polyT says more about where
+transcripts are than DAPI does; a gene of the extracellular matrix may follow eosin.
+
 The SpatialData side (:func:`diffst.tl.upsample` with ``method="image"``) computes the nuclear signal of the slide
 and finishes with the data's exact degradation operator; here the block rescaling is the sum-pooling (``bin``)
 one, which is what validation inside training uses.
@@ -18,7 +24,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["density_weights", "floor_model_units", "hr_signal", "image_floor", "nuclear_channel", "nuclear_signal"]
+__all__ = [
+    "default_exponents",
+    "density_weights",
+    "fit_stain_exponents",
+    "floor_model_units",
+    "hr_signal",
+    "hr_stains",
+    "image_floor",
+    "nuclear_channel",
+    "nuclear_signal",
+    "stain_candidates",
+    "stain_signals",
+]
+
+#: Exponent values tried per stain by :func:`fit_stain_exponents` (at most two stains non-zero at a time).
+EXPONENTS = (0.0, 0.25, 0.5, 1.0)
+#: Stain signal below which a pixel counts as unstained in the fitted density (signals are in [0, 1]).
+_TINY = 1e-6
 
 #: Names (lower case, substrings) of fluorescence channels that stain nuclei.
 NUCLEAR_NAMES = ("dapi", "hoechst", "nucle", "dna", "draq", "sytox", "h3342")
@@ -55,15 +78,48 @@ def hr_signal(image: Tensor, kind: str, per_hr: int, channel: int = 0) -> Tensor
     return F.avg_pool2d(nuclear_signal(image, kind, channel), per_hr)
 
 
-def density_weights(signal: Tensor, scale: int) -> Tensor:
-    """``sqrt(signal)`` normalised to mean 1 inside every LR pixel (``scale × scale`` HR pixels); flat where empty."""
-    d = signal.clamp_min(0.0).sqrt()
+def stain_signals(image: Tensor, kind: str, n_channels: int | None = None) -> Tensor:
+    """Every stain of image crops ``(B, C, H, W)`` in [0, 1] → ``(B, K, H, W)``, non-negative.
+
+    ``kind="rgb"``: haematoxylin and eosin by colour deconvolution (K = 2); ``"fluorescence"``: the first
+    ``n_channels`` channels (all by default; extra channels, such as image features, are left out).
+    """
+    if kind == "rgb" and image.shape[1] >= 3:
+        rgb = image[:, :3].clamp_min(1e-6)
+        od = torch.log(rgb) / np.log(1e-6)
+        hed = torch.einsum("bchw,cd->bdhw", od.double(), torch.from_numpy(_HED_FROM_RGB).to(od.device))
+        return hed[:, :2].clamp_min(0.0).to(image.dtype)
+    return image[:, :n_channels].clamp_min(0.0)
+
+
+def hr_stains(image: Tensor, kind: str, per_hr: int, n_channels: int | None = None) -> Tensor:
+    """Mean of every stain over each HR pixel: :func:`stain_signals` average-pooled ``per_hr × per_hr``."""
+    return F.avg_pool2d(stain_signals(image, kind, n_channels), per_hr)
+
+
+def density_weights(signal: Tensor, scale: int, exponents: Tensor | None = None) -> Tensor:
+    """A density normalised to mean 1 inside every LR pixel (``scale × scale`` HR pixels); flat where empty.
+
+    Without ``exponents``: ``sqrt(signal)`` of the nuclear signal ``(B, 1, H, W)``. With ``exponents`` ``(G, K)``: per
+    gene ``Π_k signal_k^γ_gk`` of the stains ``(B, K, H, W)`` (:func:`hr_stains`), ``(B, G, H, W)``.
+    """
+    if exponents is None:
+        d = signal.clamp_min(0.0).sqrt()
+    else:
+        log_s = signal.clamp_min(_TINY).log()
+        d = torch.einsum("bkhw,gk->bghw", log_s, exponents.to(log_s)).exp()
+        # an unstained pixel (every stain the gene weighs below _TINY) gets no share, as with the sqrt density
+        weighed = (exponents > 0).to(log_s)
+        stained = torch.einsum("bkhw,gk->bghw", (signal > _TINY).to(log_s), weighed) >= weighed.sum(1).view(1, -1, 1, 1)
+        d = torch.where(stained, d, torch.zeros_like(d))
     block = F.avg_pool2d(d, scale)
     up = F.interpolate(block, scale_factor=scale, mode="nearest")
     return torch.where(up > 0, d / up.clamp_min(1e-12), torch.ones_like(d))
 
 
-def image_floor(base: Tensor, lr_total: Tensor, observed: Tensor, signal: Tensor, scale: int) -> Tensor:
+def image_floor(
+    base: Tensor, lr_total: Tensor, observed: Tensor, signal: Tensor, scale: int, exponents: Tensor | None = None
+) -> Tensor:
     """The image floor in counts per HR pixel.
 
     Parameters
@@ -75,32 +131,45 @@ def image_floor(base: Tensor, lr_total: Tensor, observed: Tensor, signal: Tensor
     observed
         ``(B, 1, h, w)`` whether each LR pixel was measured; unobserved ones keep ``base × density``.
     signal
-        ``(B, 1, H, W)`` nuclear signal per HR pixel (:func:`hr_signal`).
+        ``(B, 1, H, W)`` nuclear signal per HR pixel (:func:`hr_signal`), or with ``exponents`` the stains
+        ``(B, K, H, W)`` (:func:`hr_stains`).
     scale
         SR factor.
+    exponents
+        ``(G, K)`` per-gene stain exponents of the fitted floor (:func:`density_weights`); ``None``: the floor.
 
     Returns
     -------
     ``(B, G, H, W)`` non-negative counts whose ``scale × scale`` sums equal ``lr_total`` where observed.
 
     """
-    shaped = base.clamp_min(0.0) * density_weights(signal, scale)
+    d = density_weights(signal, scale, exponents)
+    shaped = base.clamp_min(0.0) * d
     sums = F.avg_pool2d(shaped, scale) * scale * scale
     ratio = torch.where(sums > 0, lr_total / sums.clamp_min(1e-12), torch.zeros_like(sums))
     # a block the shaped map left empty but that has counts: spread them by the density alone
     flat = lr_total / (scale * scale)
-    d = density_weights(signal, scale)
     fill = torch.where(_up(sums, scale) > 0, shaped * _up(ratio, scale), _up(flat, scale) * d)
     return torch.where(_up(observed.to(base.dtype).expand_as(lr_total), scale) > 0, fill, shaped)
 
 
 def floor_model_units(
-    lr: Tensor, mask: Tensor, image: Tensor, *, scale: int, per_hr: int, gene_scale: Tensor, kind: str, channel: int = 0
+    lr: Tensor,
+    mask: Tensor,
+    image: Tensor,
+    *,
+    scale: int,
+    per_hr: int,
+    gene_scale: Tensor,
+    kind: str,
+    channel: int = 0,
+    exponents: Tensor | None = None,
 ) -> Tensor:
     """The image floor of model-input windows, in model units (``2·log1p(c)/s_g − 1``, see ``diffst._normalise``).
 
     ``lr`` ``(B, G, h, w)`` and ``mask`` ``(B, 1, h, w)`` as the network takes them, ``image`` ``(B, C, H·per_hr, …)``
     in [0, 1]; LR pixels are rescaled by sum-pooling (exact for ``bin`` data, the extrapolated spot total for spots).
+    ``exponents`` ``(G, K)``: the fitted floor over the ``K`` stains of the image (:func:`fit_stain_exponents`).
     """
     from .upsample import upsample_lr
 
@@ -112,8 +181,82 @@ def floor_model_units(
     observed = (mask > 0).to(lr.dtype)
     base = counts(upsample_lr(lr, mask, scale))
     total = counts(lr) * (scale * scale) * observed
-    floor = image_floor(base, total, observed, hr_signal(image, kind, per_hr, channel), scale)
+    if exponents is None:
+        signal = hr_signal(image, kind, per_hr, channel)
+    else:
+        signal = hr_stains(image, kind, per_hr, exponents.shape[1] if kind != "rgb" else None)
+    floor = image_floor(base, total, observed, signal, scale, exponents)
     return 2.0 * torch.log1p(floor) / s_g - 1.0
+
+
+def default_exponents(n_genes: int, n_stains: int, kind: str, channel: int = 0) -> Tensor:
+    """The training-free floor as stain exponents ``(G, K)``: ``½`` on the nuclear stain, 0 on the others."""
+    ex = torch.zeros(n_genes, n_stains)
+    ex[:, 0 if kind == "rgb" else channel] = 0.5
+    return ex
+
+
+def stain_candidates(n_stains: int) -> Tensor:
+    """Exponent vectors ``(N, K)`` tried per gene: each stain at :data:`EXPONENTS`, at most two stains non-zero."""
+    import itertools
+
+    rows = {tuple([0.0] * n_stains)}
+    for pair in itertools.combinations(range(n_stains), min(2, n_stains)):
+        for values in itertools.product(EXPONENTS, repeat=len(pair)):
+            row = [0.0] * n_stains
+            for k, v in zip(pair, values, strict=True):
+                row[k] = v
+            rows.add(tuple(row))
+    return torch.tensor(sorted(rows))
+
+
+def fit_stain_exponents(
+    x0: Tensor,
+    lr: Tensor,
+    mask: Tensor,
+    image: Tensor,
+    *,
+    scale: int,
+    per_hr: int,
+    gene_scale: Tensor,
+    kind: str,
+    n_stains: int,
+    channel: int = 0,
+    margin: float = 0.005,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-gene stain exponents of the fitted floor, chosen on training windows.
+
+    Every candidate of :func:`stain_candidates` is scored per gene by the Pearson correlation of its floor with the
+    truth ``x0`` (model units, ``(B, G, H, W)``) over the observed HR pixels of the windows. A gene takes the best
+    candidate only where it beats the training-free floor (:func:`default_exponents`) by more than ``margin``;
+    otherwise it keeps the floor's exponents, so little or noisy training data changes nothing.
+
+    ``n_stains``: 2 for H&E (haematoxylin, eosin), the image's channels for fluorescence (not its feature
+    channels). Returns the exponents ``(G, K)`` and the per-gene PCC of the floor (``"floor"``) and of the chosen
+    exponents (``"fitted"``) on these windows.
+    """
+    g = x0.shape[1]
+    observed = F.interpolate((mask > 0).to(x0.dtype), scale_factor=scale, mode="nearest")[:, 0] > 0
+    truth = x0.permute(1, 0, 2, 3)[:, observed]  # (G, pixels)
+
+    def pcc(ex: Tensor) -> Tensor:
+        pred = floor_model_units(lr, mask, image, scale=scale, per_hr=per_hr, gene_scale=gene_scale, kind=kind,
+                                 channel=channel, exponents=ex).permute(1, 0, 2, 3)[:, observed]  # fmt: skip
+        p = pred - pred.mean(1, keepdim=True)
+        t = truth - truth.mean(1, keepdim=True)
+        den = (p.square().sum(1) * t.square().sum(1)).sqrt()
+        return torch.where(den > 0, (p * t).sum(1) / den.clamp_min(1e-12), torch.full_like(den, float("nan")))
+
+    floor_ex = default_exponents(g, n_stains, kind, channel)
+    with torch.no_grad():
+        base = pcc(floor_ex)
+        cands = stain_candidates(n_stains)
+        scores = torch.stack([pcc(c.expand(g, -1)) for c in cands])  # (N, G)
+    best = torch.nan_to_num(scores, nan=-2.0).argmax(0)
+    best_score = scores[best, torch.arange(g)]
+    better = torch.nan_to_num(best_score - base, nan=0.0) > margin
+    exponents = torch.where(better[:, None], cands[best], floor_ex)
+    return exponents, {"floor": base, "fitted": torch.where(better, best_score, base)}
 
 
 def _up(t: Tensor, scale: int) -> Tensor:

@@ -17,7 +17,7 @@ as much as Poisson counts do, and a validation region with few counts cannot nar
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -132,8 +132,11 @@ def heldout_spots(sdata: SpatialData, prep: Prepared, model: DiffST, *, split: s
     return {k: torch.cat(v, dim=1).numpy() for k, v in parts.items()}
 
 
-def fit_guard(sdata: SpatialData, prep: Prepared, model: DiffST, *, n_samples: int = 4, seed: int = 0) -> dict | None:
+def fit_guard(sdata: SpatialData, prep: Prepared, model: DiffST, *, n_samples: int = 4, seed: int = 0,
+              std_noise: Literal["poisson"] | None = "poisson") -> dict | None:  # fmt: skip
     """Fit the per-gene floor blend and std scale on validation; print the comparison table. ``None`` without val.
+
+    ``std_noise=None`` calibrates the sample spread alone, as before the Poisson term (for comparisons).
 
     A model trained from the spots alone (``supervision="lr"``) is compared on the validation spots, each predicted
     while hidden (:func:`heldout_spots`); the blend weights are chosen there and the std is not calibrated (there is
@@ -159,8 +162,12 @@ def fit_guard(sdata: SpatialData, prep: Prepared, model: DiffST, *, n_samples: i
         pccs = np.nan_to_num(np.asarray(pccs), nan=-np.inf)
         best = float(ALPHAS[int(np.flatnonzero(pccs >= pccs.max() - 1e-4).max())])  # ties go to the model
         blend = best * maps["mean"][g] + (1 - best) * maps["floor"][g]
-        std = predictive_std(blend, best * maps["std"][g])
-        c = max(1.0, coverage_scale(maps["truth"][g], blend, std))
+        if std_noise == "poisson":
+            std = predictive_std(blend, best * maps["std"][g])
+            c = max(1.0, coverage_scale(maps["truth"][g], blend, std))
+        else:
+            std = best * maps["std"][g]
+            c = coverage_scale(maps["truth"][g], blend, std)
         alpha.append(best)
         std_scale.append(c)
         if np.any(std > 0):
@@ -178,7 +185,7 @@ def fit_guard(sdata: SpatialData, prep: Prepared, model: DiffST, *, n_samples: i
         "std_scale": std_scale,
         "validation": table,
         "coverage_val": float(np.mean(covered)) if covered else None,
-        "std_noise": "poisson",
+        "std_noise": std_noise,
         "n_samples": int(n_samples),
         "pixels": int(n_px),
     }

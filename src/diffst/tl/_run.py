@@ -321,6 +321,10 @@ def run_directory(
     return run, None
 
 
+#: Config fields that training fits from the data rather than takes from the user.
+FITTED_CONFIG = ("stain_exponents",)
+
+
 def check_resumable(
     ckpt_path: Path,
     *,
@@ -333,7 +337,11 @@ def check_resumable(
     """Refuse, with the choices, a checkpoint of another configuration or data, or one at or past this budget."""
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     hp = ckpt.get("hyper_parameters", {})
+    # what training fits from the data (the fitted floor's exponents) is not chosen by the user; the data
+    # fingerprint, compared below, already says whether the data are the same
+    config = {k: v for k, v in config.items() if k not in FITTED_CONFIG}
     stored = hp.get("config")
+    stored = None if stored is None else {k: v for k, v in stored.items() if k not in FITTED_CONFIG}
     run = ckpt_path.parent.parent
     if stored is not None and stored != config:
         diff = sorted(k for k in config if stored.get(k) != config[k])

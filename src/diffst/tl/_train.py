@@ -252,6 +252,8 @@ def train(
         source.hr = None
     train_ds = WindowDataset(source, train_origins, window_lr, image_um=cfg.image_um, gene_scale=gene_scale)
     val_ds = WindowDataset(source, val_origins, window_lr, image_um=cfg.image_um, gene_scale=gene_scale)
+    if cfg.base == "fitted" and supervision == "hr":
+        cfg = _fit_base(cfg, train_ds, gene_scale)
     sampler = WindowSampler(len(train_ds), epoch_len, seed)
     train_dl = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=num_workers)
     val_dl = DataLoader(val_ds, batch_size=cfg.batch_size, num_workers=num_workers) if n_val else None
@@ -431,6 +433,36 @@ def _check_spots(prep: Prepared, region) -> None:
 def _best(rows: list[dict[str, float]], name: str) -> float | None:
     values = [r[name] for r in rows if name in r]
     return float(min(values)) if values else None
+
+
+#: Training windows the fitted floor's exponents are chosen on (evenly spread over the training region).
+BASE_FIT_WINDOWS = 64
+
+
+def _fit_base(cfg: DiffSTConfig, train_ds: WindowDataset, gene_scale) -> DiffSTConfig:
+    """Choose the fitted floor's per-gene stain exponents on training windows (:func:`fit_stain_exponents`)."""
+    import dataclasses
+
+    import numpy as np
+
+    from ..model.floor import default_exponents, fit_stain_exponents
+
+    idx = np.unique(np.linspace(0, len(train_ds) - 1, min(BASE_FIT_WINDOWS, len(train_ds))).round().astype(int))
+    batch = {k: torch.stack([train_ds[int(i)][k] for i in idx]) for k in ("x0", "lr", "mask", "image")}
+    n_stains = 2 if cfg.image_kind == "rgb" else cfg.image_channels
+    exponents, pcc = fit_stain_exponents(
+        batch["x0"], batch["lr"], batch["mask"], batch["image"], scale=cfg.scale, per_hr=cfg.image_per_hr,
+        gene_scale=torch.as_tensor(np.asarray(gene_scale, dtype=np.float32)), kind=cfg.image_kind,
+        n_stains=n_stains, channel=cfg.nuclear_channel,
+    )  # fmt: skip
+    floor = default_exponents(cfg.n_genes, n_stains, cfg.image_kind, cfg.nuclear_channel)
+    changed = int((exponents != floor).any(1).sum())
+    log.info(
+        f"fitted floor: {changed} of {cfg.n_genes} genes weigh the image's stains differently from the floor, on "
+        f"{len(idx)} training windows (PCC {float(np.nanmean(pcc['floor'].numpy())):.3f} → "
+        f"{float(np.nanmean(pcc['fitted'].numpy())):.3f})"
+    )
+    return dataclasses.replace(cfg, stain_exponents=[[float(v) for v in row] for row in exponents.tolist()])
 
 
 def _config(
