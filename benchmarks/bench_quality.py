@@ -13,6 +13,9 @@ interrupted run continues; ``--fresh`` starts over):
     validate on a 300 × 300 µm region only)} × {5×, 10×} × seeds; Diff-ST (default preset: refiner, guarded by the
     image floor, mean of 4 samples), regression, bicubic, LR-consistent bicubic, the image floor, TESLA; the guard's
     validation PCC and the coverage of mean ± 2 std on test tiles.
+``base``
+    The default model's base before training (the floor with per-gene stain exponents fitted on the training
+    windows) against the training-free image floor, pooled PCC on the test windows; no training.
 ``coverage``
     Coverage of mean ± 2 std on the test tiles of the ``accuracy`` cells, with the std calibrated on validation as
     before (the sample spread scaled) and as now (with Poisson counting noise), same models and validation tiles.
@@ -218,6 +221,38 @@ def coverage(args) -> None:
                          "median_std_scale": float(np.median(model.info["guard"]["std_scale"]))})  # fmt: skip
 
 
+def base(args) -> None:
+    """The fitted floor (the default model's base before any training) against the training-free floor, on the test
+    windows: the exponents are fitted on the training windows exactly as ``dst.tl.train`` fits them."""
+    from diffst._contract import Prepared
+    from diffst.metrics import pearson
+    from diffst.model.floor import floor_model_units
+    from diffst.tl import _train
+    from diffst.tl._data import TileSource, WindowDataset, choose_window, split_region, tiled_origins, window_origins
+
+    for sdata, labels, rows in cells("base", args.datasets, args):
+        prep = Prepared.from_sdata(sdata, "diffst")
+        region = split_region(prep, sdata, "train")
+        w = choose_window(region, prep.tile_lr)
+        cfg = _train._config(prep, "tiny" if args.quick else "default", None, None, window_um=w * prep.grid.lr_um)
+        source = TileSource.from_sdata(sdata, prep).cache_image(cfg.image_um)
+        train_ds = WindowDataset(source, window_origins(region, w), w, image_um=cfg.image_um, gene_scale=prep.hr_scale)
+        fitted = _train._fit_base(cfg, train_ds, prep.hr_scale)
+        test = WindowDataset(source, tiled_origins(prep.tiles(sdata, "test"), prep.tile_lr, w), w,
+                             image_um=cfg.image_um, gene_scale=prep.hr_scale)  # fmt: skip
+        batch = {k: torch.stack([test[i][k] for i in range(len(test))]) for k in ("x0", "lr", "mask", "image")}
+        kw = {"scale": cfg.scale, "per_hr": cfg.image_per_hr, "kind": cfg.image_kind, "channel": cfg.nuclear_channel,
+              "gene_scale": torch.as_tensor(np.asarray(prep.hr_scale, dtype=np.float32))}  # fmt: skip
+        ex = np.asarray(fitted.stain_exponents)
+        floor_ex = _train.default_exponents(cfg.n_genes, ex.shape[1], cfg.image_kind, cfg.nuclear_channel).numpy()
+        changed = int(np.any(ex != floor_ex, axis=1).sum())
+        for name, exponents in (("image floor", None), ("fitted floor", torch.from_numpy(ex).float())):
+            pred = floor_model_units(batch["lr"], batch["mask"], batch["image"], exponents=exponents, **kw)
+            pcc = [pearson(pred[:, g].numpy().ravel(), batch["x0"][:, g].numpy().ravel()) for g in range(cfg.n_genes)]
+            rows.append({**labels, "method": name, "pcc": float(np.nanmean(pcc)), "windows": len(test),
+                         "changed_genes": changed})  # fmt: skip
+
+
 def ablation(args) -> None:
     path = RESULTS / f"ablation{'_quick' if args.quick else ''}.csv"
     prev = done(path)
@@ -310,6 +345,7 @@ REPORTS = {
     "samples": (["consistency"], "n_samples", ["pcc", "rmse", "lr_consistency", "within_2std", "seconds"]),
     "accuracy": (["dataset", "scale"], "method", ["pcc", "rmse", "ssim", "within_2std", "val_pcc", "train_s"]),
     "coverage": (["dataset", "scale"], "std", ["within_2std", "coverage_val", "median_std_scale"]),
+    "base": (["dataset", "scale"], "method", ["pcc"]),
 }
 
 
@@ -377,8 +413,8 @@ def main() -> None:
     for exp in args.experiments:
         if args.fresh and exp != "report":
             (RESULTS / f"{exp}{'_quick' if args.quick else ''}.csv").unlink(missing_ok=True)
-        experiments = {"accuracy": accuracy, "coverage": coverage, "quality": quality, "ablation": ablation,
-                       "samples": samples, "report": report}  # fmt: skip
+        experiments = {"accuracy": accuracy, "base": base, "coverage": coverage, "quality": quality,
+                       "ablation": ablation, "samples": samples, "report": report}  # fmt: skip
         experiments[exp](args)
 
 

@@ -22,6 +22,7 @@ from .._contract import update_record
 from .._settings import settings
 from ..features import is_encoder_spec
 from ..model import DiffSTConfig, DiffSTNet
+from ..model.floor import default_exponents, fit_stain_exponents
 from ._data import (
     Prepared,
     TileSource,
@@ -444,8 +445,6 @@ def _fit_base(cfg: DiffSTConfig, train_ds: WindowDataset, gene_scale) -> DiffSTC
     import dataclasses
 
     import numpy as np
-
-    from ..model.floor import default_exponents, fit_stain_exponents
 
     idx = np.unique(np.linspace(0, len(train_ds) - 1, min(BASE_FIT_WINDOWS, len(train_ds))).round().astype(int))
     batch = {k: torch.stack([train_ds[int(i)][k] for i in idx]) for k in ("x0", "lr", "mask", "image")}
