@@ -100,6 +100,10 @@ def test_the_floors_exponents_give_the_floor_and_an_rgb_image_has_two_stains():
     assert torch.allclose(stain_signals(rgb, "rgb")[:, :1], nuclear_signal(rgb, "rgb"), atol=1e-6)
     cands = stain_candidates(3)
     assert ((cands > 0).sum(1) <= 2).all() and len(cands) == len({tuple(c) for c in cands.tolist()})
+    assert len(cands) == 1 + 3 * 3 + 3 * 9  # nothing, one stain, two stains
+    many = stain_candidates(20, nuclear=5)
+    pairs = many[(many > 0).sum(1) == 2]
+    assert len(many) == 1 + 20 * 3 + 19 * 9 and bool((pairs[:, 5] > 0).all())
 
 
 def _stain_windows(follows: int, seed: int = 0):
