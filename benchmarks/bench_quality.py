@@ -388,7 +388,7 @@ def report(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "experiments", nargs="+", choices=["accuracy", "coverage", "quality", "ablation", "samples", "report"]
+        "experiments", nargs="+", choices=["accuracy", "base", "coverage", "quality", "ablation", "samples", "report"]
     )
     parser.add_argument(
         "--datasets",
