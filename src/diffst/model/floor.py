@@ -101,7 +101,7 @@ def density_weights(signal: Tensor, scale: int, exponents: Tensor | None = None)
     """A density normalised to mean 1 inside every LR pixel (``scale × scale`` HR pixels); flat where empty.
 
     Without ``exponents``: ``sqrt(signal)`` of the nuclear signal ``(B, 1, H, W)``. With ``exponents`` ``(G, K)``: per
-    gene ``Π_k signal_k^γ_gk`` of the stains ``(B, K, H, W)`` (:func:`hr_stains`), ``(B, G, H, W)``.
+    gene ``Π_k signal_k^γ_gk`` of the stains ``(B, K, H, W)`` (``hr_stains``), ``(B, G, H, W)``.
     """
     if exponents is None:
         d = signal.clamp_min(0.0).sqrt()
@@ -132,11 +132,11 @@ def image_floor(
         ``(B, 1, h, w)`` whether each LR pixel was measured; unobserved ones keep ``base × density``.
     signal
         ``(B, 1, H, W)`` nuclear signal per HR pixel (:func:`hr_signal`), or with ``exponents`` the stains
-        ``(B, K, H, W)`` (:func:`hr_stains`).
+        ``(B, K, H, W)`` (``hr_stains``).
     scale
         SR factor.
     exponents
-        ``(G, K)`` per-gene stain exponents of the fitted floor (:func:`density_weights`); ``None``: the floor.
+        ``(G, K)`` per-gene stain exponents of the fitted floor (``density_weights``); ``None``: the floor.
 
     Returns
     -------
@@ -237,9 +237,9 @@ def fit_stain_exponents(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-gene stain exponents of the fitted floor, chosen on training windows.
 
-    Every candidate of :func:`stain_candidates` is scored per gene by the Pearson correlation of its floor with the
+    Every candidate of ``stain_candidates`` is scored per gene by the Pearson correlation of its floor with the
     truth ``x0`` (model units, ``(B, G, H, W)``) over the observed HR pixels of the windows. A gene takes the best
-    candidate only where it beats the training-free floor (:func:`default_exponents`) by more than ``margin``;
+    candidate only where it beats the training-free floor (``default_exponents``) by more than ``margin``;
     otherwise it keeps the floor's exponents, so little or noisy training data changes nothing.
 
     ``n_stains``: 2 for H&E (haematoxylin, eosin), the image's channels for fluorescence (not its feature
