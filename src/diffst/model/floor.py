@@ -66,11 +66,16 @@ def nuclear_signal(image: Tensor, kind: str, channel: int = 0) -> Tensor:
     stain matrix; white background gives 0). ``kind="fluorescence"``: the intensity of channel ``channel``.
     """
     if kind == "rgb" and image.shape[1] >= 3:
-        rgb = image[:, :3].clamp_min(1e-6)
-        od = torch.log(rgb) / np.log(1e-6)  # optical density as rgb2hed scales it
-        hed = torch.einsum("bchw,cd->bdhw", od.double(), torch.from_numpy(_HED_FROM_RGB).to(od.device))
-        return hed[:, :1].clamp_min(0.0).to(image.dtype)
+        return _hed(image, 1)
     return image[:, channel : channel + 1].clamp_min(0.0)
+
+
+def _hed(image: Tensor, n: int) -> Tensor:
+    """The first ``n`` stains (haematoxylin, eosin, DAB) of RGB crops by colour deconvolution, non-negative."""
+    rgb = image[:, :3].clamp_min(1e-6)
+    od = torch.log(rgb) / np.log(1e-6)  # optical density as rgb2hed scales it
+    hed = torch.einsum("bchw,cd->bdhw", od.double(), torch.from_numpy(_HED_FROM_RGB).to(od.device))
+    return hed[:, :n].clamp_min(0.0).to(image.dtype)
 
 
 def hr_signal(image: Tensor, kind: str, per_hr: int, channel: int = 0) -> Tensor:
@@ -85,10 +90,7 @@ def stain_signals(image: Tensor, kind: str, n_channels: int | None = None) -> Te
     ``n_channels`` channels (all by default; extra channels, such as image features, are left out).
     """
     if kind == "rgb" and image.shape[1] >= 3:
-        rgb = image[:, :3].clamp_min(1e-6)
-        od = torch.log(rgb) / np.log(1e-6)
-        hed = torch.einsum("bchw,cd->bdhw", od.double(), torch.from_numpy(_HED_FROM_RGB).to(od.device))
-        return hed[:, :2].clamp_min(0.0).to(image.dtype)
+        return _hed(image, 2)
     return image[:, :n_channels].clamp_min(0.0)
 
 
@@ -171,6 +173,18 @@ def floor_model_units(
     in [0, 1]; LR pixels are rescaled by sum-pooling (exact for ``bin`` data, the extrapolated spot total for spots).
     ``exponents`` ``(G, K)``: the fitted floor over the ``K`` stains of the image (:func:`fit_stain_exponents`).
     """
+    if exponents is None:
+        signal = hr_signal(image, kind, per_hr, channel)
+    else:
+        signal = hr_stains(image, kind, per_hr, exponents.shape[1] if kind != "rgb" else None)
+    return _floor_units(_counts_in(lr, mask, scale, gene_scale), signal, scale, exponents)
+
+
+def _counts_in(lr: Tensor, mask: Tensor, scale: int, gene_scale: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The floor's inputs from model-input windows, besides the image.
+
+    The bicubic base and the LR totals in counts, the observed LR pixels and the per-gene scale ``(1, G, 1, 1)``.
+    """
     from .upsample import upsample_lr
 
     s_g = gene_scale.reshape(1, -1, 1, 1).to(lr)
@@ -179,12 +193,12 @@ def floor_model_units(
         return torch.expm1((x + 1.0) * 0.5 * s_g).clamp_min(0.0)
 
     observed = (mask > 0).to(lr.dtype)
-    base = counts(upsample_lr(lr, mask, scale))
-    total = counts(lr) * (scale * scale) * observed
-    if exponents is None:
-        signal = hr_signal(image, kind, per_hr, channel)
-    else:
-        signal = hr_stains(image, kind, per_hr, exponents.shape[1] if kind != "rgb" else None)
+    return counts(upsample_lr(lr, mask, scale)), counts(lr) * (scale * scale) * observed, observed, s_g
+
+
+def _floor_units(inputs: tuple[Tensor, Tensor, Tensor, Tensor], signal: Tensor, scale: int,
+                 exponents: Tensor | None) -> Tensor:  # fmt: skip
+    base, total, observed, s_g = inputs
     floor = image_floor(base, total, observed, signal, scale, exponents)
     return 2.0 * torch.log1p(floor) / s_g - 1.0
 
@@ -250,9 +264,12 @@ def fit_stain_exponents(
     observed = F.interpolate((mask > 0).to(x0.dtype), scale_factor=scale, mode="nearest")[:, 0] > 0
     truth = x0.permute(1, 0, 2, 3)[:, observed]  # (G, pixels)
 
+    # the LR inputs and the stains do not depend on the exponents: computed once for every candidate
+    inputs = _counts_in(lr, mask, scale, gene_scale)
+    stains = hr_stains(image, kind, per_hr, n_stains if kind != "rgb" else None)
+
     def pcc(ex: Tensor) -> Tensor:
-        pred = floor_model_units(lr, mask, image, scale=scale, per_hr=per_hr, gene_scale=gene_scale, kind=kind,
-                                 channel=channel, exponents=ex).permute(1, 0, 2, 3)[:, observed]  # fmt: skip
+        pred = _floor_units(inputs, stains, scale, ex).permute(1, 0, 2, 3)[:, observed]
         p = pred - pred.mean(1, keepdim=True)
         t = truth - truth.mean(1, keepdim=True)
         den = (p.square().sum(1) * t.square().sum(1)).sqrt()

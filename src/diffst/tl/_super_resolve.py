@@ -215,7 +215,9 @@ def _apply_guard(stack: da.Array, sdata, prep: Prepared, model: DiffST, want: li
             "(weights fitted on validation, see sdata.attrs[key_added]['guard'])"
         )
     if guard.get("std_noise") == "poisson":
-        return da.stack([mean, scale * da.sqrt(da.square(std * alpha) + da.clip(mean, 0.0, None))])
+        from ._guard import predictive_std
+
+        return da.stack([mean, scale * predictive_std(mean, std * alpha)])
     return da.stack([mean, std * alpha * scale])
 
 
