@@ -20,7 +20,9 @@ interrupted run continues; ``--fresh`` starts over):
     Coverage of mean ± 2 std on the test tiles of the ``accuracy`` cells, with the std calibrated on validation as
     before (the sample spread scaled) and as now (with Poisson counting noise), same models and validation tiles.
 ``ablation``
-    Diff-ST with each of ``cam``, ``cigc_graph``, ``hierarchical`` switched off, synthetic Xenium, both scales.
+    Diff-ST with each of ``cam``, ``cigc_graph``, ``hierarchical`` switched off, per dataset, scale and seed (as in
+    ``accuracy``, whose Diff-ST is the full model). ``results/ablation_before_issue10.csv`` keeps the earlier run
+    (synthetic only, the default before issue 10, 750 steps).
 ``samples``
     LR consistency on/off × ``n_samples`` ∈ {1, 4, 8}: PCC/RMSE and the calibration of the std map (share of true
     counts within mean ± 2 std).
@@ -254,22 +256,19 @@ def base(args) -> None:
 
 
 def ablation(args) -> None:
-    path = RESULTS / f"ablation{'_quick' if args.quick else ''}.csv"
-    prev = done(path)
+    """The paper's Table 2 on the current default: each component switched off, same data, split, preset and budget.
+    The full model is the ``accuracy`` experiment's Diff-ST (same tag, so it is trained once)."""
     variants = {"Diff-ST": {}, "w/o CAM": {"cam": False}, "w/o CIGC-Graph": {"cigc_graph": False},
                 "w/o hierarchical": {"hierarchical": False}}  # fmt: skip
-    for scale in args.scales:
-        for seed in args.seeds:
-            for name, cfg in variants.items():
-                if not prev.empty and ((prev.scale == scale) & (prev.seed == seed) & (prev.variant == name)).any():
-                    continue
-                sdata = load("synthetic", scale, seed, args.quick)
-                tag = f"synthetic{scale}_{seed}" if not cfg else f"abl{scale}_{seed}_{'_'.join(cfg)}"
-                model = train(sdata, seed, args.quick, tag, cfg)
-                dst.tl.super_resolve(sdata, model=model, n_samples=4, seed=seed)
-                n_params = sum(p.numel() for p in model.net.parameters())
-                append(path, [score(sdata, "diffst_sr", variant=name, scale=scale, seed=seed, params=n_params)])
-                print(f"ablation {name} {scale}× seed {seed} done", flush=True)
+    for sdata, labels, rows in cells("ablation", args.datasets, args):
+        dataset, scale, seed = labels["dataset"], labels["scale"], labels["seed"]
+        for name, cfg in variants.items():
+            tag = f"acc_{dataset}{scale}_{seed}" + "".join(f"_no_{k}" for k in cfg)
+            model = train(sdata, seed, args.quick, tag, cfg or None)
+            dst.tl.super_resolve(sdata, model=model, n_samples=4, seed=seed, overwrite=True)
+            n_params = sum(p.numel() for p in model.net.parameters())
+            rows.append(score(sdata, "diffst_sr", variant=name, params=n_params, steps=model.info["steps"], **labels))
+            print(f"ablation {dataset} {name} {scale}× seed {seed} done", flush=True)
 
 
 def calibration(sdata, key: str) -> float:
@@ -341,7 +340,7 @@ def paired(df: pd.DataFrame, *, by: str, within: list[str], ref: str = "Diff-ST"
 #: Per experiment: the columns that make one setting, the column naming what is compared in it, the columns reported.
 REPORTS = {
     "quality": (["dataset", "scale"], "method", METRICS),
-    "ablation": (["scale"], "variant", ["pcc", "rmse", "ssim", "params"]),
+    "ablation": (["dataset", "scale"], "variant", ["pcc", "rmse", "ssim", "params"]),
     "samples": (["consistency"], "n_samples", ["pcc", "rmse", "lr_consistency", "within_2std", "seconds"]),
     "accuracy": (["dataset", "scale"], "method", ["pcc", "rmse", "ssim", "within_2std", "val_pcc", "train_s"]),
     "coverage": (["dataset", "scale"], "std", ["within_2std", "coverage_val", "median_std_scale"]),
@@ -394,7 +393,7 @@ def main() -> None:
         "--datasets",
         nargs="*",
         default=["synthetic", "merfish", "merfish_roi"],
-        help="accuracy: default synthetic merfish merfish_roi",
+        help="accuracy, ablation: default synthetic merfish merfish_roi",
     )
     parser.add_argument("--budget", type=float, default=None, help="training time budget in s (default: package's)")
     parser.add_argument("--quick", action="store_true", help="tiny preset, small slide, one seed")
