@@ -348,6 +348,34 @@ REPORTS = {
 }
 
 
+#: The issue-10 targets drawn by ``accuracy_figure``: Diff-ST's PCC minus each method's, on the same seed.
+TARGETS = {"regression": 0.0, "image floor": 0.02, "bicubic (LR-consistent)": 0.05}
+
+
+def accuracy_figure(df: pd.DataFrame, path: Path) -> None:
+    """Diff-ST minus regression, the image floor and LR-consistent bicubic (test PCC), one dot per seed, per setting,
+    with the issue's target as a dashed line: paired by seed, so the split's spread does not hide the differences."""
+    df = df.assign(setting=lambda d: d["dataset"] + " " + d["scale"].astype(str) + "×")
+    pcc = df.pivot_table(index=["setting", "seed"], columns="method", values="pcc", sort=False)
+    settings = list(dict.fromkeys(pcc.index.get_level_values("setting")))
+    fig, axes = plt.subplots(1, len(TARGETS), figsize=(4.2 * len(TARGETS), 3.6), layout="constrained", sharey=True)
+    for ax, (method, target) in zip(axes, TARGETS.items(), strict=True):
+        delta = (pcc["Diff-ST"] - pcc[method]).rename("delta").reset_index()
+        for i, setting in enumerate(settings):
+            d = delta[delta.setting == setting]["delta"].dropna()
+            ax.scatter(np.full(len(d), i), d, s=18, color="C0", zorder=3)
+            ax.hlines(d.mean(), i - 0.3, i + 0.3, color="C0", lw=2)
+        ax.axhline(target, ls="--", color="C3", lw=1, label=f"target {target:+.2f}")
+        ax.axhline(0.0, color="0.6", lw=0.8)
+        ax.set_xticks(range(len(settings)), settings, rotation=30, ha="right")
+        ax.set_title(f"Diff-ST − {method}")
+        ax.legend(loc="upper left", fontsize=8)
+    axes[0].set_ylabel("Δ test PCC (per seed; bar: mean)")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    print(f"\nfigure: {path}")
+
+
 def report(args) -> None:
     def table(df: pd.DataFrame, by: list[str], cols: list[str]) -> str:
         g = df.groupby(by, sort=False)[cols]
@@ -375,6 +403,8 @@ def report(args) -> None:
             within, by, _ = REPORTS[name]
             print(f"\n### {name}: Diff-ST minus each {by}, paired by seed (same split and tiles)\n")
             print(paired(results[name], by=by, within=within))
+    if args.accuracy_figure and "accuracy" in results:
+        accuracy_figure(results["accuracy"], args.accuracy_figure)
     if args.figure and "quality" in results:
         df = results["quality"].assign(setting=lambda d: d["dataset"] + " " + d["scale"].astype(str) + "×")
         # one dot per method and setting: the mean over seeds, the bar their standard deviation
@@ -401,6 +431,8 @@ def main() -> None:
     parser.add_argument("--scales", type=int, nargs="*", default=[5, 10], help="quality and ablation: default 5 10")
     parser.add_argument("--fresh", action="store_true", help="discard earlier results of these experiments")
     parser.add_argument("--figure", type=Path, default=None, help="report: also draw the quality table to this PNG")
+    parser.add_argument("--accuracy-figure", type=Path, default=None,
+                        help="report: also draw Diff-ST minus each baseline of the accuracy table to this PNG")  # fmt: skip
     args = parser.parse_args()
     args.seeds = args.seeds if args.seeds is not None else ([0] if args.quick else list(SEEDS))
     torch.set_num_threads(2)
