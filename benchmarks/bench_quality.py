@@ -352,11 +352,64 @@ REPORTS = {
 TARGETS = {"regression": 0.0, "image floor": 0.02, "bicubic (LR-consistent)": 0.05}
 
 
+def with_setting(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with a column ``setting``: dataset and scale, e.g. ``"merfish 10×"``."""
+    return df.assign(setting=lambda d: d["dataset"] + " " + d["scale"].astype(str) + "×")
+
+
+#: Dataset names in the accuracy tables of ``docs/benchmarks.md``, in their order there.
+ACCURACY_NAMES = {"merfish_roi": "MERFISH small region", "merfish": "MERFISH", "synthetic": "synthetic Xenium"}
+ACCURACY_METHODS = ["Diff-ST", "regression", "bicubic", "bicubic (LR-consistent)", "image floor", "TESLA"]
+
+
+def _delta(pcc: pd.DataFrame, method: str, target: float = 0.0) -> str:
+    """Diff-ST minus ``method`` over the seeds (rows of ``pcc``): mean, worst seed, seeds meeting ``target``."""
+    x = pcc["Diff-ST"] - pcc[method]
+    met = int((x >= target - 1e-12).sum())
+    return f"{x.mean():+.3f} (min {x.min():+.3f}; ≥ {target:+.2f} on {met}/{len(x)})"
+
+
+def _value(v: float, best: bool) -> str:
+    return f"**{v:.3f}**" if best else f"{v:.3f}"
+
+
+def accuracy_tables(df: pd.DataFrame) -> str:
+    """The accuracy tables of ``docs/benchmarks.md``: test PCC mean ± std over seeds; Diff-ST minus each method on
+    the same seed against the issue's targets; per seed, PCC / RMSE (the best bold), coverage and the guard's
+    validation PCC (model alone / guarded / floor)."""
+    settings = [(d, s) for d in ACCURACY_NAMES for s in (5, 10) if ((df.dataset == d) & (df.scale == s)).any()]
+    methods = [m for m in ACCURACY_METHODS if m in set(df.method)]
+    mean = [f"| setting | seeds | {' | '.join(methods)} | coverage |", "|---|---|" + "---|" * (len(methods) + 1)]
+    targets = ["| setting | vs regression | vs image floor (target +0.02) | vs LR-consistent bicubic (target +0.05) "
+               "| vs TESLA | RMSE below all of regression, floor, LR-cons. bicubic |", "|---|---|---|---|---|---|"]  # fmt: skip
+    seeds = [f"| setting | seed | {' | '.join(methods)} | coverage | val: model / guarded / floor |",
+             "|---|---|" + "---|" * (len(methods) + 2)]  # fmt: skip
+    for dataset, scale in settings:
+        c = df[(df.dataset == dataset) & (df.scale == scale)]
+        name = f"{ACCURACY_NAMES[dataset]} {scale}×"
+        pcc = c.pivot_table(index="seed", columns="method", values="pcc")
+        rmse = c.pivot_table(index="seed", columns="method", values="rmse")
+        cov = 100 * c[c.method == "Diff-ST"].within_2std
+        cells = [f"{pcc[m].mean():.3f}" + (f" ± {pcc[m].std():.3f}" if len(pcc) > 1 else "") for m in methods]
+        covs = f"{cov.min():.1f} %" if cov.min() == cov.max() else f"{cov.min():.1f}–{cov.max():.1f} %"
+        mean.append(f"| {name} | {len(pcc)} | {' | '.join(cells)} | {covs} |")
+        below = rmse[["regression", "image floor", "bicubic (LR-consistent)"]].gt(rmse["Diff-ST"], axis=0).all(axis=1)
+        targets.append(f"| {name} | {_delta(pcc, 'regression')} | {_delta(pcc, 'image floor', 0.02)} | "
+                       f"{_delta(pcc, 'bicubic (LR-consistent)', 0.05)} | {_delta(pcc, 'TESLA')} | "
+                       f"{int(below.sum())}/{len(below)} seeds |")  # fmt: skip
+        for seed in pcc.index:
+            p, r = pcc.loc[seed], rmse.loc[seed]
+            cells = [f"{_value(p[m], m == p.idxmax())} / {_value(r[m], m == r.idxmin())}" for m in methods]
+            x = c[(c.seed == seed) & (c.method == "Diff-ST")].iloc[0]
+            seeds.append(f"| {name} | {seed} | {' | '.join(cells)} | {100 * x.within_2std:.1f} % | "
+                         f"{x.val_pcc_model:.3f} / {x.val_pcc:.3f} / {x.val_pcc_floor:.3f} |")  # fmt: skip
+    return "\n\n".join("\n".join(t) for t in (mean, targets, seeds))
+
+
 def accuracy_figure(df: pd.DataFrame, path: Path) -> None:
     """Diff-ST minus regression, the image floor and LR-consistent bicubic (test PCC), one dot per seed, per setting,
     with the issue's target as a dashed line: paired by seed, so the split's spread does not hide the differences."""
-    df = df.assign(setting=lambda d: d["dataset"] + " " + d["scale"].astype(str) + "×")
-    pcc = df.pivot_table(index=["setting", "seed"], columns="method", values="pcc", sort=False)
+    pcc = with_setting(df).pivot_table(index=["setting", "seed"], columns="method", values="pcc", sort=False)
     settings = list(dict.fromkeys(pcc.index.get_level_values("setting")))
     fig, axes = plt.subplots(1, len(TARGETS), figsize=(4.2 * len(TARGETS), 3.6), layout="constrained", sharey=True)
     for ax, (method, target) in zip(axes, TARGETS.items(), strict=True):
@@ -403,10 +456,13 @@ def report(args) -> None:
             within, by, _ = REPORTS[name]
             print(f"\n### {name}: Diff-ST minus each {by}, paired by seed (same split and tiles)\n")
             print(paired(results[name], by=by, within=within))
+    if "accuracy" in results:
+        print("\n### accuracy: the tables of docs/benchmarks.md\n")
+        print(accuracy_tables(results["accuracy"]))
     if args.accuracy_figure and "accuracy" in results:
         accuracy_figure(results["accuracy"], args.accuracy_figure)
     if args.figure and "quality" in results:
-        df = results["quality"].assign(setting=lambda d: d["dataset"] + " " + d["scale"].astype(str) + "×")
+        df = with_setting(results["quality"])
         # one dot per method and setting: the mean over seeds, the bar their standard deviation
         fig, axes = plt.subplots(3, 1, figsize=(9, 9), layout="constrained")
         dst.pl.benchmark(df, metrics=["pcc", "rmse", "ssim"], group_col="setting", kind="dot", axes=axes)
