@@ -325,6 +325,16 @@ def run_directory(
 FITTED_CONFIG = ("stain_exponents",)
 
 
+def _config_defaults() -> dict[str, Any]:
+    import dataclasses
+
+    from ..model import DiffSTConfig
+
+    fields = [f for f in dataclasses.fields(DiffSTConfig) if f.default is not dataclasses.MISSING]
+    # as ``DiffSTConfig.to_dict`` stores them (tuples as lists)
+    return {f.name: list(f.default) if isinstance(f.default, tuple) else f.default for f in fields}
+
+
 def check_resumable(
     ckpt_path: Path,
     *,
@@ -341,7 +351,10 @@ def check_resumable(
     # fingerprint, compared below, already says whether the data are the same
     config = {k: v for k, v in config.items() if k not in FITTED_CONFIG}
     stored = hp.get("config")
-    stored = None if stored is None else {k: v for k, v in stored.items() if k not in FITTED_CONFIG}
+    if stored is not None:
+        # a field added since the checkpoint was written holds its default there (what that training used)
+        stored = {**_config_defaults(), **stored}
+        stored = {k: v for k, v in stored.items() if k not in FITTED_CONFIG}
     run = ckpt_path.parent.parent
     if stored is not None and stored != config:
         diff = sorted(k for k in config if stored.get(k) != config[k])
