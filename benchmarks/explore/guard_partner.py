@@ -1,0 +1,96 @@
+"""Exploration (not adopted): the guard blends each gene with the model's fitted floor instead of the training-free one.
+
+Rescores the ``accuracy`` experiment's cached Diff-ST models (no retraining): the guard is refitted and the slide
+super-resolved with either blend partner; prints test PCC / RMSE, the guarded validation PCC, the partner's validation
+PCC and the number of genes blended. Run from ``benchmarks/`` after ``bench_quality.py accuracy``::
+
+    DIFFST_DATA_DIR=../../shared/data python explore/guard_partner.py merfish:5:1 merfish_roi:10:2
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import bench_quality as bq
+
+import diffst as dst
+from diffst._contract import Prepared
+from diffst.model.floor import hr_stains, image_floor
+from diffst.tl import _baselines, _guard
+from diffst.tl._baselines import FLOOR_PX_PER_HR, _interpolate, _project, lr_per_hr_pixel, read_tile
+from diffst.tl._guard import fit_guard
+
+TRAINING_FREE = _baselines.slide_floor
+#: The fitted exponents ``(G, K)`` in the prepared gene order; ``None``: the training-free floor.
+EXPONENTS: dict[str, torch.Tensor | None] = {"value": None}
+
+
+def slide_stains(sdata, prep, n_stains: int, per_hr: int = FLOOR_PX_PER_HR, strip_lr: int = 16) -> np.ndarray:
+    """Every stain's mean over each HR pixel of the prepared grid ``(K, H, W)`` (as ``slide_signal`` reads it)."""
+    g, spec = prep.grid, prep.image
+    h, w = g.lr_shape
+    s = g.scale
+    x0, y0 = g.origin_um
+    parts = []
+    for r0 in range(0, h, strip_lr):
+        r1 = min(h, r0 + strip_lr)
+        crop = read_tile(sdata.images[spec.key], spec, (x0, y0 + r0 * g.lr_um, x0 + w * g.lr_um, y0 + r1 * g.lr_um),
+                         g.hr_um / per_hr)  # fmt: skip
+        with torch.no_grad():
+            parts.append(hr_stains(torch.from_numpy(crop)[None], spec.kind, per_hr,
+                                   n_stains if spec.kind != "rgb" else None)[0].numpy())  # fmt: skip
+    out = np.concatenate(parts, axis=1)
+    return out[:, : h * s, : w * s]
+
+
+def partner_floor(sdata, prep, lr=None):
+    exponents = EXPONENTS["value"]
+    if exponents is None:
+        return TRAINING_FREE(sdata, prep, lr)
+    s = prep.grid.scale
+    gene_scale = prep.hr_scale if prep.hr_scale is not None else prep.lr_scale
+    lr = np.asarray(sdata[prep.elements["lr"]].values, dtype=np.float32) if lr is None else lr
+    cov = prep.coverage
+    base = _interpolate(lr, cov, s, gene_scale, "bicubic")
+    total = lr_per_hr_pixel(lr, cov, s) * s * s
+    stains = slide_stains(sdata, prep, exponents.shape[1])
+    with torch.no_grad():
+        floor = image_floor(torch.from_numpy(base)[None], torch.from_numpy(total)[None],
+                            torch.from_numpy((cov > 0)[None, None]), torch.from_numpy(stains)[None], s,
+                            exponents)[0].numpy()  # fmt: skip
+    return _project(sdata, prep, floor, lr)
+
+
+def main() -> None:
+    _guard.slide_floor = partner_floor
+    _baselines.slide_floor = partner_floor  # what super_resolve's guard imports
+    for spec in sys.argv[1:]:
+        dataset, scale, seed = spec.split(":")
+        scale, seed = int(scale), int(seed)
+        sdata = bq.load(dataset, scale, seed, False)
+        model = dst.DiffST.load(bq.CACHE / "runs" / f"acc_{dataset}{scale}_{seed}" / "model.pt")
+        prep = Prepared.from_sdata(sdata, "diffst")
+        fitted = torch.tensor(model.config.stain_exponents, dtype=torch.float32)
+        full = torch.zeros(len(prep.genes), fitted.shape[1])
+        full[[prep.genes.index(g) for g in model.genes]] = fitted
+        res = {}
+        for name, exponents in (("training-free floor", None), ("fitted floor", full)):
+            EXPONENTS["value"] = exponents
+            model.info["guard"] = fit_guard(sdata, prep, model, n_samples=4, seed=seed)
+            dst.tl.super_resolve(sdata, model=model, n_samples=4, seed=seed, key_added="diffst_sr", overwrite=True)
+            r = bq.score(sdata, "diffst_sr")
+            v = model.info["guard"]["validation"]
+            res[name] = {"test pcc": round(r["pcc"], 4), "test rmse": round(r["rmse"], 4),
+                         "val guarded": round(v["guarded"]["pcc"], 4), "val partner": round(v["image_floor"]["pcc"], 4),
+                         "blended genes": int(sum(a < 1 for a in model.info["guard"]["alpha"]))}  # fmt: skip
+        print(spec, res, flush=True)
+
+
+if __name__ == "__main__":
+    main()
