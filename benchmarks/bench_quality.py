@@ -118,6 +118,18 @@ def train(sdata, seed: int, quick: bool, tag: str, config: dict | None = None):
                         overwrite=True, enable_progress_bar=False, **extra)  # fmt: skip
 
 
+def cached_cell(spec: str):
+    """``"dataset:scale:seed"`` → the prepared data, the ``accuracy`` run's cached Diff-ST, its ``Prepared`` and the
+    seed (for ``explore/``: rescoring without retraining)."""
+    from diffst._contract import Prepared
+
+    dataset, scale, seed = spec.split(":")
+    scale, seed = int(scale), int(seed)
+    sdata = load(dataset, scale, seed, False)
+    model = dst.DiffST.load(CACHE / "runs" / f"acc_{dataset}{scale}_{seed}" / "model.pt")
+    return sdata, model, Prepared.from_sdata(sdata, "diffst"), seed
+
+
 def score(sdata, key: str, **labels) -> dict:
     df = dst.tl.evaluate(sdata, key=key)
     row = df.loc["mean"]

@@ -20,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_quality as bq
 
 import diffst as dst
-from diffst._contract import Prepared
 from diffst.model.floor import hr_stains, image_floor
 from diffst.tl import _baselines, _guard
 from diffst.tl._baselines import FLOOR_PX_PER_HR, _interpolate, _project, lr_per_hr_pixel, read_tile
@@ -71,11 +70,7 @@ def main() -> None:
     _guard.slide_floor = partner_floor
     _baselines.slide_floor = partner_floor  # what super_resolve's guard imports
     for spec in sys.argv[1:]:
-        dataset, scale, seed = spec.split(":")
-        scale, seed = int(scale), int(seed)
-        sdata = bq.load(dataset, scale, seed, False)
-        model = dst.DiffST.load(bq.CACHE / "runs" / f"acc_{dataset}{scale}_{seed}" / "model.pt")
-        prep = Prepared.from_sdata(sdata, "diffst")
+        sdata, model, prep, seed = bq.cached_cell(spec)
         fitted = torch.tensor(model.config.stain_exponents, dtype=torch.float32)
         full = torch.zeros(len(prep.genes), fitted.shape[1])
         full[[prep.genes.index(g) for g in model.genes]] = fitted

@@ -20,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_quality as bq
 
 import diffst as dst
-from diffst._contract import Prepared
 from diffst.model.diffusion import Diffusion
 from diffst.tl._guard import fit_guard
 from diffst.tl._lightning import dihedral, undihedral
@@ -42,11 +41,7 @@ def averaged_mean(self, net, lr, mask, image):
 def main() -> None:
     Diffusion.predict_mean = averaged_mean
     for spec in sys.argv[1:]:
-        dataset, scale, seed = spec.split(":")
-        scale, seed = int(scale), int(seed)
-        sdata = bq.load(dataset, scale, seed, False)
-        model = dst.DiffST.load(bq.CACHE / "runs" / f"acc_{dataset}{scale}_{seed}" / "model.pt")
-        prep = Prepared.from_sdata(sdata, "diffst")
+        sdata, model, prep, seed = bq.cached_cell(spec)
         res = {}
         for n in (1, 8):
             TURNS["n"] = n
