@@ -325,16 +325,6 @@ def run_directory(
 FITTED_CONFIG = ("stain_exponents",)
 
 
-def _config_defaults() -> dict[str, Any]:
-    import dataclasses
-
-    from ..model import DiffSTConfig
-
-    fields = [f for f in dataclasses.fields(DiffSTConfig) if f.default is not dataclasses.MISSING]
-    # as ``DiffSTConfig.to_dict`` stores them (tuples as lists)
-    return {f.name: list(f.default) if isinstance(f.default, tuple) else f.default for f in fields}
-
-
 def check_resumable(
     ckpt_path: Path,
     *,
@@ -352,8 +342,10 @@ def check_resumable(
     config = {k: v for k, v in config.items() if k not in FITTED_CONFIG}
     stored = hp.get("config")
     if stored is not None:
-        # a field added since the checkpoint was written holds its default there (what that training used)
-        stored = {**_config_defaults(), **stored}
+        # read as a saved model's config is read: a field added since holds what that training used
+        from ..model import DiffSTConfig
+
+        stored = DiffSTConfig.from_dict(stored).to_dict()
         stored = {k: v for k, v in stored.items() if k not in FITTED_CONFIG}
     run = ckpt_path.parent.parent
     if stored is not None and stored != config:
