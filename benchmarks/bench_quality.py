@@ -19,6 +19,10 @@ interrupted run continues; ``--fresh`` starts over):
 ``coverage``
     Coverage of mean ± 2 std on the test tiles of the ``accuracy`` cells, with the std calibrated on validation as
     before (the sample spread scaled) and as now (with Poisson counting noise), same models and validation tiles.
+``flips``
+    The mean head averaged over the 8 rotations/flips of each window (``super_resolve(average_flips=True)``, the
+    default since the ``accuracy`` table was measured) against the plain head, for Diff-ST and regression on the
+    ``accuracy`` cells: the same models (cached, or trained as ``accuracy`` trains them), the guard refitted for each.
 ``ablation``
     Diff-ST with each of ``cam``, ``cigc_graph``, ``hierarchical`` switched off, per dataset, scale and seed (as in
     ``accuracy``, whose Diff-ST is the full model). ``results/ablation_before_issue10.csv`` keeps the earlier run
@@ -235,6 +239,51 @@ def coverage(args) -> None:
                          "median_std_scale": float(np.median(model.info["guard"]["std_scale"]))})  # fmt: skip
 
 
+def flips(args) -> None:
+    """Paired on the same models: the mean head averaged over the 8 rotations/flips against the plain head."""
+    from diffst._contract import Prepared
+    from diffst.tl._guard import fit_guard
+
+    for sdata, labels, rows in cells("flips", args.datasets, args):
+        dataset, scale, seed = labels["dataset"], labels["scale"], labels["seed"]
+        prep = Prepared.from_sdata(sdata, "diffst")
+        for method, tag, config, n in (
+            ("Diff-ST", "", None, 4),
+            ("regression", "_reg", {"objective": "regression"}, 1),
+        ):
+            model = train(sdata, seed, args.quick, f"acc_{dataset}{scale}_{seed}{tag}", config)
+            for average in (False, True):
+                t0 = time.perf_counter()
+                model.info["guard"] = fit_guard(sdata, prep, model, n_samples=4, seed=seed, average_flips=average)
+                dst.tl.super_resolve(sdata, model=model, n_samples=n, seed=seed, key_added="sr", overwrite=True,
+                                     average_flips=average)  # fmt: skip
+                val = (model.info["guard"] or {}).get("validation", {})
+                rows.append(score(sdata, "sr", method=method, average_flips=average, train_s=model.info["seconds"],
+                                  steps=model.info["steps"], val_pcc=val.get("guarded", {}).get("pcc"),
+                                  val_pcc_model=val.get("model", {}).get("pcc"),
+                                  within_2std=calibration(sdata, "sr") if n > 1 else None,
+                                  seconds=time.perf_counter() - t0, **labels))  # fmt: skip
+
+
+def flips_table(df: pd.DataFrame) -> str:
+    """Per setting and method: test PCC / RMSE with the averaged head minus the plain head, paired by seed."""
+    keys = ["dataset", "scale", "method", "seed"]
+    on = df[df.average_flips.astype(str) == "True"].set_index(keys)
+    off = df[df.average_flips.astype(str) == "False"].set_index(keys)
+    d = (on[["pcc", "rmse", "val_pcc"]] - off[["pcc", "rmse", "val_pcc"]]).dropna(subset=["pcc"])
+    rows = []
+    for (dataset, scale, method), x in d.groupby(level=[0, 1, 2], sort=False):
+        plain, avg = off.loc[x.index], on.loc[x.index]
+        rows.append({
+            "setting": f"{ACCURACY_NAMES.get(dataset, dataset)} {scale}×", "method": method, "seeds": len(x),
+            "test PCC plain → averaged": f"{plain.pcc.mean():.3f} → {avg.pcc.mean():.3f}",
+            "Δ PCC": f"{x.pcc.mean():+.4f} (min {x.pcc.min():+.4f})", "PCC higher": f"{int((x.pcc > 0).sum())}/{len(x)}",
+            "Δ RMSE": f"{x.rmse.mean():+.4f}", "RMSE lower": f"{int((x.rmse < 0).sum())}/{len(x)}",
+            "Δ val PCC (guarded)": f"{x.val_pcc.mean():+.4f}" if x.val_pcc.notna().any() else "",
+        })  # fmt: skip
+    return markdown(pd.DataFrame(rows))
+
+
 def base(args) -> None:
     """The fitted floor (the default model's base before any training) against the training-free floor, on the test
     windows: the exponents are fitted on the training windows exactly as ``dst.tl.train`` fits them."""
@@ -357,6 +406,7 @@ REPORTS = {
     "accuracy": (["dataset", "scale"], "method", ["pcc", "rmse", "ssim", "within_2std", "val_pcc", "train_s"]),
     "coverage": (["dataset", "scale"], "std", ["within_2std", "coverage_val", "median_std_scale"]),
     "base": (["dataset", "scale"], "method", ["pcc"]),
+    "flips": (["dataset", "scale", "method"], "average_flips", ["pcc", "rmse", "within_2std", "val_pcc", "seconds"]),
 }
 
 
@@ -471,6 +521,9 @@ def report(args) -> None:
     if "accuracy" in results:
         print("\n### accuracy: the tables of docs/benchmarks.md\n")
         print(accuracy_tables(results["accuracy"]))
+    if "flips" in results:
+        print("\n### flips: the mean head averaged over the 8 rotations/flips minus the plain head, same models\n")
+        print(flips_table(results["flips"]))
     if args.accuracy_figure and "accuracy" in results:
         accuracy_figure(results["accuracy"], args.accuracy_figure)
     if args.figure and "quality" in results:
@@ -485,7 +538,9 @@ def report(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "experiments", nargs="+", choices=["accuracy", "base", "coverage", "quality", "ablation", "samples", "report"]
+        "experiments",
+        nargs="+",
+        choices=["accuracy", "base", "coverage", "flips", "quality", "ablation", "samples", "report"],
     )
     parser.add_argument(
         "--datasets",
@@ -512,7 +567,7 @@ def main() -> None:
     for exp in args.experiments:
         if args.fresh and exp != "report":
             (RESULTS / f"{exp}{'_quick' if args.quick else ''}.csv").unlink(missing_ok=True)
-        experiments = {"accuracy": accuracy, "base": base, "coverage": coverage, "quality": quality,
+        experiments = {"accuracy": accuracy, "base": base, "coverage": coverage, "flips": flips, "quality": quality,
                        "ablation": ablation, "samples": samples, "report": report}  # fmt: skip
         experiments[exp](args)
 

@@ -11,6 +11,7 @@ from skimage.color import rgb2hed
 import diffst as dst
 from diffst._spatial import image_levels
 from diffst.model import DiffSTConfig, DiffSTNet, Diffusion
+from diffst.model.diffusion import dihedral, undihedral
 from diffst.model.floor import (
     default_exponents,
     density_weights,
@@ -214,6 +215,57 @@ def test_refiner_trains_a_mean_head_and_samples_around_it():
     assert Diffusion(DiffSTConfig.preset("tiny", objective="diffusion")).predict_mean(net, lr, mask, image) is None
     with pytest.raises(ValueError, match="gene_scale"):
         Diffusion(cfg).predict_mean(net, lr, mask, image)
+
+
+def _perturbed(net: DiffSTNet, seed: int = 0) -> DiffSTNet:
+    """The network with every weight moved at random, so that its output depends on how the window is turned."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return net
+
+
+def test_mean_head_averaged_over_flips_is_equivariant_and_is_the_mean_of_the_8_turned_maps():
+    cfg = DiffSTConfig.preset("tiny")
+    torch.manual_seed(0)
+    net = _perturbed(DiffSTNet(cfg).eval())
+    diffusion = Diffusion(cfg, gene_scale=torch.full((cfg.n_genes,), 3.0))
+    _, lr, mask, image = _inputs(cfg)
+    turn = {k: [dihedral(x, k) for x in (lr, mask, image)] for k in range(8)}
+    plain = diffusion.predict_mean(net, lr, mask, image)
+    avg = diffusion.predict_mean(net, lr, mask, image, average_flips=True)
+    by_hand = torch.stack([undihedral(diffusion.predict_mean(net, *turn[k]), k) for k in range(8)]).mean(0)
+    assert torch.allclose(avg, by_hand, atol=1e-5)
+    assert (avg - plain).abs().max() > 1e-3  # the plain head depends on the orientation ...
+    for k in range(1, 8):
+        assert (diffusion.predict_mean(net, *turn[k]) - dihedral(plain, k)).abs().max() > 1e-3
+        # ... the average does not: turning the window turns its map
+        assert torch.allclose(diffusion.predict_mean(net, *turn[k], average_flips=True), dihedral(avg, k), atol=1e-5)
+    assert torch.allclose(undihedral(dihedral(image, 5), 5), image)
+    # the paper's objective has no mean head to average
+    paper = Diffusion(DiffSTConfig.preset("tiny", objective="diffusion"))
+    assert paper.predict_mean(net, lr, mask, image, average_flips=True) is None
+
+
+def test_super_resolve_averages_the_mean_head_over_flips_by_default_and_records_it(prepared):
+    prep = Prepared.from_sdata(prepared, "diffst")
+    model = untrained(prep)
+    torch.manual_seed(0)
+    _perturbed(model.net)
+    kw = {"model": model, "consistency": False, "inplace": False}
+    flips = dst.tl.super_resolve(prepared, **kw)["mean"].values
+    plain = dst.tl.super_resolve(prepared, average_flips=False, **kw)["mean"].values
+    assert np.abs(flips - plain).max() > 1e-3 * np.abs(plain).max()
+    dst.tl.super_resolve(prepared, model=model, key_added="flips_sr", overwrite=True)
+    assert prepared.attrs["flips_sr"]["average_flips"] is True
+    # nothing to average for the paper's objective: recorded as not averaged
+    paper = untrained(prep, objective="diffusion")
+    dst.tl.super_resolve(prepared, model=paper, key_added="paper_sr", overwrite=True, steps=2)
+    assert prepared.attrs["paper_sr"]["average_flips"] is False
+    for key in ("flips_sr", "paper_sr"):
+        del prepared.images[key]
+        del prepared.attrs[key]
 
 
 @pytest.mark.slow

@@ -14,9 +14,9 @@ import diffst as dst
 from diffst._degradation import BinDegradation, SpotDegradation, degradation_for, hex_lattice
 from diffst._grid import Grid
 from diffst.model import weak
+from diffst.model.diffusion import dihedral, undihedral
 from diffst.tl import _train
 from diffst.tl._data import Prepared
-from diffst.tl._lightning import dihedral, undihedral
 
 from .toy import toy_visium
 

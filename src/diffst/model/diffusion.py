@@ -14,9 +14,22 @@ from .config import DiffSTConfig
 from .floor import floor_model_units
 from .upsample import upsample_lr
 
-__all__ = ["Diffusion", "Sampler"]
+__all__ = ["Diffusion", "Sampler", "dihedral", "undihedral"]
 
 Sampler = Literal["ddpm", "ddim", "dpmsolver"]
+
+
+def dihedral(x: Tensor, k: int) -> Tensor:
+    """One of the 8 rotations/flips of the last two axes (``k`` in 0..7)."""
+    if k >= 4:
+        x = x.flip(-1)
+    return torch.rot90(x, k % 4, dims=(-2, -1))
+
+
+def undihedral(x: Tensor, k: int) -> Tensor:
+    """The inverse of :func:`dihedral`: ``undihedral(dihedral(x, k), k) == x``."""
+    x = torch.rot90(x, -(k % 4), dims=(-2, -1))
+    return x.flip(-1) if k >= 4 else x
 
 
 def _randn(shape: tuple[int, ...], generator: torch.Generator | None, like: Tensor) -> Tensor:
@@ -198,11 +211,25 @@ class Diffusion:
         return out.sample + base, out
 
     @torch.no_grad()
-    def predict_mean(self, net: nn.Module, lr: Tensor, mask: Tensor, image: Tensor) -> Tensor | None:
-        """The mean head's HR maps ``up(y) + mean`` (clipped to ``x0_range``), or ``None`` for ``"diffusion"``."""
+    def predict_mean(self, net: nn.Module, lr: Tensor, mask: Tensor, image: Tensor, *,
+                     average_flips: bool = False) -> Tensor | None:  # fmt: skip
+        """The mean head's HR maps ``up(y) + mean`` (clipped to ``x0_range``), or ``None`` for ``"diffusion"``.
+
+        ``average_flips``: the average of the head over the 8 rotations/flips of the (square) windows, each map turned
+        back first. Training shows the network every window in all 8 orientations, so each is an equally valid
+        prediction; their average is exactly equivariant to them and cancels the orientation-specific part of the
+        error (test-time augmentation; 8 network calls instead of 1).
+        """
         if self.config.objective == "diffusion":
             return None
-        return self._predict_mean(net, lr, mask, image, self.condition(lr, mask, image))
+        if not average_flips:
+            return self._predict_mean(net, lr, mask, image, self.condition(lr, mask, image))
+        total = None
+        for k in range(8):
+            turned = [dihedral(x, k) for x in (lr, mask, image)]
+            out = undihedral(self._predict_mean(net, *turned, self.condition(*turned)), k)
+            total = out if total is None else total + out
+        return total / 8
 
     def _residual_base(self, cond: Tensor) -> Tensor:
         return cond if self.config.residual else torch.zeros_like(cond)

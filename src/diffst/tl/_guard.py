@@ -57,10 +57,11 @@ def coverage_scale(truth: np.ndarray, mean: np.ndarray, std: np.ndarray, level: 
 
 
 def validation_maps(sdata: SpatialData, prep: Prepared, model: DiffST, *, split: str = "val", n_samples: int = 4,
-                    seed: int = 0) -> dict[str, np.ndarray] | None:  # fmt: skip
+                    seed: int = 0, average_flips: bool = True) -> dict[str, np.ndarray] | None:  # fmt: skip
     """Model mean and std, image floor, LR-consistent bicubic and truth on the tiles of ``split``: ``(G, pixels)``.
 
     Genes in the model's order; counts per HR pixel. ``None`` when the split has no tiles or the data no HR truth.
+    The model's maps are made as :func:`~diffst.tl.super_resolve` makes them (``average_flips`` as there).
     """
     from ._super_resolve import DEFAULT_BLOCK_LR, _Job
 
@@ -69,7 +70,8 @@ def validation_maps(sdata: SpatialData, prep: Prepared, model: DiffST, *, split:
         return None
     genes = list(model.genes)
     job = _Job.build(sdata, prep, model, genes, sampler="fast", steps=None, n_samples=n_samples, consistency=True,
-                     tile_overlap=0.25, batch_size=16, seed=seed, block_lr=DEFAULT_BLOCK_LR)  # fmt: skip
+                     tile_overlap=0.25, batch_size=16, seed=seed, block_lr=DEFAULT_BLOCK_LR,
+                     average_flips=average_flips)  # fmt: skip
     order = [prep.genes.index(g) for g in genes]
     lr = np.asarray(sdata[prep.elements["lr"]].values, dtype=np.float32)
     gene_scale = prep.hr_scale
@@ -133,10 +135,11 @@ def heldout_spots(sdata: SpatialData, prep: Prepared, model: DiffST, *, split: s
 
 
 def fit_guard(sdata: SpatialData, prep: Prepared, model: DiffST, *, n_samples: int = 4, seed: int = 0,
-              std_noise: Literal["poisson"] | None = "poisson") -> dict | None:  # fmt: skip
+              std_noise: Literal["poisson"] | None = "poisson", average_flips: bool = True) -> dict | None:  # fmt: skip
     """Fit the per-gene floor blend and std scale on validation; print the comparison table. ``None`` without val.
 
     ``std_noise=None`` calibrates the sample spread alone, as before the Poisson term (for comparisons).
+    ``average_flips``: the model's maps as :func:`~diffst.tl.super_resolve` makes them by default (recorded).
 
     A model trained from the spots alone (``supervision="lr"``) is compared on the validation spots, each predicted
     while hidden (:func:`heldout_spots`); the blend weights are chosen there and the std is not calibrated (there is
@@ -144,7 +147,7 @@ def fit_guard(sdata: SpatialData, prep: Prepared, model: DiffST, *, n_samples: i
     """
     if model.config.supervision == "lr":
         return _fit_on_spots(sdata, prep, model, seed=seed)
-    maps = validation_maps(sdata, prep, model, n_samples=n_samples, seed=seed)
+    maps = validation_maps(sdata, prep, model, n_samples=n_samples, seed=seed, average_flips=average_flips)
     if maps is None:
         log.warn("no validation tiles: the model could not be compared with the image floor, and is used as it is")
         return None
@@ -187,6 +190,7 @@ def fit_guard(sdata: SpatialData, prep: Prepared, model: DiffST, *, n_samples: i
         "coverage_val": float(np.mean(covered)) if covered else None,
         "std_noise": std_noise,
         "n_samples": int(n_samples),
+        "average_flips": bool(average_flips),
         "pixels": int(n_px),
     }
 

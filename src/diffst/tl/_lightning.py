@@ -11,23 +11,11 @@ import numpy as np
 import torch
 
 from ..model import DiffSTConfig, DiffSTNet, Diffusion, weak
+from ..model.diffusion import dihedral, undihedral
 from ..model.floor import floor_model_units
 from ..model.upsample import upsample_lr
 
 VAL_SEED = 12345  # validation noise and timesteps are the same every epoch, so val_loss is comparable
-
-
-def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
-    """One of the 8 rotations/flips of the last two axes (``k`` in 0..7)."""
-    if k >= 4:
-        x = x.flip(-1)
-    return torch.rot90(x, k % 4, dims=(-2, -1))
-
-
-def undihedral(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The inverse of :func:`dihedral`: ``undihedral(dihedral(x, k), k) == x``."""
-    x = torch.rot90(x, -(k % 4), dims=(-2, -1))
-    return x.flip(-1) if k >= 4 else x
 
 
 def pearson_per_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,7 @@ def super_resolve(
     sampler: SamplerName = "fast",
     steps: int | None = None,
     n_samples: int = 1,
+    average_flips: bool = True,
     consistency: bool = True,
     tile_overlap: float = 0.25,
     batch_size: int = 16,
@@ -93,6 +94,12 @@ def super_resolve(
         HR truth and validation tiles), that is the predictive std of a measured count: the spread of the samples plus
         Poisson counting noise, scaled per gene so that mean ± 2 std covered 95 % of the validation counts;
         otherwise the spread of the samples.
+    average_flips
+        The mean map of each window is the network's mean head averaged over the 8 rotations/flips of the window
+        (test-time augmentation: 8 calls of the head instead of 1, a few % more time with ``n_samples=4``). See the
+        benchmarks page of the documentation for what it changes on real tissue. Applies to models with a mean head
+        trained on HR truth (the default refiner, ``objective="regression"``); the paper's ``"diffusion"`` objective
+        and models trained from spots alone are not averaged (recorded as ``False`` in ``sdata.attrs``).
     consistency
         Enforce that the map, re-degraded, reproduces the observed LR counts exactly (non-negative).
     tile_overlap
@@ -142,7 +149,7 @@ def super_resolve(
         log.info("the model was trained on another slide: per-gene scales are adapted from this slide's LR counts")
 
     job = _Job.build(sdata, prep, model, want, sampler=sampler, steps=steps, n_samples=n_samples,
-                     consistency=consistency, tile_overlap=tile_overlap, batch_size=batch_size, seed=seed,
+                     average_flips=average_flips, consistency=consistency, tile_overlap=tile_overlap, batch_size=batch_size, seed=seed,
                      block_lr=block_lr)  # fmt: skip
     log.info(
         f"super-resolving {len(want)} genes over {len(job.windows)} windows of {model.config.tile_um:g} µm "
@@ -166,6 +173,7 @@ def super_resolve(
         "sampler": job.sampler,
         "steps": job.steps,
         "n_samples": int(n_samples),
+        "average_flips": job.average_flips,
         "consistency": bool(consistency),
         "tile_overlap": float(tile_overlap),
         "seed": int(seed),
@@ -363,13 +371,14 @@ class _Job:
     sampler: str
     steps: int
     n_samples: int
+    average_flips: bool  # whether the mean head is averaged over the 8 rotations/flips (only where there is one)
     consistency: bool
     batch_size: int
     seed: int
 
     @classmethod
     def build(cls, sdata, prep: Prepared, model: DiffST, want: list[str], *, sampler, steps, n_samples, consistency,
-              tile_overlap, batch_size, seed, block_lr) -> _Job:  # fmt: skip
+              tile_overlap, batch_size, seed, block_lr, average_flips: bool = True) -> _Job:  # fmt: skip
         cfg = model.config
         grid = prep.grid
         window_lr = cfg.lr_px
@@ -421,6 +430,7 @@ class _Job:
             sampler=resolved,
             steps=int(n_steps),
             n_samples=int(n_samples),
+            average_flips=bool(average_flips and cfg.supervision == "hr" and cfg.objective != "diffusion"),
             consistency=bool(consistency),
             batch_size=int(batch_size),
             seed=int(seed),
@@ -528,7 +538,7 @@ class _Job:
         if self.diffusion.config.supervision == "lr":
             return self._leave_out_windows(group, items, lr, mask, image)
         with torch.inference_mode():
-            head = self.diffusion.predict_mean(self.net, lr, mask, image)
+            head = self.diffusion.predict_mean(self.net, lr, mask, image, average_flips=self.average_flips)
         mean = None if head is None else to_counts(head.float().cpu().numpy(), self.gene_scale)
         if mean is not None and (k == 1 or self.diffusion.config.objective == "regression"):
             return mean, np.zeros_like(mean)
