@@ -96,8 +96,9 @@ def super_resolve(
         otherwise the spread of the samples.
     average_flips
         The mean map of each window is the network's mean head averaged over the 8 rotations/flips of the window
-        (test-time augmentation: 8 calls of the head instead of 1, a few % more time with ``n_samples=4``). See the
-        benchmarks page of the documentation for what it changes on real tissue. Applies to models with a mean head
+        (test-time augmentation: 8 calls of the head instead of 1; ``False`` is faster, most of all with
+        ``n_samples=1``, where the head is the whole cost). The benchmarks page of the documentation says what it
+        changes on real tissue and what it costs. Applies to models with a mean head
         trained on HR truth (the default refiner, ``objective="regression"``); the paper's ``"diffusion"`` objective
         and models trained from spots alone are not averaged (recorded as ``False`` in ``sdata.attrs``).
     consistency
