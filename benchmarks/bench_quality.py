@@ -265,11 +265,16 @@ def flips(args) -> None:
                                   seconds=time.perf_counter() - t0, **labels))  # fmt: skip
 
 
+def _arm(flips: pd.DataFrame, averaged: bool) -> pd.DataFrame:
+    """The rows of ``flips`` with the head averaged (``True``) or plain (the CSV may read the flag as text)."""
+    return flips[flips.average_flips.astype(str) == str(averaged)]
+
+
 def flips_table(df: pd.DataFrame) -> str:
     """Per setting and method: test PCC / RMSE with the averaged head minus the plain head, paired by seed."""
     keys = ["dataset", "scale", "method", "seed"]
-    on = df[df.average_flips.astype(str) == "True"].set_index(keys)
-    off = df[df.average_flips.astype(str) == "False"].set_index(keys)
+    on = _arm(df, True).set_index(keys)
+    off = _arm(df, False).set_index(keys)
     d = (on[["pcc", "rmse", "val_pcc"]] - off[["pcc", "rmse", "val_pcc"]]).dropna(subset=["pcc"])
     rows = []
     for (dataset, scale, method), x in d.groupby(level=[0, 1, 2], sort=False):
@@ -289,9 +294,7 @@ def flips_targets(flips: pd.DataFrame, acc: pd.DataFrame) -> str:
     same cell, minus the image floor and the LR-consistent bicubic of ``accuracy`` (training-free, so the same maps
     on the same tiles); whether its RMSE is below all three."""
     keys = ["dataset", "scale", "seed"]
-    on = flips[flips.average_flips.astype(str) == "True"].pivot_table(
-        index=keys, columns="method", values=["pcc", "rmse"]
-    )
+    on = _arm(flips, True).pivot_table(index=keys, columns="method", values=["pcc", "rmse"])
     fixed = ["image floor", "bicubic (LR-consistent)"]
     j = on.join(acc[acc.method.isin(fixed)].pivot_table(index=keys, columns="method", values=["pcc", "rmse"]))
     rows = []

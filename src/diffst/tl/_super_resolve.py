@@ -98,9 +98,9 @@ def super_resolve(
         The mean map of each window is the network's mean head averaged over the 8 rotations/flips of the window
         (test-time augmentation: 8 calls of the head instead of 1; ``False`` is faster, most of all with
         ``n_samples=1``, where the head is the whole cost). The benchmarks page of the documentation says what it
-        changes on real tissue and what it costs. Applies to models with a mean head
-        trained on HR truth (the default refiner, ``objective="regression"``); the paper's ``"diffusion"`` objective
-        and models trained from spots alone are not averaged (recorded as ``False`` in ``sdata.attrs``).
+        changes on real tissue and what it costs. Applies to models with a mean head trained on HR truth (the default
+        refiner, ``objective="regression"``); the paper's ``"diffusion"`` objective and models trained from spots
+        alone are not averaged (recorded as ``False`` in ``sdata.attrs``).
     consistency
         Enforce that the map, re-degraded, reproduces the observed LR counts exactly (non-negative).
     tile_overlap
@@ -150,8 +150,8 @@ def super_resolve(
         log.info("the model was trained on another slide: per-gene scales are adapted from this slide's LR counts")
 
     job = _Job.build(sdata, prep, model, want, sampler=sampler, steps=steps, n_samples=n_samples,
-                     average_flips=average_flips, consistency=consistency, tile_overlap=tile_overlap, batch_size=batch_size, seed=seed,
-                     block_lr=block_lr)  # fmt: skip
+                     average_flips=average_flips, consistency=consistency, tile_overlap=tile_overlap,
+                     batch_size=batch_size, seed=seed, block_lr=block_lr)  # fmt: skip
     log.info(
         f"super-resolving {len(want)} genes over {len(job.windows)} windows of {model.config.tile_um:g} µm "
         + (
@@ -379,7 +379,7 @@ class _Job:
 
     @classmethod
     def build(cls, sdata, prep: Prepared, model: DiffST, want: list[str], *, sampler, steps, n_samples, consistency,
-              tile_overlap, batch_size, seed, block_lr, average_flips: bool = True) -> _Job:  # fmt: skip
+              tile_overlap, batch_size, seed, block_lr, average_flips: bool) -> _Job:  # fmt: skip
         cfg = model.config
         grid = prep.grid
         window_lr = cfg.lr_px
