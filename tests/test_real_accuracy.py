@@ -25,8 +25,8 @@ from diffst.model.floor import (
 )
 from diffst.model.upsample import upsample_lr
 from diffst.tl._data import Prepared, TileSource, WindowDataset, choose_window, tiled_origins, window_origins
-from diffst.tl._guard import coverage_scale, predictive_std
-from diffst.tl._super_resolve import _Job
+from diffst.tl._guard import coverage_scale, predictive_std, tile_blocks, validation_maps
+from diffst.tl._super_resolve import DEFAULT_BLOCK_LR, _Job
 
 from .models import untrained
 from .toy import toy_xenium
@@ -237,6 +237,10 @@ def test_mean_head_averaged_over_flips_is_equivariant_and_is_the_mean_of_the_8_t
     avg = diffusion.predict_mean(net, lr, mask, image, average_flips=True)
     by_hand = torch.stack([undihedral(diffusion.predict_mean(net, *turn[k]), k) for k in range(8)]).mean(0)
     assert torch.allclose(avg, by_hand, atol=1e-5)
+    # the turned copies go through the network together or in smaller calls: the same average
+    for max_batch in (1, 4, 5):
+        assert torch.allclose(diffusion.predict_mean(net, lr, mask, image, average_flips=True, max_batch=max_batch),
+                              avg, atol=1e-5)  # fmt: skip
     assert (avg - plain).abs().max() > 1e-3  # the plain head depends on the orientation ...
     for k in range(1, 8):
         assert (diffusion.predict_mean(net, *turn[k]) - dihedral(plain, k)).abs().max() > 1e-3
@@ -246,6 +250,19 @@ def test_mean_head_averaged_over_flips_is_equivariant_and_is_the_mean_of_the_8_t
     # the paper's objective has no mean head to average
     paper = Diffusion(DiffSTConfig.preset("tiny", objective="diffusion"))
     assert paper.predict_mean(net, lr, mask, image, average_flips=True) is None
+    # the refiner's samples scatter around the head they are given (the averaged one in super_resolve), by default
+    # around the plain head; the same noise gives the same residual around either
+    noise = torch.randn(plain.shape, generator=torch.Generator().manual_seed(3))
+    around_plain = diffusion.sample(net, lr, mask, image, steps=3, noise=noise)
+    assert torch.allclose(diffusion.sample(net, lr, mask, image, steps=3, noise=noise, mean=plain), around_plain)
+    around_avg = diffusion.sample(net, lr, mask, image, steps=3, noise=noise, mean=avg)
+    assert (around_avg - around_plain).abs().max() > 1e-3
+    # the residual is drawn from the same noise, so nearly the same (clipping to x0_range differs with the base)
+    residuals = torch.stack([(around_avg - avg).ravel(), (around_plain - plain).ravel()])
+    assert torch.corrcoef(residuals)[0, 1] > 0.9
+    assert (around_avg - avg).abs().mean() < 0.8 * (around_plain - avg).abs().mean()
+    with pytest.raises(ValueError, match="mean has shape"):
+        diffusion.sample(net, lr, mask, image, steps=3, noise=noise, mean=avg[:1])
 
 
 def test_super_resolve_averages_the_mean_head_over_flips_by_default_and_records_it(prepared):
@@ -382,6 +399,58 @@ def test_training_selects_on_validation_pcc_and_records_the_baselines(trained):
     # the guarded map is at least as good as the model alone and as the floor on validation (α = 1 and 0 are tried)
     assert table["guarded"]["pcc"] >= table["model"]["pcc"] - 1e-6
     assert table["guarded"]["pcc"] >= table["image_floor"]["pcc"] - 0.02
+
+
+def test_tile_blocks_merge_neighbouring_tiles_into_the_rectangles_they_fill():
+    # an L of tiles of side 4: row 0 has columns 0, 4, 8; row 4 has columns 0, 4; row 8 has column 0; one tile apart
+    tiles = [(0, 0), (0, 4), (0, 8), (4, 0), (4, 4), (8, 0), (20, 20)]
+    blocks = tile_blocks(tiles, 4, 48)
+    assert blocks == [(0, 0, 4, 12), (4, 0, 8, 8), (8, 0, 12, 4), (20, 20, 24, 24)]
+    covered = {(r, c) for r0, c0, r1, c1 in blocks for r in range(r0, r1, 4) for c in range(c0, c1, 4)}
+    assert covered == set(tiles)
+    # equal column spans in consecutive rows stack; no side grows past the limit
+    square = [(r, c) for r in range(0, 12, 4) for c in range(0, 12, 4)]
+    assert tile_blocks(square, 4, 48) == [(0, 0, 12, 12)]
+    assert tile_blocks(square, 4, 8) == [(0, 0, 8, 8), (0, 8, 8, 12), (8, 0, 12, 8), (8, 8, 12, 12)]
+
+
+def test_validation_maps_are_the_tile_by_tile_maps_with_fewer_windows(prepared, trained, monkeypatch):
+    prep = Prepared.from_sdata(prepared, "diffst")
+    model = dst.DiffST.load(trained.path)
+    sampled = []
+    original = _Job._sample_windows
+    monkeypatch.setattr(
+        _Job, "_sample_windows", lambda self, group: sampled.append(len(group)) or original(self, group)
+    )
+    maps = validation_maps(prepared, prep, model, n_samples=2, seed=5)
+    merged = sum(sampled)  # window samplings
+    # the same job run tile by tile, as the guard did before
+    job = _Job.build(prepared, prep, model, list(model.genes), sampler="fast", steps=None, n_samples=2,
+                     consistency=True, tile_overlap=0.25, batch_size=16, seed=5, block_lr=DEFAULT_BLOCK_LR,
+                     average_flips=True)  # fmt: skip
+    s, t = prep.grid.scale, prep.tile_lr
+    tiles = prep.tiles(prepared, "val")
+    origins = list(zip(tiles["lr_row0"].astype(int), tiles["lr_col0"].astype(int), strict=True))
+    assert len(origins) > 1
+    sampled.clear()
+    g, (hh, ww) = len(model.genes), prep.grid.hr_shape
+    per_tile = {(r, c): job.run_block((r * s, (r + t) * s), (c * s, (c + t) * s)) for r, c in origins}
+    assert merged < sum(sampled)
+    for i, name in enumerate(("mean", "std")):
+        # place both on the HR grid: the guard's pixels come block by block (row-major), in tile_blocks' order
+        guard_map, tile_map = np.full((2, g, hh, ww), np.nan)
+        start = 0
+        for r0, c0, r1, c1 in tile_blocks(origins, t, DEFAULT_BLOCK_LR):
+            n = (r1 - r0) * (c1 - c0) * s * s
+            guard_map[:, r0 * s : r1 * s, c0 * s : c1 * s] = maps[name][:, start : start + n].reshape(
+                g, (r1 - r0) * s, -1
+            )
+            start += n
+        assert start == maps[name].shape[1]
+        for (r, c), block in per_tile.items():
+            tile_map[:, r * s : (r + t) * s, c * s : (c + t) * s] = block[i]
+        assert np.array_equal(np.isnan(guard_map), np.isnan(tile_map))
+        assert np.allclose(guard_map, tile_map, rtol=1e-4, atol=1e-5, equal_nan=True), name
 
 
 def test_super_resolve_blends_with_the_floor_by_the_guard(prepared, trained):

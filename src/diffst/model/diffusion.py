@@ -212,23 +212,27 @@ class Diffusion:
 
     @torch.no_grad()
     def predict_mean(self, net: nn.Module, lr: Tensor, mask: Tensor, image: Tensor, *,
-                     average_flips: bool = False) -> Tensor | None:  # fmt: skip
+                     average_flips: bool = False, max_batch: int | None = None) -> Tensor | None:  # fmt: skip
         """The mean head's HR maps ``up(y) + mean`` (clipped to ``x0_range``), or ``None`` for ``"diffusion"``.
 
         ``average_flips``: the average of the head over the 8 rotations/flips of the (square) windows, each map turned
         back first. Training shows the network every window in all 8 orientations, so each is an equally valid
         prediction; their average is exactly equivariant to them and cancels the orientation-specific part of the
-        error (test-time augmentation; 8 network calls instead of 1).
+        error (test-time augmentation; 8 times the work). The turned copies go through the network together, as
+        many per call as keep a call within ``max_batch`` windows (at least one; all 8 when ``None``).
         """
         if self.config.objective == "diffusion":
             return None
         if not average_flips:
             return self._predict_mean(net, lr, mask, image, self.condition(lr, mask, image))
-        total = None
-        for k in range(8):
-            turned = [dihedral(x, k) for x in (lr, mask, image)]
-            out = undihedral(self._predict_mean(net, *turned, self.condition(*turned)), k)
-            total = out if total is None else total + out
+        per_call = 8 if max_batch is None else min(8, max(1, max_batch // len(lr)))
+        total = torch.zeros(())
+        for first in range(0, 8, per_call):
+            turns = range(first, min(8, first + per_call))
+            turned = [torch.cat([dihedral(x, k) for k in turns]) for x in (lr, mask, image)]
+            out = self._predict_mean(net, *turned, self.condition(*turned))
+            for k, part in zip(turns, out.chunk(len(turns)), strict=True):
+                total = total + undihedral(part, k)
         return total / 8
 
     def _residual_base(self, cond: Tensor) -> Tensor:
@@ -277,6 +281,7 @@ class Diffusion:
         steps: int | None = None,
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
+        mean: Tensor | None = None,
         progress_bar: bool = False,
     ) -> Tensor:
         """Draw HR gene maps given the LR maps and the image (reverse process, paper Eq. 2).
@@ -298,6 +303,10 @@ class Diffusion:
             The initial noise ``x_T`` ``(B, G, H, W)`` (standard normal), instead of drawing it from ``generator``;
             lets each tile of a slide have its own seed whatever batch it is sampled in (DDIM and DPM-Solver++ are
             deterministic given ``x_T``).
+        mean
+            For the ``"refiner"`` objective, the mean head ``(B, G, H, W)`` the samples scatter around, when the
+            caller has it already (e.g. averaged over flips by :meth:`predict_mean`); ``None`` computes the plain
+            head. Ignored by the other objectives.
         progress_bar
             Show a tqdm bar over the steps.
 
@@ -317,7 +326,13 @@ class Diffusion:
         base = self._residual_base(cond)
         if self.config.objective == "refiner":
             # samples are the mean head plus a diffused residual around it
-            base = self._predict_mean(net, lr, mask, image, cond)
+            if mean is None:
+                base = self._predict_mean(net, lr, mask, image, cond)
+            elif mean.shape != base.shape:
+                msg = f"mean has shape {tuple(mean.shape)}, expected {tuple(base.shape)}."
+                raise ValueError(msg)
+            else:
+                base = mean.to(base)
         lo, hi = self.config.x0_range
         if noise is None:
             noise = _randn(tuple(base.shape), generator, base)

@@ -29,7 +29,7 @@ from ._baselines import _interpolate, _project, slide_floor
 from ._features import feature_key
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Iterable, Mapping
 
     from spatialdata import SpatialData
 
@@ -56,6 +56,35 @@ def coverage_scale(truth: np.ndarray, mean: np.ndarray, std: np.ndarray, level: 
     return float(min(max(c, 1e-3), 1e3)) if np.isfinite(c) else 1e3
 
 
+def tile_blocks(origins: Iterable[tuple[int, int]], tile: int, max_side: int) -> list[tuple[int, int, int, int]]:
+    """Tiles ``(row0, col0)`` (LR pixels, side ``tile``) merged into rectangles ``(r0, c0, r1, c1)`` they fill exactly.
+
+    Runs of side-by-side tiles in a row are merged first, then runs with the same columns in consecutive rows; no
+    side grows past ``max(tile, max_side)``. Run as one block, neighbouring tiles share the windows that reach both
+    (each window is sampled once instead of once per tile), and every pixel gets the same windows and seeds as
+    tile by tile, so the maps are those of :func:`~diffst.tl.super_resolve` either way.
+    """
+    limit = max(tile, max_side)
+    runs: list[list[int]] = []  # [r0, c0, r1, c1]
+    for r, c in sorted({(int(r), int(c)) for r, c in origins}):
+        last = runs[-1] if runs else None
+        if last is not None and last[0] == r and last[3] == c and c + tile - last[1] <= limit:
+            last[3] = c + tile
+        else:
+            runs.append([r, c, r + tile, c + tile])
+    blocks: list[list[int]] = []
+    open_: dict[tuple[int, int], list[int]] = {}  # column span → the block whose last row ends where a run starts
+    for r0, c0, r1, c1 in runs:  # sorted by row, then column
+        block = open_.get((c0, c1))
+        if block is not None and block[2] == r0 and r1 - block[0] <= limit:
+            block[2] = r1
+        else:
+            block = [r0, c0, r1, c1]
+            blocks.append(block)
+            open_[(c0, c1)] = block
+    return [(a, b, c, d) for a, b, c, d in blocks]
+
+
 def validation_maps(sdata: SpatialData, prep: Prepared, model: DiffST, *, split: str = "val", n_samples: int = 4,
                     seed: int = 0, average_flips: bool = True) -> dict[str, np.ndarray] | None:  # fmt: skip
     """Model mean and std, image floor, LR-consistent bicubic and truth on the tiles of ``split``: ``(G, pixels)``.
@@ -80,8 +109,9 @@ def validation_maps(sdata: SpatialData, prep: Prepared, model: DiffST, *, split:
     hr = sdata[prep.elements["hr"]].data
     s, t = prep.grid.scale, prep.tile_lr
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("mean", "std", "floor", "bicubic", "truth")}
-    for r0, c0 in zip(tiles["lr_row0"].astype(int), tiles["lr_col0"].astype(int), strict=True):
-        rows, cols = (r0 * s, (r0 + t) * s), (c0 * s, (c0 + t) * s)
+    origins = zip(tiles["lr_row0"].astype(int), tiles["lr_col0"].astype(int), strict=True)
+    for r0, c0, r1, c1 in tile_blocks(origins, t, DEFAULT_BLOCK_LR):
+        rows, cols = (r0 * s, r1 * s), (c0 * s, c1 * s)
         out = job.run_block(rows, cols)
         cut = (slice(None), slice(*rows), slice(*cols))
         parts["mean"].append(out[0])

@@ -539,7 +539,8 @@ class _Job:
         if self.diffusion.config.supervision == "lr":
             return self._leave_out_windows(group, items, lr, mask, image)
         with torch.inference_mode():
-            head = self.diffusion.predict_mean(self.net, lr, mask, image, average_flips=self.average_flips)
+            head = self.diffusion.predict_mean(self.net, lr, mask, image, average_flips=self.average_flips,
+                                               max_batch=self.batch_size)  # fmt: skip
         mean = None if head is None else to_counts(head.float().cpu().numpy(), self.gene_scale)
         if mean is not None and (k == 1 or self.diffusion.config.objective == "regression"):
             return mean, np.zeros_like(mean)
@@ -554,7 +555,7 @@ class _Job:
         with torch.inference_mode():
             x = self.diffusion.sample(
                 self.net, rep["lr"], rep["mask"], rep["image"], sampler=self.sampler, steps=self.steps, noise=noise,
-                generator=gen,
+                generator=gen, mean=None if head is None else head.repeat_interleave(k, 0),
             )  # fmt: skip
         samples = to_counts(x.float().cpu().numpy(), self.gene_scale).reshape(n, k, g, size, size)
         # the refiner's map is its mean head (samples scatter around it); the paper's is the average of samples
