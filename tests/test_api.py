@@ -72,3 +72,48 @@ def test_a_notebook_in_the_old_style_still_runs(prepared_toy, untrained_model):
         "`key=` of super_resolve() is now `prepared_key=`",
     }
     assert set(out) >= {"mean"} and "diffst_sr" not in sdata.images  # inplace=False left sdata as it was
+
+
+def _imports(package: str) -> dict[str, set[str]]:
+    """The modules of ``package`` each module of it imports (top-level and lazy imports alike), by name."""
+    import ast
+    import importlib
+    from pathlib import Path
+
+    folder = Path(importlib.import_module(package).__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in folder.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                deps.add(node.module)
+            elif isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps.update(a.name for a in node.names)
+        graph[path.stem] = {d for d in deps if (folder / f"{d}.py").exists()}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                return [*path[path.index(dep) :], dep] if dep in path else [node, dep]
+            if dep not in state and (found := visit(dep, [*path, dep])):
+                return found
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node, [node])):
+            return found
+    return None
+
+
+def test_the_tools_have_no_import_circle():
+    graph = _imports("diffst.tl")
+    assert graph["_guard"] >= {"_inference"} and "_super_resolve" not in graph["_guard"]
+    assert _cycle(graph) is None, " → ".join(_cycle(graph))
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the check finds one

@@ -26,7 +26,7 @@ from diffst.model.floor import (
 from diffst.model.upsample import upsample_lr
 from diffst.tl._data import Prepared, TileSource, WindowDataset, choose_window, tiled_origins, window_origins
 from diffst.tl._guard import coverage_scale, predictive_std, tile_blocks, validation_maps
-from diffst.tl._super_resolve import DEFAULT_BLOCK_LR, _Job
+from diffst.tl._inference import DEFAULT_BLOCK_LR, InferencePipeline
 
 from .models import untrained
 from .toy import toy_xenium
@@ -319,7 +319,7 @@ def test_std_map_has_no_window_border_structure(prepared, monkeypatch):
         shape = (len(group), len(self.gene_scale), self.window_lr * self.grid.scale, self.window_lr * self.grid.scale)
         return np.full(shape, 5.0), np.full(shape, 4.0)
 
-    monkeypatch.setattr(_Job, "_sample_windows", flat)
+    monkeypatch.setattr(InferencePipeline, "window_maps", flat)
     out = dst.tl.super_resolve(prepared, model=model, n_samples=4, consistency=False, inplace=False, tile_overlap=0.5)
     std = out["std"].values
     tissue = np.asarray(prepared[prep.elements["tissue"]].values, dtype=bool).repeat(4, 0).repeat(4, 1)
@@ -418,23 +418,21 @@ def test_validation_maps_are_the_tile_by_tile_maps_with_fewer_windows(prepared, 
     prep = Prepared.from_sdata(prepared, "diffst")
     model = dst.DiffST.load(trained.path)
     sampled = []
-    original = _Job._sample_windows
+    original = InferencePipeline.window_maps
     monkeypatch.setattr(
-        _Job, "_sample_windows", lambda self, group: sampled.append(len(group)) or original(self, group)
+        InferencePipeline, "window_maps", lambda self, group: sampled.append(len(group)) or original(self, group)
     )
     maps = validation_maps(prepared, prep, model, n_samples=2, seed=5)
     merged = sum(sampled)  # window samplings
-    # the same job run tile by tile, as the guard did before
-    job = _Job.build(prepared, prep, model, list(model.genes), sampler="fast", steps=None, n_samples=2,
-                     consistency=True, tile_overlap=0.25, batch_size=16, seed=5, block_lr=DEFAULT_BLOCK_LR,
-                     average_flips=True)  # fmt: skip
+    # the same pipeline run tile by tile, as the guard did before
+    pipe = InferencePipeline.from_model(prepared, prep, model, list(model.genes), n_samples=2, seed=5, guard=False)
     s, t = prep.grid.scale, prep.tile_lr
     tiles = prep.tiles(prepared, "val")
     origins = list(zip(tiles["lr_row0"].astype(int), tiles["lr_col0"].astype(int), strict=True))
     assert len(origins) > 1
     sampled.clear()
     g, (hh, ww) = len(model.genes), prep.grid.hr_shape
-    per_tile = {(r, c): job.run_block((r * s, (r + t) * s), (c * s, (c + t) * s)) for r, c in origins}
+    per_tile = {(r, c): pipe.block((r * s, (r + t) * s), (c * s, (c + t) * s)) for r, c in origins}
     assert merged < sum(sampled)
     for i, name in enumerate(("mean", "std")):
         # place both on the HR grid: the guard's pixels come block by block (row-major), in tile_blocks' order

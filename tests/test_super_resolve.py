@@ -16,7 +16,7 @@ from diffst._degradation import BinDegradation, degradation_for
 from diffst._normalise import lr_to_model_units, to_model_units
 from diffst._spatial import image_levels
 from diffst.model import upsample_lr
-from diffst.tl import _super_resolve
+from diffst.tl import _inference
 from diffst.tl._data import Prepared
 
 from .models import untrained
@@ -169,7 +169,7 @@ def test_progress_bar_counts_every_window_sampling(monkeypatch):
     sdata = _prepared()
     model = untrained(Prepared.from_sdata(sdata, "diffst"))
     sampled = []
-    original = _super_resolve._Job._sample_windows
+    original = _inference.InferencePipeline.window_maps
 
     def counting(self, group):
         sampled.append(len(group))
@@ -191,14 +191,14 @@ def test_progress_bar_counts_every_window_sampling(monkeypatch):
         def update(self, n):
             self.n += n
 
-    monkeypatch.setattr(_super_resolve._Job, "_sample_windows", counting)
+    monkeypatch.setattr(_inference.InferencePipeline, "window_maps", counting)
     monkeypatch.setattr("tqdm.auto.tqdm", Bar)
-    monkeypatch.setattr(_super_resolve.log, "interactive", lambda: True)  # a terminal: the bar
+    monkeypatch.setattr(_inference.log, "interactive", lambda: True)  # a terminal: the bar
     dst.settings.verbosity = 1
     # small chunks: windows near chunk borders are sampled once per chunk they reach, and the bar knows it
     dst.tl.super_resolve(sdata, model=model, block_lr=7)
     assert len(bars) == 1 and bars[0].total == bars[0].n == sum(sampled) > 0
-    assert _super_resolve._progress is None  # removed when done
+    assert _inference._progress is None  # removed when done
     # quiet: no bar
     dst.settings.verbosity = 0
     dst.tl.super_resolve(sdata, model=model, block_lr=7, key_added="again")
@@ -208,7 +208,7 @@ def test_progress_bar_counts_every_window_sampling(monkeypatch):
 def test_progress_in_a_log_file_is_plain_lines(monkeypatch, log_lines):
     sdata = _prepared()
     model = untrained(Prepared.from_sdata(sdata, "diffst"))
-    monkeypatch.setattr(_super_resolve.log, "interactive", lambda: False)  # output to a file
+    monkeypatch.setattr(_inference.log, "interactive", lambda: False)  # output to a file
     monkeypatch.setattr(dst.settings, "progress_every", 0.0)
     monkeypatch.setattr(dst.settings, "verbosity", 1)
     dst.tl.super_resolve(sdata, model=model, block_lr=7)
@@ -216,7 +216,7 @@ def test_progress_in_a_log_file_is_plain_lines(monkeypatch, log_lines):
     counts = [tuple(int(v) for v in line.split()[1].split("/")) for line in lines]
     assert counts and counts[-1][0] == counts[-1][1] > 0  # the last line: all windows done
     assert [n for n, _ in counts] == sorted(n for n, _ in counts) and all("left" in line for line in lines)
-    assert _super_resolve._progress is None
+    assert _inference._progress is None
 
 
 @pytest.mark.slow
@@ -382,7 +382,7 @@ def test_failure_midway_leaves_sdata_as_it_was(trained, monkeypatch):
     sdata, model = trained
     before = _snapshot(sdata)
     calls = []
-    original = _super_resolve._Job.run_block
+    original = _inference.InferencePipeline.block
 
     def flaky(self, rows, cols):
         calls.append(rows)
@@ -390,7 +390,7 @@ def test_failure_midway_leaves_sdata_as_it_was(trained, monkeypatch):
             raise RuntimeError("out of memory")
         return original(self, rows, cols)
 
-    monkeypatch.setattr(_super_resolve._Job, "run_block", flaky)
+    monkeypatch.setattr(_inference.InferencePipeline, "block", flaky)
     with pytest.raises(RuntimeError, match="out of memory"):
         dst.tl.super_resolve(sdata, model=model, block_lr=5, key_added="midway")
     assert _snapshot(sdata) == before

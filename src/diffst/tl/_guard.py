@@ -27,6 +27,7 @@ from .._normalise import to_model_units
 from ..metrics import pearson, rmse
 from ._baselines import _interpolate, _project, slide_floor
 from ._features import feature_key
+from ._inference import DEFAULT_BLOCK_LR, InferencePipeline, predictive_std
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping
@@ -39,11 +40,6 @@ if TYPE_CHECKING:
 ALPHAS = np.round(np.linspace(0.0, 1.0, 11), 2)
 #: Nominal coverage of mean ± 2 std after calibration.
 COVERAGE = 0.95
-
-
-def predictive_std(mean: np.ndarray, sample_std: np.ndarray) -> np.ndarray:
-    """Std of a measured count around ``mean`` (expected counts): the sample spread plus Poisson counting noise."""
-    return np.sqrt(np.square(sample_std) + np.clip(mean, 0.0, None))
 
 
 def coverage_scale(truth: np.ndarray, mean: np.ndarray, std: np.ndarray, level: float = COVERAGE) -> float:
@@ -92,15 +88,12 @@ def validation_maps(sdata: SpatialData, prep: Prepared, model: DiffST, *, split:
     Genes in the model's order; counts per HR pixel. ``None`` when the split has no tiles or the data no HR truth.
     The model's maps are made as :func:`~diffst.tl.super_resolve` makes them (``average_flips`` as there).
     """
-    from ._super_resolve import DEFAULT_BLOCK_LR, _Job
-
     tiles = prep.tiles(sdata, split)
     if len(tiles) == 0 or not prep.has_hr:
         return None
     genes = list(model.genes)
-    job = _Job.build(sdata, prep, model, genes, sampler="fast", steps=None, n_samples=n_samples, consistency=True,
-                     tile_overlap=0.25, batch_size=16, seed=seed, block_lr=DEFAULT_BLOCK_LR,
-                     average_flips=average_flips)  # fmt: skip
+    pipe = InferencePipeline.from_model(sdata, prep, model, genes, n_samples=n_samples, seed=seed,
+                                        average_flips=average_flips, guard=False)  # fmt: skip
     order = [prep.genes.index(g) for g in genes]
     lr = np.asarray(sdata[prep.elements["lr"]].values, dtype=np.float32)
     gene_scale = prep.hr_scale
@@ -112,7 +105,7 @@ def validation_maps(sdata: SpatialData, prep: Prepared, model: DiffST, *, split:
     origins = zip(tiles["lr_row0"].astype(int), tiles["lr_col0"].astype(int), strict=True)
     for r0, c0, r1, c1 in tile_blocks(origins, t, DEFAULT_BLOCK_LR):
         rows, cols = (r0 * s, r1 * s), (c0 * s, c1 * s)
-        out = job.run_block(rows, cols)
+        out = pipe.block(rows, cols)
         cut = (slice(None), slice(*rows), slice(*cols))
         parts["mean"].append(out[0])
         parts["std"].append(out[1])
