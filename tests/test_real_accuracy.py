@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -263,6 +265,66 @@ def test_mean_head_averaged_over_flips_is_equivariant_and_is_the_mean_of_the_8_t
     assert (around_avg - avg).abs().mean() < 0.8 * (around_plain - avg).abs().mean()
     with pytest.raises(ValueError, match="mean has shape"):
         diffusion.sample(net, lr, mask, image, steps=3, noise=noise, mean=avg[:1])
+
+
+@pytest.mark.parametrize("kind", ["rgb", "fluorescence"])
+def test_the_base_turns_with_the_window(kind):
+    """``predict_mean(average_flips=True)`` computes the base once and turns it: the base must be flip-equivariant,
+    with unobserved LR pixels (filled from their neighbours) and per-gene stain exponents too."""
+    channels = 3 if kind == "rgb" else 2
+    cfg = DiffSTConfig.preset("tiny", image_kind=kind, image_channels=channels,
+                              stain_exponents=[[0.5, 0.25]] * 2 + [[0.0, 1.0]] * 3)  # fmt: skip
+    diffusion = Diffusion(cfg, gene_scale=torch.linspace(2.0, 4.0, cfg.n_genes))
+    _, lr, mask, image = _inputs(cfg, seed=4)
+    mask[0, 0, 1, 2] = mask[1, 0, 0, 0] = mask[1, 0, 3, 1] = 0.0
+    base = diffusion.condition(lr, mask, image)
+    for k in range(1, 8):
+        turned = diffusion.condition(*(dihedral(x, k) for x in (lr, mask, image)))
+        assert torch.allclose(turned, dihedral(base, k), atol=1e-5), k
+
+
+def test_an_empty_x_t_has_one_graph_context_for_the_batch():
+    """The mean head's ``x_t`` is all zeros: its CIGC-Graph context is computed once and shared by the batch."""
+    cfg = DiffSTConfig.preset("tiny")
+    torch.manual_seed(1)
+    net = _perturbed(DiffSTNet(cfg).eval())
+    zeros = torch.zeros(3, cfg.n_genes, cfg.hr_px, cfg.hr_px)
+    calls = []
+    net.graph.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        shared = net._graph_context(zeros)
+        full = net.graph(zeros)
+    assert calls == [1, 3]
+    assert torch.allclose(shared, full, atol=1e-6)
+    noisy = zeros + 0.1
+    with torch.no_grad():
+        net._graph_context(noisy)
+    assert calls[-1] == 3  # a noisy x_t has a context per map
+
+
+def test_windows_reaching_several_chunks_are_sampled_once_with_the_same_maps(prepared, monkeypatch):
+    prep = Prepared.from_sdata(prepared, "diffst")
+    torch.manual_seed(0)
+    model = untrained(prep)
+    _perturbed(model.net)
+    sampled = []
+    original = InferencePipeline.window_maps
+    monkeypatch.setattr(
+        InferencePipeline, "window_maps", lambda self, group: sampled.extend(map(tuple, group)) or original(self, group)
+    )
+    run = functools.partial(dst.tl.super_resolve, prepared, model=model, n_samples=2, inplace=False, block_lr=3)
+    cached = run()
+    assert len(sampled) == len(set(sampled))  # each window once, though small chunks share many
+    pipe = InferencePipeline.from_model(prepared, prep, model, list(model.genes), block_lr=3)
+    assert max(pipe.chunks_per_window().values()) > 1 and len(sampled) == pipe.window_runs()
+    monkeypatch.setattr("diffst.tl._inference._Shared.keep", lambda self, key, maps: None)  # no sharing
+    sampled.clear()
+    alone = run()
+    assert len(sampled) > len(set(sampled))
+    np.testing.assert_allclose(cached["mean"].values, alone["mean"].values, rtol=1e-6, atol=1e-6)
+    # the samples' spread goes through 20 sampler steps in batches of other sizes: float rounding, no more
+    std, std_alone = cached["std"].values, alone["std"].values
+    assert np.abs(std - std_alone).max() < 1e-4 * std_alone.max()
 
 
 def test_super_resolve_averages_the_mean_head_over_flips_by_default_and_records_it(prepared):

@@ -223,14 +223,17 @@ class Diffusion:
         """
         if self.config.objective == "diffusion":
             return None
+        cond = self.condition(lr, mask, image)
         if not average_flips:
-            return self._predict_mean(net, lr, mask, image, self.condition(lr, mask, image))
+            return self._predict_mean(net, lr, mask, image, cond)
+        # the base is made of flip-symmetric operations (bicubic, average pooling, per-pixel stains), so the
+        # turned windows' base is the turned base: computed once
         per_call = 8 if max_batch is None else min(8, max(1, max_batch // len(lr)))
         total = torch.zeros(())
         for first in range(0, 8, per_call):
             turns = range(first, min(8, first + per_call))
-            turned = [torch.cat([dihedral(x, k) for k in turns]) for x in (lr, mask, image)]
-            out = self._predict_mean(net, *turned, self.condition(*turned))
+            turned = [torch.cat([dihedral(x, k) for k in turns]) for x in (lr, mask, image, cond)]
+            out = self._predict_mean(net, *turned)
             for k, part in zip(turns, out.chunk(len(turns)), strict=True):
                 total = total + undihedral(part, k)
         return total / 8

@@ -133,9 +133,15 @@ class DiffSTNet(nn.Module):
         f_y = self.st_encoder(torch.cat([up_lr, up_mask], dim=1))
         cond, dis_loss = self.fusion(f_y, f_h)
 
-        x_in = [x_t, self.graph(x_t)] if self.graph is not None else [x_t]
+        x_in = [x_t, self._graph_context(x_t)] if self.graph is not None else [x_t]
         out = self.unet(torch.cat([*x_in, up_lr, up_mask, cond], dim=1), t)
         return DiffSTOutput(sample=out, dis_loss=dis_loss, kept_fraction=kept_fraction)
+
+    def _graph_context(self, x_t: Tensor) -> Tensor:
+        """The CIGC-Graph's context of ``x_t``; an empty ``x_t`` (the mean head's zeros) has one context for all."""
+        if x_t.shape[0] > 1 and not bool(x_t.any()):
+            return self.graph(x_t[:1]).expand_as(x_t)
+        return self.graph(x_t)
 
     def _check_inputs(self, x_t: Tensor, lr: Tensor, mask: Tensor, image: Tensor) -> None:
         cfg = self.config

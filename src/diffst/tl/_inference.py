@@ -24,8 +24,10 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
+import threading
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -144,6 +146,8 @@ class InferencePipeline:
     batch_size: int
     seed: int
     guard: GuardBlend | None = None
+    #: Maps of windows that reach several chunks, kept until their last chunk has used them (see :class:`_Shared`).
+    shared: _Shared = field(default_factory=lambda: _Shared({}))
 
     @classmethod
     def from_model(cls, sdata: SpatialData, prep: Prepared, model: DiffST, genes: list[str], *, sampler: str = "fast",
@@ -186,7 +190,7 @@ class InferencePipeline:
         source.hr = None
         gene_scale = model.gene_scale_for(prep)
         fitted = model.info.get("guard") if guard else None
-        return cls(
+        pipe = cls(
             source=source,
             net=model.net.eval(),
             diffusion=Diffusion(cfg, gene_scale=torch.from_numpy(np.asarray(gene_scale, dtype=np.float32))),
@@ -212,6 +216,8 @@ class InferencePipeline:
             seed=int(seed),
             guard=GuardBlend.from_guard(fitted, sdata, prep, model, genes) if fitted else None,
         )
+        pipe.shared = _Shared(pipe.chunks_per_window())
+        return pipe
 
     # -------------------------------------------------------------- the slide
     def slide(self) -> da.Array:
@@ -225,14 +231,20 @@ class InferencePipeline:
             _run_block, dtype=np.float32, chunks=chunks, ctx=ctx, meta=np.zeros((0, 0, 0, 0), np.float32)
         )
 
-    def window_runs(self) -> int:
-        """Window samplings over all chunks (a window reaching several chunks is sampled for each)."""
+    def chunks_per_window(self) -> dict[tuple[int, int], int]:
+        """How many output chunks each window reaches (its maps are needed by each)."""
         s, b = self.grid.scale, self.block_lr
         h, w = self.grid.lr_shape
-        return sum(
-            len(self._touching(*self._region((r * s, min(r + b, h) * s), (c * s, min(c + b, w) * s))))
-            for r, c in self.blocks
-        )
+        counts: dict[tuple[int, int], int] = {}
+        for r, c in self.blocks:
+            region = self._region((r * s, min(r + b, h) * s), (c * s, min(c + b, w) * s))
+            for wr, wc in self._touching(*region):
+                counts[(int(wr), int(wc))] = counts.get((int(wr), int(wc)), 0) + 1
+        return counts
+
+    def window_runs(self) -> int:
+        """Windows to sample over all chunks: each once (a window reaching several chunks is kept for the others)."""
+        return len(self.chunks_per_window())
 
     # -------------------------------------------------------------- one chunk
     def block(self, hr_rows: tuple[int, int], hr_cols: tuple[int, int]) -> np.ndarray:
@@ -290,21 +302,27 @@ class InferencePipeline:
         w1 = blend_weights(size, self.overlap_hr)
         weight = np.outer(w1, w1)
         per_batch = 1 if self.sampler == "ddpm" else max(1, self.batch_size // self.n_samples)
-        for i in range(0, len(todo), per_batch):
-            group = todo[i : i + per_batch]
+        known = {key: maps for key in map(tuple, todo.tolist()) if (maps := self.shared.take(key)) is not None}
+        fresh = np.array([w for w in todo.tolist() if tuple(w) not in known], dtype=np.int64).reshape(-1, 2)
+        for i in range(0, len(fresh), per_batch):
+            group = fresh[i : i + per_batch]
             means, variances = self.window_maps(group)  # (len(group), G, size, size) counts each
             for (wr0, wc0), m, v in zip(group, means, variances, strict=True):
-                # window rows/cols relative to the block, clipped to it
-                ar0, ac0 = (wr0 - r0) * s, (wc0 - c0) * s
-                sr0, sc0 = max(0, -ar0), max(0, -ac0)
-                er, ec = min(size, acc.shape[1] - ar0), min(size, acc.shape[2] - ac0)
-                tgt = (slice(ar0 + sr0, ar0 + er), slice(ac0 + sc0, ac0 + ec))
-                wpart = weight[sr0:er, sc0:ec]
-                acc[(slice(None), *tgt)] += m[:, sr0:er, sc0:ec] * wpart
-                var[(slice(None), *tgt)] += v[:, sr0:er, sc0:ec] * wpart
-                wsum[tgt] += wpart
+                known[(int(wr0), int(wc0))] = (m, v)
+                self.shared.keep((int(wr0), int(wc0)), (m, v))
             if _progress is not None:  # a local run's bar (workers of a cluster have none)
                 _progress.update(len(group))
+        for wr0, wc0 in todo.tolist():
+            m, v = known[(wr0, wc0)]
+            # window rows/cols relative to the block, clipped to it
+            ar0, ac0 = (wr0 - r0) * s, (wc0 - c0) * s
+            sr0, sc0 = max(0, -ar0), max(0, -ac0)
+            er, ec = min(size, acc.shape[1] - ar0), min(size, acc.shape[2] - ac0)
+            tgt = (slice(ar0 + sr0, ar0 + er), slice(ac0 + sc0, ac0 + ec))
+            wpart = weight[sr0:er, sc0:ec]
+            acc[(slice(None), *tgt)] += m[:, sr0:er, sc0:ec] * wpart
+            var[(slice(None), *tgt)] += v[:, sr0:er, sc0:ec] * wpart
+            wsum[tgt] += wpart
         return acc, var, wsum
 
     # -------------------------------------------------------------- steps 1-3: one batch of windows
@@ -393,6 +411,43 @@ class InferencePipeline:
         cut = np.bincount(op.lr_index, weights=~whole, minlength=sub_obs.size).reshape(sub_obs.shape) > 0
         x[inner] = op.project(x[inner], lr[:, rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0], sub_obs & ~cut)
         return x
+
+
+class _Shared:
+    """Maps of the windows that reach several output chunks, computed by the first chunk and kept for the others.
+
+    Each entry is dropped once the last chunk that needs it has taken it, so at most the windows along the chunk
+    borders still to be done are held. Every window has its own seed, so a window computed again (another worker of
+    a cluster, or a chunk run twice) gives the same maps: the cache saves work, never changes a result.
+    """
+
+    def __init__(self, uses: dict[tuple[int, int], int]) -> None:
+        self.uses = {k: n for k, n in uses.items() if n > 1}
+        self.maps: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self.left: dict[tuple[int, int], int] = {}
+        self.lock = threading.Lock()
+
+    def take(self, key: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
+        with self.lock:
+            maps = self.maps.get(key)
+            if maps is not None:
+                self.left[key] -= 1
+                if self.left[key] <= 0:
+                    del self.maps[key], self.left[key]
+            return maps
+
+    def keep(self, key: tuple[int, int], maps: tuple[np.ndarray, np.ndarray]) -> None:
+        with self.lock:
+            if self.uses.get(key, 1) > 1:
+                self.maps[key] = maps
+                self.left[key] = self.uses[key] - 1
+
+    def __getstate__(self) -> dict[str, Any]:
+        # sent to workers empty: each keeps what it computes itself
+        return {"uses": self.uses}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["uses"])
 
 
 #: The progress bar of the super-resolution running in this process, if any (see :func:`compute`).
