@@ -62,6 +62,10 @@ class Diffusion:
     config
         The model config (diffusion fields: ``num_train_timesteps``, ``beta_*``, ``prediction_type``,
         ``residual``, ``x0_range``, ``sampler``, ``sample_steps``, ``dis_weight``).
+    gene_scale
+        Per-gene scale ``s_g`` of the model units ``2·log1p(c)/s_g − 1`` that the floor bases need to work in
+        counts: ``(G,)`` for every window. Methods that take a ``gene_scale`` argument use it instead: ``(G,)`` or
+        one row per window ``(B, G)`` (windows of several slides, each normalised by its own scales).
 
     """
 
@@ -82,7 +86,12 @@ class Diffusion:
         """``ᾱ_t`` for ``t = 0 .. T-1`` (``ᾱ_0 = 1 - β_1``)."""
         return self.scheduler.alphas_cumprod
 
-    def condition(self, lr: Tensor, mask: Tensor, image: Tensor | None = None) -> Tensor:
+    def scale_of(self, gene_scale: Tensor | None) -> Tensor | None:
+        """The per-gene scale a call uses: its own ``(G,)`` or ``(B, G)``, else the one given at construction."""
+        return self.gene_scale if gene_scale is None else torch.as_tensor(gene_scale, dtype=torch.float32)
+
+    def condition(self, lr: Tensor, mask: Tensor, image: Tensor | None = None, *,
+                  gene_scale: Tensor | None = None) -> Tensor:  # fmt: skip
         """The base map in model units.
 
         The image floor (``base="floor"``), the fitted floor (``"fitted"``, see
@@ -91,11 +100,12 @@ class Diffusion:
         c = self.config
         if c.base == "bicubic":
             return upsample_lr(lr, mask, c.scale)
-        if image is None or self.gene_scale is None:
+        scale = self.scale_of(gene_scale)
+        if image is None or scale is None:
             msg = "The 'floor' base needs the image and the per-gene scale (Diffusion(config, gene_scale=...))."
             raise ValueError(msg)
         return floor_model_units(
-            lr, mask, image, scale=c.scale, per_hr=c.image_per_hr, gene_scale=self.gene_scale.to(lr.device),
+            lr, mask, image, scale=c.scale, per_hr=c.image_per_hr, gene_scale=scale.to(lr.device),
             kind=c.image_kind, channel=c.nuclear_channel, exponents=self.stain_exponents,
         ).to(lr.dtype)  # fmt: skip
 
@@ -107,9 +117,10 @@ class Diffusion:
             return None
         return torch.as_tensor(c.stain_exponents, dtype=torch.float32)
 
-    def baseline(self, lr: Tensor, mask: Tensor, image: Tensor | None = None) -> Tensor:
+    def baseline(self, lr: Tensor, mask: Tensor, image: Tensor | None = None, *,
+                 gene_scale: Tensor | None = None) -> Tensor:  # fmt: skip
         """The HR baseline the residual is taken from (:meth:`condition`; zeros when ``residual=False``)."""
-        return self._residual_base(self.condition(lr, mask, image))
+        return self._residual_base(self.condition(lr, mask, image, gene_scale=gene_scale))
 
     def _net(self, net: nn.Module, x: Tensor, t: Tensor, lr: Tensor, mask: Tensor, image: Tensor, *,
              progress: float, cond: Tensor | None):  # fmt: skip
@@ -129,6 +140,7 @@ class Diffusion:
         *,
         progress: float = 1.0,
         generator: torch.Generator | None = None,
+        gene_scale: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """The Diff-ST objective ``L = ||target - net(x_t, t, y, h)||² + dis_weight · L_dis`` on one batch.
 
@@ -144,6 +156,8 @@ class Diffusion:
             Training progress in [0, 1] (epoch fraction) for the cell-patch curriculum.
         generator
             Source of the timesteps and noise; ``None`` uses torch's global generator (seeded by the trainer).
+        gene_scale
+            The windows' per-gene scales (``(G,)`` or ``(B, G)``), when not the one given at construction.
 
         Returns
         -------
@@ -152,7 +166,7 @@ class Diffusion:
 
         """
         b = x0.shape[0]
-        cond = self.condition(lr, mask, image)
+        cond = self.condition(lr, mask, image, gene_scale=gene_scale)
         target_x0 = x0 - self._residual_base(cond)
         terms: dict[str, Tensor] = {}
         if self.config.objective in ("regression", "refiner"):
@@ -200,19 +214,20 @@ class Diffusion:
         t = torch.full((b,), t, dtype=torch.long, device=like.device)
         return self._net(net, torch.zeros_like(like), t, lr, mask, image, progress=progress, cond=cond)
 
-    def mean_map(self, net: nn.Module, lr: Tensor, mask: Tensor, image: Tensor, *, progress: float = 1.0):
+    def mean_map(self, net: nn.Module, lr: Tensor, mask: Tensor, image: Tensor, *, progress: float = 1.0,
+                 gene_scale: Tensor | None = None):  # fmt: skip
         """The mean head's HR maps ``base + mean`` (not clipped, with gradients) and the network's output.
 
         What weak supervision (:mod:`diffst.model.weak`) trains; :meth:`predict_mean` is its inference form.
         """
-        cond = self.condition(lr, mask, image)
+        cond = self.condition(lr, mask, image, gene_scale=gene_scale)
         base = self._residual_base(cond)
         out = self._mean_output(net, lr, mask, image, base, progress=progress, cond=cond)
         return out.sample + base, out
 
     @torch.no_grad()
-    def predict_mean(self, net: nn.Module, lr: Tensor, mask: Tensor, image: Tensor, *,
-                     average_flips: bool = False, max_batch: int | None = None) -> Tensor | None:  # fmt: skip
+    def predict_mean(self, net: nn.Module, lr: Tensor, mask: Tensor, image: Tensor, *, average_flips: bool = False,
+                     max_batch: int | None = None, gene_scale: Tensor | None = None) -> Tensor | None:  # fmt: skip
         """The mean head's HR maps ``up(y) + mean`` (clipped to ``x0_range``), or ``None`` for ``"diffusion"``.
 
         ``average_flips``: the average of the head over the 8 rotations/flips of the (square) windows, each map turned
@@ -223,7 +238,7 @@ class Diffusion:
         """
         if self.config.objective == "diffusion":
             return None
-        cond = self.condition(lr, mask, image)
+        cond = self.condition(lr, mask, image, gene_scale=gene_scale)
         if not average_flips:
             return self._predict_mean(net, lr, mask, image, cond)
         # the base is made of flip-symmetric operations (bicubic, average pooling, per-pixel stains), so the
@@ -286,6 +301,7 @@ class Diffusion:
         noise: Tensor | None = None,
         mean: Tensor | None = None,
         progress_bar: bool = False,
+        gene_scale: Tensor | None = None,
     ) -> Tensor:
         """Draw HR gene maps given the LR maps and the image (reverse process, paper Eq. 2).
 
@@ -312,6 +328,8 @@ class Diffusion:
             head. Ignored by the other objectives.
         progress_bar
             Show a tqdm bar over the steps.
+        gene_scale
+            The windows' per-gene scales (``(G,)`` or ``(B, G)``), when not the one given at construction.
 
         Returns
         -------
@@ -319,13 +337,13 @@ class Diffusion:
 
         """
         if self.config.objective == "regression":
-            return self.predict_mean(net, lr, mask, image)
+            return self.predict_mean(net, lr, mask, image, gene_scale=gene_scale)
         sampler = sampler or self.config.sampler
         if steps is None:
             steps = self.config.num_train_timesteps if sampler == "ddpm" else self.config.sample_steps
         scheduler = self.make_scheduler(sampler)
         scheduler.set_timesteps(steps, device=lr.device)
-        cond = self.condition(lr, mask, image)
+        cond = self.condition(lr, mask, image, gene_scale=gene_scale)
         base = self._residual_base(cond)
         if self.config.objective == "refiner":
             # samples are the mean head plus a diffused residual around it

@@ -170,7 +170,7 @@ def floor_model_units(
     """The image floor of model-input windows, in model units (``2·log1p(c)/s_g − 1``, see ``diffst._normalise``).
 
     ``lr`` ``(B, G, h, w)`` and ``mask`` ``(B, 1, h, w)`` as the network takes them, ``image`` ``(B, C, H·per_hr, …)``
-    in [0, 1]; LR pixels are rescaled by sum-pooling (exact for ``bin`` data, the extrapolated spot total for spots).
+    in [0, 1], ``gene_scale`` ``(G,)`` or one row per window ``(B, G)``; LR pixels are rescaled by sum-pooling (exact for ``bin`` data, the extrapolated spot total for spots).
     ``exponents`` ``(G, K)``: the fitted floor over the ``K`` stains of the image (:func:`fit_stain_exponents`).
     """
     if exponents is None:
@@ -180,6 +180,12 @@ def floor_model_units(
     return _floor_units(_counts_in(lr, mask, scale, gene_scale), signal, scale, exponents)
 
 
+def per_gene(gene_scale: Tensor, like: Tensor) -> Tensor:
+    """A per-gene scale ``(G,)`` (every window) or ``(B, G)`` (one row per window) as ``(1 or B, G, 1, 1)``."""
+    s_g = torch.as_tensor(gene_scale).to(like)
+    return s_g.reshape(1, -1, 1, 1) if s_g.ndim == 1 else s_g.reshape(s_g.shape[0], -1, 1, 1)
+
+
 def _counts_in(lr: Tensor, mask: Tensor, scale: int, gene_scale: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The floor's inputs from model-input windows, besides the image.
 
@@ -187,7 +193,7 @@ def _counts_in(lr: Tensor, mask: Tensor, scale: int, gene_scale: Tensor) -> tupl
     """
     from .upsample import upsample_lr
 
-    s_g = gene_scale.reshape(1, -1, 1, 1).to(lr)
+    s_g = per_gene(gene_scale, lr)
 
     def counts(x: Tensor) -> Tensor:
         return torch.expm1((x + 1.0) * 0.5 * s_g).clamp_min(0.0)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from .floor import floor_model_units
+from .floor import floor_model_units, per_gene
 from .upsample import upsample_lr
 
 if TYPE_CHECKING:
@@ -51,12 +51,12 @@ __all__ = [
 
 def to_counts(x: Tensor, gene_scale: Tensor) -> Tensor:
     """Model units → counts per HR pixel (differentiable; ``diffst._normalise.to_counts`` in torch)."""
-    return torch.expm1((x + 1.0) * 0.5 * gene_scale.reshape(1, -1, 1, 1).to(x)).clamp_min(0.0)
+    return torch.expm1((x + 1.0) * 0.5 * per_gene(gene_scale, x)).clamp_min(0.0)
 
 
 def to_units(counts: Tensor, gene_scale: Tensor) -> Tensor:
     """Counts per HR pixel → model units (``diffst._normalise.to_model_units`` in torch)."""
-    return 2.0 * torch.log1p(counts.clamp_min(0.0)) / gene_scale.reshape(1, -1, 1, 1).to(counts) - 1.0
+    return 2.0 * torch.log1p(counts.clamp_min(0.0)) / per_gene(gene_scale, counts) - 1.0
 
 
 def key_pixel(foot: Tensor, offset: Tensor, scale: int) -> Tensor:
@@ -176,20 +176,23 @@ def heldout(
     return pred, lr.transpose(0, 1)[:, keep]
 
 
-def predictors(diffusion: Diffusion, net: nn.Module, image: Tensor) -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
+def predictors(
+    diffusion: Diffusion, net: nn.Module, image: Tensor, gene_scale: Tensor | None = None
+) -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
     """``predict(lr, mask)`` of the model's mean head, bicubic, nearest and the image floor on windows of ``image``.
 
     Keys ``""``, ``"_bicubic"``, ``"_nearest"``, ``"_floor"``: the names the validation metrics carry
     (``val_pcc_floor`` …). ``"_nearest"`` gives each hidden spot the level of its nearest measured neighbours.
     """
     c = diffusion.config
+    scale = diffusion.scale_of(gene_scale)
 
     def floor(lr: Tensor, mask: Tensor) -> Tensor:
         return floor_model_units(lr, mask, image, scale=c.scale, per_hr=c.image_per_hr,
-                                 gene_scale=diffusion.gene_scale.to(lr), kind=c.image_kind, channel=c.nuclear_channel)  # fmt: skip
+                                 gene_scale=scale.to(lr), kind=c.image_kind, channel=c.nuclear_channel)  # fmt: skip
 
     return {
-        "": lambda lr, mask: diffusion.predict_mean(net, lr, mask, image),
+        "": lambda lr, mask: diffusion.predict_mean(net, lr, mask, image, gene_scale=gene_scale),
         "_bicubic": lambda lr, mask: upsample_lr(lr, mask, c.scale),
         "_nearest": lambda lr, mask: upsample_lr(lr, mask, c.scale, mode="nearest"),
         "_floor": floor,

@@ -310,13 +310,15 @@ class WindowDataset(Dataset):
         return len(self.origins)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        """One window: its maps (model units) and ``gene_scale`` ``(G,)``, the scales they were normalised with."""
+        scale = torch.from_numpy(self.gene_scale)
         if self.region is None:
             r, c = (int(v) for v in self.origins[i])
             arrays = self.source.read(r, c, self.size, self.image_um, self.gene_scale)
-            return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+            return {**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}, "gene_scale": scale}
         r, c = int(self.origins[i, 0]) - self.r0, int(self.origins[i, 1]) - self.c0
         n, s, k = self.size, self.scale, self.per_lr
-        out = {}
+        out = {"gene_scale": scale}
         for name, v in self.region.items():
             f = {"lr": 1, "mask": 1, "area": 1, "x0": s, "foot": s, "offset": s, "image": k}[name]
             out[name] = v[:, r * f : (r + n) * f, c * f : (c + n) * f].clone()

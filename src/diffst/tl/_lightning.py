@@ -91,10 +91,11 @@ class DiffSTModule(L.LightningModule):
             return self._weak_step(batch)
         if self.hparams.augment:
             ks = torch.randint(0, 8, (batch["x0"].shape[0],), device="cpu").tolist()
-            batch = {k: torch.stack([dihedral(v[i], ks[i]) for i in range(len(ks))]) for k, v in batch.items()}
+            batch = {k: _turn(v, ks) for k, v in batch.items()}
         losses = self.diffusion.training_losses(
-            self.net, batch["x0"], batch["lr"], batch["mask"], batch["image"], progress=self._progress()
-        )
+            self.net, batch["x0"], batch["lr"], batch["mask"], batch["image"], progress=self._progress(),
+            gene_scale=batch.get("gene_scale"),
+        )  # fmt: skip
         bs = batch["x0"].shape[0]
         self.log("train_loss", losses["loss"], prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
         self.log("train_dis", losses["dis"], on_step=False, on_epoch=True, batch_size=bs)
@@ -108,6 +109,7 @@ class DiffSTModule(L.LightningModule):
         footprints stay in the frame they were read in.
         """
         lr, mask, image = batch["lr"], batch["mask"], batch["image"]
+        scale = self._scale(batch)
         hidden = weak.hide(mask, self.config.hide_fraction)
         lr_in, mask_in = weak.hidden_input(lr, mask, hidden)
         ks = torch.randint(0, 8, (lr.shape[0],)).tolist() if self.hparams.augment else [0] * lr.shape[0]
@@ -116,17 +118,24 @@ class DiffSTModule(L.LightningModule):
             return torch.stack([fn(x[i], k) for i, k in enumerate(ks)])
 
         pred, out = self.diffusion.mean_map(self.net, turn(lr_in), turn(mask_in), turn(image),
-                                            progress=self._progress())  # fmt: skip
+                                            progress=self._progress(), gene_scale=scale)  # fmt: skip
         # bounded above as the sampler's clip is, so that early, wild outputs cannot overflow the counts
         pred = turn(pred, undihedral).clamp_max(self.config.x0_range[1] + 1.0)
-        mse = weak.weak_loss(pred, lr, hidden, batch["foot"], batch["offset"], batch["area"],
-                             self.diffusion.gene_scale, self.config.scale)  # fmt: skip
+        mse = weak.weak_loss(pred, lr, hidden, batch["foot"], batch["offset"], batch["area"], scale,
+                             self.config.scale)  # fmt: skip
         dis = out.dis_loss.float()
         loss = mse + self.config.dis_weight * dis
         bs = lr.shape[0]
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
         self.log("train_dis", dis, on_step=False, on_epoch=True, batch_size=bs)
         return loss
+
+    def _scale(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The windows' per-gene scales ``(B, G)`` (each slide's own normalisation), else the module's ``(G,)``."""
+        scale = batch.get("gene_scale")
+        if scale is not None:
+            return scale
+        return None if self.diffusion.gene_scale is None else self.diffusion.gene_scale.to(batch["lr"].device)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -153,16 +162,19 @@ class DiffSTModule(L.LightningModule):
             self._weak_validation(batch)
             return
         x0, lr, mask, image = batch["x0"], batch["lr"], batch["mask"], batch["image"]
-        losses = self.diffusion.training_losses(self.ema, x0, lr, mask, image, progress=1.0, generator=self._val_gen)
+        gene_scale = self._scale(batch)
+        losses = self.diffusion.training_losses(self.ema, x0, lr, mask, image, progress=1.0, generator=self._val_gen,
+                                                gene_scale=gene_scale)  # fmt: skip
         self.log("val_loss", losses["mse"], prog_bar=False, on_epoch=True, batch_size=x0.shape[0], sync_dist=True)
         # the map users get: the mean head (one call), or a fast sample for the paper's objective
-        pred = self.diffusion.predict_mean(self.ema, lr, mask, image)
+        pred = self.diffusion.predict_mean(self.ema, lr, mask, image, gene_scale=gene_scale)
         if pred is None:
             pred = self.diffusion.sample(
-                self.ema, lr, mask, image, sampler="ddim", steps=self.hparams.val_steps, generator=self._val_gen
-            )
+                self.ema, lr, mask, image, sampler="ddim", steps=self.hparams.val_steps, generator=self._val_gen,
+                gene_scale=gene_scale,
+            )  # fmt: skip
         maps = {"": pred, "_bicubic": upsample_lr(lr, mask, self.config.scale)}
-        c, gene_scale = self.config, self.diffusion.gene_scale
+        c = self.config
         if gene_scale is not None:
             maps["_floor"] = floor_model_units(
                 lr, mask, image, scale=c.scale, per_hr=c.image_per_hr, gene_scale=gene_scale.to(lr),
@@ -180,14 +192,14 @@ class DiffSTModule(L.LightningModule):
         """
         lr, mask, image = batch["lr"], batch["mask"], batch["image"]
         foot, offset, area = batch["foot"], batch["offset"], batch["area"]
-        scale = self.config.scale
+        scale, gene_scale = self.config.scale, self._scale(batch)
         group = weak.hide(torch.ones_like(mask), 0.5, generator=self._val_gen)
         hidden = group & (mask > 0)
-        pred = self.diffusion.predict_mean(self.ema, *weak.hidden_input(lr, mask, hidden), image)
-        loss = weak.weak_loss(pred, lr, hidden, foot, offset, area, self.diffusion.gene_scale, scale)
+        pred = self.diffusion.predict_mean(self.ema, *weak.hidden_input(lr, mask, hidden), image, gene_scale=gene_scale)
+        loss = weak.weak_loss(pred, lr, hidden, foot, offset, area, gene_scale, scale)
         self.log("val_loss", loss, on_epoch=True, batch_size=lr.shape[0], sync_dist=True)
-        for name, fn in weak.predictors(self.diffusion, self.ema, image).items():
-            pair = weak.heldout(fn, lr, mask, foot, offset, area, self.diffusion.gene_scale, scale, group)
+        for name, fn in weak.predictors(self.diffusion, self.ema, image, gene_scale).items():
+            pair = weak.heldout(fn, lr, mask, foot, offset, area, gene_scale, scale, group)
             self._val.setdefault(f"pairs{name}", []).append(torch.stack(pair).cpu())
 
     def on_validation_epoch_end(self) -> None:
@@ -199,6 +211,13 @@ class DiffSTModule(L.LightningModule):
         for name, parts in self._val.items():
             value = torch.nanmean(torch.cat(parts).flatten())
             self.log(name, value.float(), prog_bar=name in ("val_pcc", "val_rmse"), sync_dist=True)
+
+
+def _turn(v: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    """Each window's maps ``(B, C, H, W)`` turned by its own dihedral index; per-window vectors stay as they are."""
+    if v.ndim < 4:
+        return v
+    return torch.stack([dihedral(v[i], k) for i, k in enumerate(ks)])
 
 
 class History(L.Callback):
