@@ -22,6 +22,15 @@ Experiments (each appends rows to ``benchmarks/results/visium_<experiment>.csv``
     its nearest measured neighbours' level), the image floor and TESLA (run on each window from the spots left
     visible, as ``dst.tl.tesla`` runs it on a tile).
 
+``her2st_loso``
+    Leave one section out: one model trained from the spots of five her2st sections together (``dst.tl.train`` with
+    a list; each section with its own normalisation, all of its tiles used: 85 % train, 15 % validation) and
+    applied to the sixth, which it never saw. The 25 genes are the study's: ranked by spatial variability on each
+    training section (``prepare``'s Moran's I, top 200), the 25 with the highest summed rank score (the held-out
+    section plays no part). Scored as ``her2st`` on the held-out section's spots, each predicted while hidden: on its
+    test tiles (the tiles of the single-section benchmark) and on all its spots. The per-spot predictions go to
+    ``results/her2st_spots/`` so that ``report`` pools them over the six sections with a bootstrap interval.
+
 ``slide``
     A whole synthetic Visium capture area (6.5 mm, about 4,000 spots, 25 genes) trained from its spots with the
     package defaults (default preset, 600 s time budget): wall time, steps, why it stopped, and the test tiles'
@@ -165,19 +174,105 @@ def her2st(args) -> None:
             alpha = (model.info.get("guard") or {}).get("alpha")
             if alpha is not None:  # what super_resolve writes: each gene blended with the floor by validation's α
                 maps["guarded"] = spot_blend(maps, alpha, model.gene_scale_for(prep))
-            rows = []
-            for name, key in (("Diff-ST (spots only)", "mean"), ("bicubic of spots", "bicubic"),
-                              ("nearest spot", "nearest"), ("image floor", "floor"), ("TESLA", "tesla"),
-                              ("Diff-ST (guarded)", "guarded")):  # fmt: skip
-                if key not in maps:
-                    continue
-                pcc = [pearson(p, t) for p, t in zip(maps[key], maps["truth"], strict=True)]
-                err = [rmse(p, t) for p, t in zip(maps[key], maps["truth"], strict=True)]
-                rows.append({**labels, "method": name, "pcc": float(np.nanmean(pcc)), "rmse": float(np.nanmean(err)),
-                             **({"steps": model.info["steps"], "train_s": model.info["seconds"],
-                                 "stopped_by": model.info["stopped_by"]} if key == "mean" else {})})  # fmt: skip
+            rows = spot_rows(maps, model, labels)
+            save_spots(f"single_{section}_{seed}_test", maps, args)
             append(path, rows)
             print(f"her2st {section} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+SPOTS = RESULTS / "her2st_spots"
+#: Genes ranked per section for the study's gene list, and the study's gene count.
+RANKED, STUDY_GENES = 200, 25
+
+
+def ranked_genes(section: str) -> list[str]:
+    """The section's genes ranked by spatial variability (``prepare``'s Moran's I), cached in the benchmark cache."""
+    path = CACHE / "her2st_ranked" / f"{section}.txt"
+    if path.exists():
+        return path.read_text().split()
+    sdata = dst.datasets.her2st(section)
+    dst.pp.prepare(sdata, genes=RANKED, lr_um=100, scale=5)
+    genes = list(sdata.attrs["diffst"]["genes"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(genes))
+    return genes
+
+
+def study_genes(sections: list[str]) -> list[str]:
+    """The genes of the training sections: the highest summed rank score over their spatial-variability rankings."""
+    score: dict[str, int] = {}
+    for section in sections:
+        for rank, gene in enumerate(ranked_genes(section)):
+            score[gene] = score.get(gene, 0) + RANKED - rank
+    return [g for g, _ in sorted(score.items(), key=lambda kv: (-kv[1], kv[0]))[:STUDY_GENES]]
+
+
+def spot_rows(maps: dict, model, labels: dict) -> list[dict]:
+    """PCC and RMSE per method over the spots of ``maps`` (per gene, then averaged), with the guarded Diff-ST."""
+    rows = []
+    for name, key in (("Diff-ST (spots only)", "mean"), ("bicubic of spots", "bicubic"), ("nearest spot", "nearest"),
+                      ("image floor", "floor"), ("TESLA", "tesla"), ("Diff-ST (guarded)", "guarded")):  # fmt: skip
+        if key not in maps:
+            continue
+        pcc = [pearson(p, t) for p, t in zip(maps[key], maps["truth"], strict=True)]
+        err = [rmse(p, t) for p, t in zip(maps[key], maps["truth"], strict=True)]
+        rows.append({**labels, "method": name, "pcc": float(np.nanmean(pcc)), "rmse": float(np.nanmean(err)),
+                     **({"steps": model.info["steps"], "train_s": model.info["seconds"],
+                         "stopped_by": model.info["stopped_by"]} if key == "mean" else {})})  # fmt: skip
+    return rows
+
+
+def her2st_loso(args) -> None:
+    path = RESULTS / f"visium_her2st_loso{'_quick' if args.quick else ''}.csv"
+    prev = pd.read_csv(path) if path.exists() else pd.DataFrame()
+    sections = args.sections[:1] if args.quick else args.sections
+    for section in sections:
+        for seed in args.seeds:
+            if not prev.empty and ((prev.section == section) & (prev.seed == seed)).any():
+                continue
+            t0 = time.perf_counter()
+            others = [s for s in SECTIONS if s != section]
+            genes = study_genes(others)
+            training = []
+            for other in others:
+                sdata = dst.datasets.her2st(other)
+                dst.pp.prepare(sdata, genes=genes, lr_um=100, scale=5, split=(0.85, 0.15, 0.0), seed=seed)
+                training.append(sdata)
+            run = CACHE / "runs" / f"her2st_loso_{section}_{seed}{'_quick' if args.quick else ''}"
+            extra = {"max_epochs": 2} if args.quick else {}
+            model = dst.tl.train(training, preset="tiny" if args.quick else "default", seed=seed, checkpoint_dir=run,
+                                 overwrite=True, time_budget=args.budget, **extra)  # fmt: skip
+            held = dst.datasets.her2st(section)
+            dst.pp.prepare(held, genes=genes, lr_um=100, scale=5, seed=seed)  # the single-section benchmark's tiles
+            prep = Prepared.from_sdata(held, "diffst")
+            try:
+                tesla = {"tesla": tesla_predictor(model, model.gene_scale_for(prep), _tesla_imputation())}
+            except ImportError as e:
+                print(f"TESLA skipped: {e}")
+                tesla = {}
+            rows = []
+            everywhere = np.zeros(prep.grid.lr_shape, dtype=bool)
+            t = prep.tile_lr
+            for r0, c0 in zip(prep.tiles(held)["lr_row0"], prep.tiles(held)["lr_col0"], strict=True):
+                everywhere[r0 : r0 + t, c0 : c0 + t] = True
+            for scope, where in (("test tiles", {"split": "test"}), ("all spots", {"region": everywhere})):
+                maps = heldout_spots(held, prep, model, seed=seed, extra=tesla, **where)
+                alpha = (model.info.get("guard") or {}).get("alpha")
+                if alpha is not None:
+                    maps["guarded"] = spot_blend(maps, alpha, model.gene_scale_for(prep))
+                labels = {"section": section, "seed": seed, "scope": scope, "spots": int(maps["truth"].shape[1])}
+                rows.extend(spot_rows(maps, model, labels))
+                save_spots(f"loso_{section}_{seed}_{scope.split()[0]}", maps, args)
+            append(path, rows)
+            print(f"her2st_loso {section} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def save_spots(name: str, maps: dict, args) -> None:
+    """The per-spot predictions (model units, genes × spots) of every method, for the pooled bootstrap of ``report``."""
+    if args.quick:
+        return
+    SPOTS.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(SPOTS / f"{name}.npz", **{k: np.asarray(v, dtype=np.float32) for k, v in maps.items()})
 
 
 def slide(args) -> None:
@@ -209,24 +304,83 @@ def append(path: Path, rows: list[dict]) -> None:
     pd.DataFrame(rows).to_csv(path, mode="a", header=not path.exists(), index=False)
 
 
+def pooled_scores(maps_by_section: list[dict], rng: np.random.Generator, n_boot: int = 2000) -> pd.DataFrame:
+    """Each method's PCC over the spots of all sections pooled, and its difference to nearest-spot with a 95 % interval.
+
+    Spots stay in their own section's model units; PCC per gene over the pooled spots, averaged over genes. The
+    interval resamples spots with replacement within each section (``n_boot`` times).
+    """
+    methods = [k for k in maps_by_section[0] if k != "truth" and all(k in m for m in maps_by_section)]
+
+    def score(idx: list[np.ndarray]) -> dict[str, float]:
+        truth = np.concatenate([m["truth"][:, i] for m, i in zip(maps_by_section, idx, strict=True)], axis=1)
+        out = {}
+        for k in methods:
+            pred = np.concatenate([m[k][:, i] for m, i in zip(maps_by_section, idx, strict=True)], axis=1)
+            out[k] = float(np.nanmean([pearson(p, t) for p, t in zip(pred, truth, strict=True)]))
+        return out
+
+    full = [np.arange(m["truth"].shape[1]) for m in maps_by_section]
+    base = score(full)
+    boots = [score([rng.integers(0, len(f), len(f)) for f in full]) for _ in range(n_boot)]
+    rows = []
+    for k in methods:
+        diff = np.array([b[k] - b["nearest"] for b in boots])
+        rows.append({"method": k, "pcc": base[k], "minus_nearest": base[k] - base["nearest"],
+                     "ci_low": float(np.quantile(diff, 0.025)), "ci_high": float(np.quantile(diff, 0.975))})  # fmt: skip
+    return pd.DataFrame(rows).set_index("method")
+
+
+NAMES = {"mean": "Diff-ST (spots only)", "guarded": "Diff-ST (guarded)", "bicubic": "bicubic of spots",
+         "nearest": "nearest spot", "floor": "image floor", "tesla": "TESLA"}  # fmt: skip
+
+
+def pooled(prefix: str, scope: str, seeds: list[int]) -> pd.DataFrame | None:
+    """:func:`pooled_scores` per seed over the six sections (``results/her2st_spots``), then the mean over seeds."""
+    per_seed = []
+    for seed in seeds:
+        files = [SPOTS / f"{prefix}_{section}_{seed}_{scope}.npz" for section in SECTIONS]
+        if not all(f.exists() for f in files):
+            continue
+        maps = [dict(np.load(f)) for f in files]
+        table = pooled_scores(maps, np.random.default_rng(seed))
+        per_seed.append(table.assign(seed=seed, spots=sum(m["truth"].shape[1] for m in maps)))
+    if not per_seed:
+        return None
+    df = pd.concat(per_seed).reset_index()
+    df["method"] = df["method"].map(NAMES)
+    return df
+
+
 def report(args) -> None:
-    for name, by in (("simulated", "dataset"), ("her2st", "section")):
+    for name, by in (("simulated", "dataset"), ("her2st", "section"), ("her2st_loso", "section")):
         path = RESULTS / f"visium_{name}{'_quick' if args.quick else ''}.csv"
         if not path.exists():
             continue
         df = pd.read_csv(path)
-        table = df.pivot_table(index=[by, "seed"], columns="method", values="pcc")
-        print(f"\n### {name}: PCC (rows: {by}, seed)\n")
+        index = [by, "seed"] + (["scope"] if "scope" in df else [])
+        table = df.pivot_table(index=index, columns="method", values="pcc")
+        print(f"\n### {name}: PCC (rows: {', '.join(index)})\n")
         print(table.round(3).to_markdown())
         ref = "Diff-ST (spots only)"
         diffs = table.drop(columns=[ref]).rsub(table[ref], axis=0)
         print(f"\n{ref} minus each method (paired, same tiles):\n")
         print(diffs.round(3).to_markdown())
+    for prefix, scope, title in (("single", "test", "one section at a time, test-tile spots"),
+                                 ("loso", "test", "leave one section out, test-tile spots"),
+                                 ("loso", "all", "leave one section out, all spots of the held-out section")):  # fmt: skip
+        df = pooled(prefix, scope, args.seeds)
+        if df is None:
+            continue
+        print(f"\n### her2st pooled over the six sections: {title}\n")
+        print("PCC over the pooled spots, its difference to nearest-spot and the bootstrap 95 % interval of the "
+              "difference (spots resampled within each section), per seed:\n")  # fmt: skip
+        print(df.round(3).to_markdown(index=False))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("experiments", nargs="+", choices=["simulated", "her2st", "slide", "report"])
+    parser.add_argument("experiments", nargs="+", choices=["simulated", "her2st", "her2st_loso", "slide", "report"])
     parser.add_argument("--datasets", nargs="*", default=["synthetic", "merfish"])
     parser.add_argument("--sections", nargs="*", default=list(SECTIONS))
     parser.add_argument("--seeds", type=int, nargs="*", default=None, help="default: 0 1 2 (0 with --quick)")
@@ -235,7 +389,8 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true")
     args = parser.parse_args()
     args.seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
-    run_experiments(args, "visium", {"simulated": simulated, "her2st": her2st, "slide": slide, "report": report})
+    run_experiments(args, "visium", {"simulated": simulated, "her2st": her2st, "her2st_loso": her2st_loso,
+                                     "slide": slide, "report": report})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -213,7 +213,7 @@ OPTIONS_BEFORE = {
         "--tile-um", "--um-per-px",
     ],
     "train": [
-        "--accelerator", "--batch-size", "--checkpoint-dir", "--config", "--devices", "--image-encoder", "--key",
+        "--batch-size", "--device", "--checkpoint-dir", "--config", "--devices", "--image-encoder", "--key",
         "--max-epochs", "--no-guard", "--num-workers", "--overwrite", "--patience", "--preset", "--resume", "--seed",
         "--supervision", "--time-budget", "--val-steps",
     ],

@@ -160,7 +160,7 @@ def test_ddp_on_two_cpu_processes(tmp_path):
 
             if __name__ == "__main__":
                 sdata = _prepared()
-                dst.tl.train(sdata, preset="tiny", max_epochs=1, accelerator="cpu", devices=2, strategy="ddp",
+                dst.tl.train(sdata, preset="tiny", max_epochs=1, device="cpu", devices=2, strategy="ddp",
                              checkpoint_dir={str(tmp_path / "run")!r}, enable_progress_bar=False, val_steps=2)
             """
         )

@@ -105,7 +105,7 @@ def test_sigint_saves_a_checkpoint_says_how_to_resume_and_resuming_matches_an_un
         f"interrupted after {steps} steps; checkpoint at {checkpoint}; resume with `dst.tl.train(..., resume=True)`"
     )
     assert message in err
-    assert f"KeyboardInterrupt: {message}" in err  # raised (not a SystemExit), with the message
+    assert f"diffst.Interrupted: {message}" in err  # raised (a KeyboardInterrupt, not a SystemExit), with the message
     # progress lines reached a pipe (not a terminal): the plan with the measured speed, then step lines
     assert "30 steps planned;" in err and "s per step" in err
     assert f"step {steps}/30 · epoch 2 · loss " in err
@@ -305,7 +305,7 @@ def test_cli_interrupt_says_how_to_resume_with_its_flags(tmp_path):
     checkpoint = tmp_path / "last.ckpt"
     checkpoint.write_bytes(b"")
     e = _run.interrupted(12, 12, checkpoint)
-    assert isinstance(e, KeyboardInterrupt) and type(e) is KeyboardInterrupt
+    assert isinstance(e, KeyboardInterrupt) and type(e) is dst.Interrupted
     text = cli._interrupted(e, ["train", "s.zarr", "--preset", "tiny", "--overwrite"])
     assert (
         text

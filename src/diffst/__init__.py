@@ -10,14 +10,14 @@ from ._settings import settings
 
 if TYPE_CHECKING:  # imported on first use (below), so that `diffst --help` does not load torch
     from . import datasets, get, pl, pp, tl
-    from .tl import DiffST
+    from .tl import DiffST, Interrupted
 
 try:
     __version__ = version("diffst")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["DiffST", "__version__", "datasets", "get", "pl", "pp", "settings", "tl"]
+__all__ = ["DiffST", "Interrupted", "__version__", "datasets", "get", "pl", "pp", "settings", "tl"]
 
 _SUBMODULES = {"datasets", "get", "pl", "pp", "tl"}
 
@@ -28,8 +28,8 @@ def __getattr__(name: str) -> Any:
         module = importlib.import_module(f".{name}", __name__)
         globals()[name] = module
         return module
-    if name == "DiffST":
-        cls = importlib.import_module(".tl", __name__).DiffST
+    if name in ("DiffST", "Interrupted"):
+        cls = getattr(importlib.import_module(".tl", __name__), name)
         globals()[name] = cls
         return cls
     msg = f"module {__name__!r} has no attribute {name!r}"

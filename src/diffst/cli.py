@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.nullcontext() if verbose else _quiet_ome_zarr(), words.in_messages():
             return int(args.func(args) or 0)
     except KeyboardInterrupt as e:
-        print(f"{PROG}: {_interrupted(e, argv)}", file=sys.stderr)
+        print(f"{PROG}: {words(_interrupted(e, argv))}", file=sys.stderr)
         return 130
     except _DATA_ERRORS as e:
         if verbose:
@@ -79,17 +79,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _interrupted(e: KeyboardInterrupt, argv: Sequence[str]) -> str:
-    """What Ctrl-C stopped, and for ``train`` where its checkpoint is and the command that resumes it."""
-    checkpoint = getattr(e, "checkpoint", None)
-    if checkpoint is None:
-        return "interrupted"
-    from .tl._run import resume_hint
+    """What Ctrl-C stopped, what was kept and how to go on, with the command that resumes a training."""
+    from .tl._run import Interrupted, resume_hint
 
     again = [a for a in argv if a not in ("--overwrite",)]
     if "train" in again and not any(a == "--resume" or a.startswith("--resume=") for a in again):
         again.append("--resume")
     how = f"`{PROG} {shlex.join(again)}`" if "train" in again else "`diffst train PATH --resume`"
-    return resume_hint(e.steps, e.saved_step, checkpoint, how)  # type: ignore[attr-defined]
+    checkpoint = getattr(e, "checkpoint", None)
+    if checkpoint is not None:
+        return resume_hint(e.steps, e.saved_step, checkpoint, how)  # type: ignore[attr-defined]
+    if isinstance(e, Interrupted):
+        return str(e).replace("`dst.tl.train(..., resume=True)`", how)
+    return "interrupted"
 
 
 class CliWords:
@@ -724,7 +726,7 @@ COMMANDS: dict[str, Command] = {
         "attrs[KEY]['model'], where `diffst super-resolve` finds it. Each run starts afresh in its own folder unless "
         "--resume. The default preset trains on windows of at most 400 µm.",
         (
-            "prepared_key preset max_epochs batch_size accelerator devices seed checkpoint_dir resume overwrite config "
+            "prepared_key preset max_epochs batch_size device devices seed checkpoint_dir resume overwrite config "
             "patience val_steps num_workers time_budget guard supervision image_encoder"
         ).split(),
         run=_cmd_train,
@@ -749,7 +751,7 @@ COMMANDS: dict[str, Command] = {
         "  attrs['diffst_sr']       sampler, steps, seed, model path …\n"
         "(names follow --key-added). A store that was not prepared is prepared with the model's genes and units.",
         (
-            "model genes prepared_key sampler steps n_samples average_flips consistency tile_overlap batch_size seed units "
+            "model genes prepared_key device sampler steps n_samples average_flips consistency tile_overlap batch_size seed units "
             "key_added overwrite block_lr"
         ).split(),
         run=_cmd_super_resolve,

@@ -182,28 +182,21 @@ def prepare(
     )
     meas = read_measurement(sdata, inputs, layer=layer)
     _check_not_empty(meas)
-    if tile_um is None:
+    default_tile = tile_um is None
+    if default_tile:
         tile_um = default_tile_um(lr_um, inputs.spot_pitch_um if meas.kind == "spots" else spot_pitch_um)
-
-    grid = _make_grid(meas, inputs, lr_um, scale, tile_um)
     if meas.kind == "spots":
         _check_spots_under_image(meas, inputs)
-    tile_lr = int(round(tile_um / lr_um))
-
-    # LR counts of all genes: the basis of tissue detection and gene selection
     if meas.kind == "spots" and degradation == "visium":
         log.info("spot data: LR comes from the measured spots; `degradation` does not apply")
-    all_lr, coverage = _lr_all_genes(meas, grid)
-    real_genes = np.array([not CONTROL_PATTERN.match(g) for g in meas.gene_names])
-    total = all_lr[real_genes].sum(axis=0)
-    tissue = tissue_from_counts(total, coverage, spots=meas.kind == "spots")
-    if not tissue.any():
-        msg = (
-            f"No tissue found: no LR pixel of {lr_um:g} µm has enough counts (the measurement has "
-            f"{int(all_lr.sum())} counts in total over the image area). Check that the image and measurement overlap "
-            "and that the counts are not empty."
-        )
-        raise ValueError(msg)
+    grid, tissue, all_lr, coverage = _grid_and_tissue(meas, inputs, lr_um, scale, tile_um)
+    span = _tissue_span(tissue)
+    if default_tile and tile_um > span * lr_um:
+        # a small crop: tiles as large as the tissue (the default ones would not fit it)
+        log.info(f"the tissue spans {span * lr_um:g} µm: tiles of {span * lr_um:g} µm instead of {tile_um:g} µm")
+        tile_um = float(span * lr_um)
+        grid, tissue, all_lr, coverage = _grid_and_tissue(meas, inputs, lr_um, scale, tile_um)
+    tile_lr = int(round(tile_um / lr_um))
     _check_tile_fits(tissue, tile_lr, tile_um)
 
     rows, cols = np.nonzero(np.ones(grid.lr_shape, dtype=bool))
@@ -275,11 +268,16 @@ def prepare(
     if counts_per_split["train"] == 0:
         msg = f"No training tile: only {len(tiles)} tiles fit. Use smaller `tile_um` or `split_block_um`."
         raise ValueError(msg)
-    for s in ("val", "test"):
-        if counts_per_split[s] == 0 and split[["train", "val", "test"].index(s)] > 0:
-            log.warn(
-                f"no {s} tile: only {len(tiles)} tiles in {tiles['split'].size} — use smaller tiles for a real split"
-            )
+    if counts_per_split["val"] == 0 and split[1] > 0:
+        log.info(
+            f"no validation tile among the {len(tiles)} tiles of {tile_um:g} µm: `dst.tl.train` holds out a spatially "
+            "blocked band of the training tiles for validation instead"
+        )
+    if counts_per_split["test"] == 0 and split[2] > 0:
+        log.warn(
+            f"no test tile among the {len(tiles)} tiles of {tile_um:g} µm: `dst.tl.evaluate` has nothing to score; for "
+            "a held-out test region prepare with a smaller `tile_um`"
+        )
 
     # normalisation and co-expression from the training tiles only
     train_lr = _tile_mask(grid.lr_shape, tiles[tiles["split"] == "train"], tile_lr) & tissue
@@ -524,6 +522,29 @@ def _hr_raster(meas: Measurement, grid: Grid, gene_idx: np.ndarray) -> np.ndarra
         w = None if weights is None else weights[sel]
         out[g0:g1] = np.bincount(lin, weights=w, minlength=(g1 - g0) * hh * ww).reshape(g1 - g0, hh, ww)
     return out
+
+
+def _grid_and_tissue(meas: Measurement, inputs, lr_um: float, scale: int, tile_um: float):
+    """The grid (whole tiles), the tissue mask and the LR counts of every gene (the basis of gene selection)."""
+    grid = _make_grid(meas, inputs, lr_um, scale, tile_um)
+    all_lr, coverage = _lr_all_genes(meas, grid)
+    real_genes = np.array([not CONTROL_PATTERN.match(g) for g in meas.gene_names])
+    total = all_lr[real_genes].sum(axis=0)
+    tissue = tissue_from_counts(total, coverage, spots=meas.kind == "spots")
+    if not tissue.any():
+        msg = (
+            f"No tissue found: no LR pixel of {lr_um:g} µm has enough counts (the measurement has "
+            f"{int(all_lr.sum())} counts in total over the image area). Check that the image and measurement overlap "
+            "and that the counts are not empty."
+        )
+        raise ValueError(msg)
+    return grid, tissue, all_lr, coverage
+
+
+def _tissue_span(tissue: np.ndarray) -> int:
+    """The longer side of the tissue's bounding box, in LR pixels."""
+    rows, cols = np.nonzero(tissue)
+    return int(max(rows.max() - rows.min() + 1, cols.max() - cols.min() + 1))
 
 
 def _check_tile_fits(tissue: np.ndarray, tile_lr: int, tile_um: float) -> None:

@@ -211,18 +211,60 @@ def window_origins(region: np.ndarray, size: int) -> np.ndarray:
     return np.argwhere(inside == size * size).astype(np.int64)
 
 
-def choose_window(region: np.ndarray, max_size: int, min_positions: int = MIN_POSITIONS) -> int:
+def choose_window(region: np.ndarray | list[np.ndarray], max_size: int, min_positions: int = MIN_POSITIONS) -> int:
     """The largest window side (LR pixels, at most ``max_size``) with ``min_positions`` positions in ``region``.
 
     A small training region gets smaller windows, so that training sees many distinct windows rather than one tile
     over and over; when even one-pixel windows have fewer positions, the side with the most positions wins.
+    ``region`` may be several (one per section): their positions add up.
     """
-    counts = {size: len(window_origins(region, size)) for size in range(max(1, max_size), 0, -1)}
+    regions = region if isinstance(region, list) else [region]
+    counts = {size: sum(len(window_origins(r, size)) for r in regions) for size in range(max(1, max_size), 0, -1)}
     for want in (min_positions, 4):
         for size, n in counts.items():
             if n >= want:
                 return size
     return 1
+
+
+#: Share of a training region held out for validation when the prepared data have no validation tile.
+HOLDOUT_SHARE = 0.2
+
+
+def holdout(region: np.ndarray, share: float = HOLDOUT_SHARE) -> tuple[np.ndarray, np.ndarray]:
+    """Split a training region ``(h, w)`` of LR pixels into a training part and a spatially blocked validation band.
+
+    The band is the last rows (or columns, along the region's longer side) that hold about ``share`` of its pixels,
+    at least one line of them; the rest trains. Neighbouring pixels share structure, so a band (not scattered
+    pixels) is what tells how the model does on tissue it has not seen.
+    """
+    rows, cols = np.nonzero(region)
+    if len(rows) < 2:
+        return region.copy(), np.zeros_like(region)
+    axis = 0 if rows.max() - rows.min() >= cols.max() - cols.min() else 1
+    lines = np.sort(np.unique(rows if axis == 0 else cols))[::-1]  # from the far end
+    per_line = np.array([int(region[line].sum() if axis == 0 else region[:, line].sum()) for line in lines])
+    # the number of lines whose pixels come nearest the share (at least one; at least one line left to train on)
+    n = int(np.argmin(np.abs(np.cumsum(per_line) - share * len(rows)))) + 1
+    n = min(max(1, n), len(lines) - 1)
+    val = np.zeros_like(region)
+    if axis == 0:
+        val[lines[:n]] = region[lines[:n]]
+    else:
+        val[:, lines[:n]] = region[:, lines[:n]]
+    return region & ~val, val
+
+
+def covering_origins(region: np.ndarray, size: int) -> np.ndarray:
+    """Non-overlapping windows of ``size`` LR pixels inside ``region``, row by row: fixed validation windows."""
+    inside = {tuple(o) for o in window_origins(region, size).tolist()}
+    taken = np.zeros_like(region)
+    out = []
+    for r, c in sorted(inside):
+        if not taken[r : r + size, c : c + size].any():
+            taken[r : r + size, c : c + size] = True
+            out.append((r, c))
+    return np.array(out, dtype=np.int64).reshape(-1, 2)
 
 
 def tiled_origins(tiles: gpd.GeoDataFrame, tile_lr: int, size: int) -> np.ndarray:

@@ -20,19 +20,39 @@ def projection_hash(projection: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(projection, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def features_for_training(sdata: SpatialData, prep: Prepared, encoder: str) -> tuple[Prepared, dict[str, Any] | None]:
-    """The prepared data (re-read) and their feature record for ``encoder``; computed when missing or another's."""
+def features_for_training(
+    sdata: SpatialData, prep: Prepared, encoder: str, like: dict[str, Any] | None = None
+) -> tuple[Prepared, dict[str, Any] | None]:
+    """The prepared data (re-read) and their feature record for ``encoder``; computed when missing or another's.
+
+    ``like``: the feature record of another section trained together with this one; its features must mean the
+    same (same encoder and weights, µm per pixel and projection): weight-free ones are computed with its projection,
+    others are checked.
+    """
     if encoder == "learned":
         return prep, None
     info = prep.record.image_features
-    if info is None or info["encoder"]["name"] != encoder or info["key"] not in sdata.images:
+    same = like is None or (
+        info is not None
+        and info["fingerprint"] == like["fingerprint"]
+        and projection_hash(info["projection"]) == projection_hash(like["projection"])
+    )
+    if info is None or info["encoder"]["name"] != encoder or info["key"] not in sdata.images or not same:
         from ..pp import image_features
 
+        if like is not None and not encoder == "stain" and info is not None and info["key"] in sdata.images:
+            msg = (
+                f"The {encoder} image features under {prep.key!r} of this section were made with other weights or "
+                "another projection than the first section's; compute them as the first section's: "
+                f"`dst.pp.image_features(sdata, encoder={encoder!r}, projection=<the first section's "
+                "attrs[...]['image_features']['projection']>, overwrite=True)` with the same `weights`."
+            )
+            raise ValueError(msg)
         if info is not None:
-            log.info(f"the image features under {prep.key!r} are {info['encoder']['name']}'s: computing {encoder}'s")
-        image_features(
-            sdata, encoder=encoder, prepared_key=prep.key, key_added=(info or {}).get("key"), overwrite=info is not None
-        )
+            log.info(f"the image features under {prep.key!r} are not the ones to train with: computing {encoder}'s")
+        extra = {} if like is None else {"projection": like["projection"], "um_per_px": like["um_per_px"]}
+        image_features(sdata, encoder=encoder, prepared_key=prep.key, key_added=(info or {}).get("key"),
+                       overwrite=info is not None, **extra)  # fmt: skip
         prep = Prepared.from_sdata(sdata, prep.key)
         info = prep.record.image_features
     return prep, info

@@ -17,6 +17,7 @@ as much as Poisson counts do, and a validation region with few counts cannot nar
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -30,7 +31,7 @@ from ._features import feature_key
 from ._inference import DEFAULT_BLOCK_LR, InferencePipeline, predictive_std
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Mapping
+    from collections.abc import Callable, Iterable, Mapping, Sequence
 
     from spatialdata import SpatialData
 
@@ -81,15 +82,51 @@ def tile_blocks(origins: Iterable[tuple[int, int]], tile: int, max_side: int) ->
     return [(a, b, c, d) for a, b, c, d in blocks]
 
 
-def validation_maps(sdata: SpatialData, prep: Prepared, model: DiffST, *, split: str = "val", n_samples: int = 4,
-                    seed: int = 0, average_flips: bool = True) -> dict[str, np.ndarray] | None:  # fmt: skip
-    """Model mean and std, image floor, LR-consistent bicubic and truth on the tiles of ``split``: ``(G, pixels)``.
+@dataclass
+class Validation:
+    """Where a model is validated on one prepared section: its validation tiles, or a held-out ``region``.
 
-    Genes in the model's order; counts per HR pixel. ``None`` when the split has no tiles or the data no HR truth.
-    The model's maps are made as :func:`~diffst.tl.super_resolve` makes them (``average_flips`` as there).
+    ``region`` is a mask of LR pixels ``(h, w)`` (:func:`diffst.tl._data.holdout`'s band, for data prepared without
+    validation tiles); ``None`` means the tiles of ``split``.
     """
-    tiles = prep.tiles(sdata, split)
-    if len(tiles) == 0 or not prep.has_hr:
+
+    sdata: SpatialData
+    prep: Prepared
+    region: np.ndarray | None = None
+    split: str = "val"
+
+    def blocks(self, window_lr: int) -> list[tuple[int, int, int, int]]:
+        """Rectangles of LR pixels ``(r0, c0, r1, c1)`` that cover the validation pixels exactly."""
+        if self.region is None:
+            tiles = self.prep.tiles(self.sdata, self.split)
+            origins = zip(tiles["lr_row0"].astype(int), tiles["lr_col0"].astype(int), strict=True)
+            return tile_blocks(origins, self.prep.tile_lr, DEFAULT_BLOCK_LR)
+        return tile_blocks(map(tuple, np.argwhere(self.region)), 1, DEFAULT_BLOCK_LR)
+
+    def window_origins(self, window_lr: int) -> np.ndarray:
+        """Fixed model windows over the validation pixels (the tiles', or inside the held-out region)."""
+        from ._data import covering_origins, tiled_origins
+
+        if self.region is None:
+            return tiled_origins(self.prep.tiles(self.sdata, self.split), self.prep.tile_lr, window_lr)
+        return covering_origins(self.region, window_lr)
+
+    def empty(self) -> bool:
+        return not self.region.any() if self.region is not None else len(self.prep.tiles(self.sdata, self.split)) == 0
+
+
+def validation_maps(sdata: SpatialData, prep: Prepared, model: DiffST, *, split: str = "val",
+                    region: np.ndarray | None = None, n_samples: int = 4, seed: int = 0,
+                    average_flips: bool = True) -> dict[str, np.ndarray] | None:  # fmt: skip
+    """Model mean and std, image floor, LR-consistent bicubic and truth on the validation pixels: ``(G, pixels)``.
+
+    The validation pixels are the tiles of ``split``, or the LR pixels of ``region`` (a mask, see
+    :class:`Validation`). Genes in the model's order; counts per HR pixel. ``None`` when there are no such pixels or
+    the data no HR truth. The model's maps are made as :func:`~diffst.tl.super_resolve` makes them (``average_flips``
+    as there).
+    """
+    where = Validation(sdata, prep, region, split)
+    if where.empty() or not prep.has_hr:
         return None
     genes = list(model.genes)
     pipe = InferencePipeline.from_model(sdata, prep, model, genes, n_samples=n_samples, seed=seed,
@@ -100,10 +137,9 @@ def validation_maps(sdata: SpatialData, prep: Prepared, model: DiffST, *, split:
     floor = slide_floor(sdata, prep, lr)[order]
     bicubic = _project(sdata, prep, _interpolate(lr, prep.coverage, prep.grid.scale, gene_scale, "bicubic"), lr)[order]
     hr = sdata[prep.elements["hr"]].data
-    s, t = prep.grid.scale, prep.tile_lr
+    s = prep.grid.scale
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("mean", "std", "floor", "bicubic", "truth")}
-    origins = zip(tiles["lr_row0"].astype(int), tiles["lr_col0"].astype(int), strict=True)
-    for r0, c0, r1, c1 in tile_blocks(origins, t, DEFAULT_BLOCK_LR):
+    for r0, c0, r1, c1 in where.blocks(model.config.lr_px):
         rows, cols = (r0 * s, r1 * s), (c0 * s, c1 * s)
         out = pipe.block(rows, cols)
         cut = (slice(None), slice(*rows), slice(*cols))
@@ -115,76 +151,97 @@ def validation_maps(sdata: SpatialData, prep: Prepared, model: DiffST, *, split:
     return {k: np.concatenate([p.reshape(len(genes), -1) for p in v], axis=1) for k, v in parts.items()}
 
 
-def heldout_spots(sdata: SpatialData, prep: Prepared, model: DiffST, *, split: str = "val", seed: int = 0,
-                  batch_size: int = 16, extra: Mapping[str, Callable] | None = None) -> dict[str, np.ndarray] | None:  # fmt: skip
-    """Every whole spot of ``split``'s tiles predicted while hidden, by the model, the image floor and bicubic.
+def heldout_spots(sdata: SpatialData, prep: Prepared, model: DiffST, *, split: str = "val",
+                  region: np.ndarray | None = None, seed: int = 0, batch_size: int = 16,
+                  extra: Mapping[str, Callable] | None = None) -> dict[str, np.ndarray] | None:  # fmt: skip
+    """Every whole spot of the validation windows predicted while hidden, by the model, the image floor and bicubic.
 
-    Returns model units ``(G, spots)`` under ``"mean"``, ``"floor"``, ``"bicubic"``, ``"nearest"`` and ``"truth"`` (the measured
-    spots), genes in the model's order; ``None`` when the split has no tiles. The HR truth is never read. ``extra``
+    The windows cover the tiles of ``split``, or lie inside ``region`` (see :class:`Validation`). Returns model units
+    ``(G, spots)`` under ``"mean"``, ``"floor"``, ``"bicubic"``, ``"nearest"`` and ``"truth"`` (the measured spots),
+    genes in the model's order; ``None`` when there are no validation windows. The HR truth is never read. ``extra``
     adds predictors scored on the same hidden spots: ``name → factory(image)`` returning ``predict(lr, mask)`` (the
     interface of :func:`diffst.model.weak.predictors`), e.g. TESLA in ``benchmarks/bench_visium.py``.
     """
     import torch
 
     from ..model import Diffusion, weak
-    from ._data import TileSource, WindowDataset, tiled_origins
+    from ._data import TileSource, WindowDataset
 
-    tiles = prep.tiles(sdata, split)
-    if len(tiles) == 0:
-        return None
+    where = Validation(sdata, prep, region, split)
     cfg = model.config
+    origins = where.window_origins(cfg.lr_px) if not where.empty() else np.zeros((0, 2), dtype=np.int64)
+    if len(origins) == 0:
+        return None
     gene_scale = model.gene_scale_for(prep)
     source = TileSource.from_sdata(sdata, prep, genes=model.genes, footprint=True,
                                    features=feature_key(sdata, prep, model)).cache_image(cfg.image_um)  # fmt: skip
     source.hr = None
-    origins = tiled_origins(tiles, prep.tile_lr, cfg.lr_px)
     ds = WindowDataset(source, origins, cfg.lr_px, image_um=cfg.image_um, gene_scale=gene_scale)
     diffusion = Diffusion(cfg, gene_scale=torch.from_numpy(np.asarray(gene_scale, dtype=np.float32)))
     net = model.net.eval()
+    device = next(net.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     parts: dict[str, list[torch.Tensor]] = {}
     for i in range(0, len(ds), batch_size):
-        batch = {k: torch.stack([ds[j][k] for j in range(i, min(i + batch_size, len(ds)))]) for k in ds[i]}
-        group = weak.hide(torch.ones_like(batch["mask"]), 0.5, generator=gen)
+        batch = {k: torch.stack([ds[j][k] for j in range(i, min(i + batch_size, len(ds)))]).to(device) for k in ds[i]}
+        group = weak.hide(torch.ones_like(batch["mask"]).cpu(), 0.5, generator=gen).to(device)
         with torch.inference_mode():
             fns = weak.predictors(diffusion, net, batch["image"])
             fns.update({name: factory(batch["image"]) for name, factory in (extra or {}).items()})
             for name, fn in fns.items():
                 pred, truth = weak.heldout(fn, batch["lr"], batch["mask"], batch["foot"], batch["offset"],
-                                           batch["area"], diffusion.gene_scale, cfg.scale, group)  # fmt: skip
-                parts.setdefault(name.removeprefix("_") or "mean", []).append(pred)
-        parts.setdefault("truth", []).append(truth)
+                                           batch["area"], diffusion.gene_scale.to(device), cfg.scale, group)  # fmt: skip
+                parts.setdefault(name.removeprefix("_") or "mean", []).append(pred.cpu())
+        parts.setdefault("truth", []).append(truth.cpu())
     return {k: torch.cat(v, dim=1).numpy() for k, v in parts.items()}
 
 
-def fit_guard(sdata: SpatialData, prep: Prepared, model: DiffST, *, n_samples: int = 4, seed: int = 0,
+def fit_guard(validation: Validation | Sequence[Validation], model: DiffST, *, n_samples: int = 4, seed: int = 0,
               std_noise: Literal["poisson"] | None = "poisson", average_flips: bool = True) -> dict | None:  # fmt: skip
-    """Fit the per-gene floor blend and std scale on validation; print the comparison table. ``None`` without val.
+    """Fit the per-gene floor blend and std scale on validation; print the comparison table. ``None`` without any.
 
-    ``std_noise=None`` calibrates the sample spread alone, as before the Poisson term (for comparisons).
-    ``average_flips``: the model's maps as :func:`~diffst.tl.super_resolve` makes them by default (recorded).
+    ``validation``: where the model is validated, on one section or on each of several (their pixels pooled, each
+    section's scored on its own normalisation). ``std_noise=None`` calibrates the sample spread alone, as before the
+    Poisson term (for comparisons). ``average_flips``: the model's maps as :func:`~diffst.tl.super_resolve` makes
+    them by default (recorded).
 
     A model trained from the spots alone (``supervision="lr"``) is compared on the validation spots, each predicted
     while hidden (:func:`heldout_spots`); the blend weights are chosen there and the std is not calibrated (there is
     no HR truth to calibrate it on).
     """
+    sections = [validation] if isinstance(validation, Validation) else list(validation)
     if model.config.supervision == "lr":
-        return _fit_on_spots(sdata, prep, model, seed=seed)
-    maps = validation_maps(sdata, prep, model, n_samples=n_samples, seed=seed, average_flips=average_flips)
-    if maps is None:
-        log.warn("no validation tiles: the model could not be compared with the image floor, and is used as it is")
+        return _fit_on_spots(sections, model, seed=seed)
+    found = []
+    for v in sections:
+        maps = validation_maps(v.sdata, v.prep, model, split=v.split, region=v.region, n_samples=n_samples,
+                               seed=seed, average_flips=average_flips)  # fmt: skip
+        if maps is not None:
+            found.append((maps, np.asarray(model.gene_scale_for(v.prep), dtype=np.float32)))
+    if not found:
+        log.warn("no validation pixels: the model could not be compared with the image floor, and is used as it is")
         return None
     genes = list(model.genes)
-    scale = np.asarray(model.gene_scale, dtype=np.float32)
-    norm = {k: to_model_units(maps[k], scale) for k in ("mean", "floor", "bicubic", "truth")}
+    maps = {k: np.concatenate([m[k] for m, _ in found], axis=1) for k in found[0][0]}
+    # each section's pixels in its own model units (its own normalisation), pooled
+    norm = {k: np.concatenate([to_model_units(m[k], sc) for m, sc in found], axis=1)
+            for k in ("mean", "floor", "bicubic", "truth")}  # fmt: skip
+    scales = [sc for _, sc in found]
+    widths = [m["truth"].shape[1] for m, _ in found]
+
+    def units(counts: np.ndarray, g: int) -> np.ndarray:
+        """One gene's pooled counts in the pooled sections' own units."""
+        bounds = np.cumsum([0, *widths])
+        return np.concatenate([to_model_units(counts[bounds[i] : bounds[i + 1]], sc[g : g + 1])
+                               for i, sc in enumerate(scales)])  # fmt: skip
+
     alpha, std_scale = [], []
     scores: dict[str, dict[str, list[float]]] = {k: {"pcc": [], "rmse": []} for k in ("model", "guarded", "bicubic",
                                                                                      "image_floor")}  # fmt: skip
     covered = []
     for g in range(len(genes)):
         truth = norm["truth"][g]
-        pccs = [pearson(to_model_units(a * maps["mean"][g] + (1 - a) * maps["floor"][g], scale[g : g + 1]), truth)
-                for a in ALPHAS]  # fmt: skip
+        pccs = [pearson(units(a * maps["mean"][g] + (1 - a) * maps["floor"][g], g), truth) for a in ALPHAS]
         pccs = np.nan_to_num(np.asarray(pccs), nan=-np.inf)
         best = float(ALPHAS[int(np.flatnonzero(pccs >= pccs.max() - 1e-4).max())])  # ties go to the model
         blend = best * maps["mean"][g] + (1 - best) * maps["floor"][g]
@@ -198,13 +255,14 @@ def fit_guard(sdata: SpatialData, prep: Prepared, model: DiffST, *, n_samples: i
         std_scale.append(c)
         if np.any(std > 0):
             covered.append(float(np.mean(np.abs(maps["truth"][g] - blend) <= 2 * c * std + 1e-9)))
-        blend_n = to_model_units(blend, scale[g : g + 1])
+        blend_n = units(blend, g)
         for name, pred in (("model", norm["mean"][g]), ("guarded", blend_n), ("bicubic", norm["bicubic"][g]),
                            ("image_floor", norm["floor"][g])):  # fmt: skip
             scores[name]["pcc"].append(pearson(pred, truth))
             scores[name]["rmse"].append(rmse(pred, truth))
     n_px = maps["truth"].shape[1]
-    table = _report(scores, f"validation ({n_px} HR pixels, {len(genes)} genes; PCC / RMSE on the normalised scale)")
+    where = f"{n_px} HR pixels" + (f" of {len(found)} sections" if len(found) > 1 else "")
+    table = _report(scores, f"validation ({where}, {len(genes)} genes; PCC / RMSE on the normalised scale)")
     _warn_below_floor(table, alpha, len(genes))
     return {
         "alpha": alpha,
@@ -234,14 +292,19 @@ def spot_blend(maps: dict[str, np.ndarray], alpha: float | np.ndarray, gene_scal
     return to_units(a * mean + (1 - a) * floor, scale)[0, :, :, 0].numpy()
 
 
-def _fit_on_spots(sdata: SpatialData, prep: Prepared, model: DiffST, *, seed: int) -> dict | None:
-    maps = heldout_spots(sdata, prep, model, seed=seed)
-    if maps is None or maps["truth"].shape[1] == 0:
+def _fit_on_spots(sections: list[Validation], model: DiffST, *, seed: int) -> dict | None:
+    found = []
+    for v in sections:
+        maps = heldout_spots(v.sdata, v.prep, model, split=v.split, region=v.region, seed=seed)
+        if maps is not None and maps["truth"].shape[1] > 0:
+            found.append((maps, model.gene_scale_for(v.prep)))
+    if not found:
         log.warn("no validation spots: the model could not be compared with the image floor, and is used as it is")
         return None
     genes = list(model.genes)
-    scale = model.gene_scale_for(prep)
-    blends_by_alpha = [spot_blend(maps, a, scale) for a in ALPHAS]
+    # each section's spots blended on its own scale, then pooled (all in model units already)
+    blends_by_alpha = [np.concatenate([spot_blend(m, a, sc) for m, sc in found], axis=1) for a in ALPHAS]
+    maps = {k: np.concatenate([m[k] for m, _ in found], axis=1) for k in found[0][0]}
     alpha: list[float] = []
     scores: dict[str, dict[str, list[float]]] = {k: {"pcc": [], "rmse": []} for k in ("model", "guarded", "bicubic",
                                                                                      "image_floor")}  # fmt: skip

@@ -104,6 +104,11 @@ class GuardBlend:
             )
         return cls(alpha=alpha, std_scale=scale, poisson=guard.get("std_noise") == "poisson", floor=floor)
 
+    @property
+    def floor_only(self) -> bool:
+        """Every gene is all floor (``α = 0``): the model's maps are not needed."""
+        return self.floor is not None and not np.any(self.alpha > 0)
+
     def apply(self, mean: np.ndarray, std: np.ndarray, hr_rows: tuple[int, int], hr_cols: tuple[int, int]):
         """The guarded mean and std of one chunk (model maps in expected counts, ``(genes, rows, cols)``)."""
         if self.floor is not None:
@@ -153,11 +158,11 @@ class InferencePipeline:
     def from_model(cls, sdata: SpatialData, prep: Prepared, model: DiffST, genes: list[str], *, sampler: str = "fast",
                    steps: int | None = None, n_samples: int = 1, average_flips: bool = True, consistency: bool = True,
                    tile_overlap: float = 0.25, batch_size: int = 16, seed: int = 0, block_lr: int = DEFAULT_BLOCK_LR,
-                   guard: bool = True) -> InferencePipeline:  # fmt: skip
+                   guard: bool | dict = True) -> InferencePipeline:  # fmt: skip
         """The pipeline of ``model`` over the prepared slide, writing ``genes``.
 
-        ``guard=False`` leaves out step 6 (the raw model maps, which the guard itself is fitted on); without a fitted
-        guard in ``model.info`` there is no step 6 either.
+        ``guard``: ``True`` applies the guard fitted in ``model.info`` (none without one), a dict applies that one,
+        ``False`` leaves out step 6 (the raw model maps, which the guard itself is fitted on).
         """
         cfg = model.config
         grid = prep.grid
@@ -189,7 +194,7 @@ class InferencePipeline:
         source.lr = lr_all  # small: keep it in the task instead of re-reading the store
         source.hr = None
         gene_scale = model.gene_scale_for(prep)
-        fitted = model.info.get("guard") if guard else None
+        fitted = guard if isinstance(guard, dict) else (model.info.get("guard") if guard else None)
         pipe = cls(
             source=source,
             net=model.net.eval(),
@@ -244,6 +249,8 @@ class InferencePipeline:
 
     def window_runs(self) -> int:
         """Windows to sample over all chunks: each once (a window reaching several chunks is kept for the others)."""
+        if self.guard is not None and self.guard.floor_only:
+            return 0
         return len(self.chunks_per_window())
 
     # -------------------------------------------------------------- one chunk
@@ -258,6 +265,10 @@ class InferencePipeline:
         neighbouring windows would shrink it there). LR consistency rescales the blended mean; the std follows the
         same per-pixel factor.
         """
+        if self.guard is not None and self.guard.floor_only:
+            shape = (len(self.out_index), hr_rows[1] - hr_rows[0], hr_cols[1] - hr_cols[0])
+            empty = np.zeros(shape, dtype=np.float32)
+            return np.stack(self.guard.apply(empty, empty, hr_rows, hr_cols)).astype(np.float32)
         s = self.grid.scale
         r0, c0, r1, c1 = self._region(hr_rows, hr_cols)
         acc, var, wsum = self._blend(r0, c0, r1, c1)

@@ -213,15 +213,26 @@ class DiffST:
     def gene_scale_for(self, prep: Prepared) -> np.ndarray:
         """Per-gene scale of the model units on ``prep``'s slide, in the model's gene order.
 
-        On the training slide (same HR statistics) it is the training scale. On another slide, the HR scale is
-        estimated from that slide's LR counts: ``gene_scale · lr_scale_slide / lr_scale_train`` — expression
-        levels may differ between slides (depth, capture efficiency), their HR/LR shape is assumed not to.
+        On a slide the model was trained on, the scale it trained with there. On another slide, the HR scale is
+        estimated from that slide's LR counts: ``lr_scale_slide · gene_scale / lr_scale`` with the training
+        slides' ratio (their geometric mean over several) — expression levels may differ between slides (depth,
+        capture efficiency), their HR/LR shape is assumed not to.
         """
         idx = [prep.genes.index(g) for g in self.genes]
-        if self.info.get("prepared_fingerprint") == fingerprint(prep):
+        here = fingerprint(prep)
+        sections = self.info.get("sections") or []
+        for section in sections:
+            if section.get("fingerprint") == here:
+                return np.asarray(section["gene_scale"], dtype=np.float32)
+        if self.info.get("prepared_fingerprint") == here:
             return self.gene_scale
-        ratio = prep.lr_scale[idx] / np.maximum(self.lr_scale, 1e-6)
-        return (self.gene_scale * ratio).astype(np.float32)
+        if sections:
+            ratios = [np.log(np.asarray(s["gene_scale"], np.float64) / np.maximum(np.asarray(s["lr_scale"]), 1e-6))
+                      for s in sections]  # fmt: skip
+            ratio = np.exp(np.mean(ratios, axis=0))
+        else:
+            ratio = self.gene_scale / np.maximum(self.lr_scale, 1e-6)
+        return (prep.lr_scale[idx] * ratio).astype(np.float32)
 
 
 def data_units(prep: Prepared, image_um: float) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 - :class:`RunControl` (a Lightning callback) seeds each step from ``(seed, step)``, keeps the training clock across
   resumes, stops at the time budget, writes ``last.ckpt`` at least every :data:`CHECKPOINT_EVERY` seconds and, after
-  Ctrl-C, at the end of the current step before raising :class:`Interrupted`.
+  Ctrl-C, at the end of the current step before raising :class:`StopRequested`.
 - :class:`ProgressLog` prints plain lines (a log file is as good as a terminal): the plan with the measured speed
   after the first steps, then step, loss, the latest validation and an ETA every ``dst.settings.progress_every``
   seconds.
@@ -35,18 +35,45 @@ SPEED_STEPS = 3
 Resume = bool | Literal["auto"]
 
 
-class Interrupted(Exception):
+class StopRequested(Exception):
     """Raised inside ``trainer.fit`` after Ctrl-C, once the checkpoint of the last finished step is written."""
 
 
-def interrupted(steps: int, saved_step: int | None, checkpoint: Path) -> KeyboardInterrupt:
-    """The :class:`KeyboardInterrupt` that :func:`diffst.tl.train` raises after Ctrl-C, saying where the checkpoint is.
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C in a diffst call, as one message: what it was doing, what was kept and how to go on.
 
-    A plain ``KeyboardInterrupt`` (so that a script still ends as Ctrl-C ends it), with the
-    attributes ``steps`` (done), ``saved_step`` (of the checkpoint, ``None`` when none was written) and
-    ``checkpoint`` (its path); ``resume_hint(e, text)`` words the message for another interface (the CLI).
+    Still a :class:`KeyboardInterrupt` (a script ends as Ctrl-C ends it). ``doing``, ``kept`` and ``how`` hold the
+    three parts; an interrupted training loop also sets ``steps``, ``saved_step`` and ``checkpoint``.
     """
-    e = KeyboardInterrupt(resume_hint(steps, saved_step, checkpoint, "`dst.tl.train(..., resume=True)`"))
+
+    __module__ = "diffst"  # tracebacks name it diffst.Interrupted
+
+    def __init__(self, doing: str, kept: str, how: str) -> None:
+        super().__init__(f"interrupted while {doing}: {kept}; {how}")
+        self.doing, self.kept, self.how = doing, kept, how
+
+
+@contextlib.contextmanager
+def on_interrupt(doing: str, kept: str, how: str) -> Iterator[None]:
+    """Turn a Ctrl-C inside the block into an :class:`Interrupted` with these words (one already made passes)."""
+    try:
+        yield
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        raise Interrupted(doing, kept, how) from None
+
+
+def interrupted(steps: int, saved_step: int | None, checkpoint: Path) -> Interrupted:
+    """The :class:`Interrupted` that :func:`diffst.tl.train` raises after Ctrl-C in its loop: where the checkpoint is.
+
+    Its attributes ``steps`` (done), ``saved_step`` (of the checkpoint, ``None`` when none was written) and
+    ``checkpoint`` (its path) let another interface (the CLI) word the way back (:func:`resume_hint`).
+    """
+    text = resume_hint(steps, saved_step, checkpoint, "`dst.tl.train(..., resume=True)`")
+    kept, _, how = text.partition("; resume with ")
+    e = Interrupted("training", kept.removeprefix("interrupted "), f"resume with {how}" if how else "start again")
+    e.args = (text,)
     e.steps, e.saved_step, e.checkpoint = int(steps), saved_step, Path(checkpoint)  # type: ignore[attr-defined]
     return e
 
@@ -118,7 +145,7 @@ class RunControl(L.Callback):
             self.save(trainer)
         elif self.interrupted:
             self.save(trainer)
-            raise Interrupted
+            raise StopRequested
         elif now - self._last_save >= CHECKPOINT_EVERY:
             self.save(trainer)
 

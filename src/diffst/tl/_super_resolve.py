@@ -13,10 +13,12 @@ import numpy as np
 from .. import _logging as log
 from .._compat import deprecated_arguments
 from .._contract import Prepared, is_prepared, read_record
-from .._genes import resolve_genes
+from .._device import resolve_device
+from .._genes import GeneError, resolve_genes
 from ._inference import DEFAULT_BLOCK_LR, SAMPLERS, InferencePipeline, compute, scratch_beside
 from ._model import DiffST, fingerprint
 from ._output import Units, check_sr_free, sr_image, write_sr
+from ._run import on_interrupt
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -32,6 +34,7 @@ def super_resolve(
     model: DiffST | str | Path | None = None,
     genes: str | list[str] | None = None,
     prepared_key: str = "diffst",
+    device: str = "auto",
     sampler: SamplerName = "fast",
     steps: int | None = None,
     n_samples: int = 1,
@@ -46,7 +49,12 @@ def super_resolve(
     inplace: bool = True,
     block_lr: int = DEFAULT_BLOCK_LR,
 ) -> dict[str, xr.DataArray] | None:
-    """Super-resolve gene maps over the whole tissue and write them into the SpatialData.
+    """Super-resolve gene maps over the whole tissue and write them into the SpatialData; prepare and train first if needed.
+
+    On a raw SpatialData (not prepared, no model) the call does the whole workflow: it prepares the data with the
+    ``genes`` asked for (:func:`diffst.pp.prepare`), trains a model on them (:func:`diffst.tl.train`, about 10
+    minutes on a laptop CPU) and writes their maps. On prepared data or with a model, the genes asked for must be
+    among the prepared or the model's genes; if they are not, the call says which call adds them, before any work.
 
     The tissue is covered by overlapping model windows; each window is sampled with its own seed (so the result does
     not depend on how the work is split up), windows are blended with weights that fall to zero at their borders (no
@@ -58,15 +66,22 @@ def super_resolve(
     Parameters
     ----------
     sdata
-        The SpatialData: prepared with :func:`diffst.pp.prepare`, or raw (then it is prepared under ``prepared_key`` with the
-        model's genes and units; a Visium slide with only spots works).
+        The SpatialData: prepared with :func:`diffst.pp.prepare`, or raw (then it is prepared under ``prepared_key``:
+        with the model's genes and units when a model is given, else with ``genes``; a Visium slide with only spots
+        works).
     model
         A :class:`diffst.DiffST`, a path to a saved one, or ``None``: the model :func:`diffst.tl.train` recorded in
         ``sdata.attrs[prepared_key]['model']``; if there is none, one is trained with the defaults first (you are told).
     genes
-        Genes to write (default: all the model's genes). The model always predicts its genes jointly.
+        Genes to write (default: all the model's genes). The model always predicts its genes jointly. On raw data
+        without a model, the genes the data are prepared and the model trained with (default: 25 spatially variable
+        genes).
     prepared_key
         Key of the prepared data.
+    device
+        Where the network runs: ``"auto"`` (CUDA when there is a GPU, then Apple's MPS, else the CPU), ``"cpu"``,
+        ``"cuda"``, ``"cuda:N"`` or ``"mps"``; the model is moved there. With a ``dask.distributed`` cluster, the
+        workers must have that device.
     sampler
         ``"fast"`` (the model's fast sampler, DPM-Solver++), ``"ddim"``, ``"dpmsolver"`` or ``"ddpm"`` (1000 ancestral
         steps, as in the paper; slow).
@@ -114,17 +129,22 @@ def super_resolve(
     """
     t_start = time.perf_counter()
     _check_arguments(sampler, steps, n_samples, tile_overlap, batch_size, units, block_lr)
+    target = resolve_device(device)
+    asked = None if genes is None else ([genes] if isinstance(genes, str) else list(genes))
+    if asked is not None:
+        resolve_genes(asked, asked, unknown=lambda missing: "", empty="or None for all of the model's genes")
     if inplace:
         check_sr_free(sdata, key_added, overwrite=overwrite)
     else:
         # a preparation or a training this call needs goes into a detached copy: `sdata` is left exactly as it was
         sdata = _detached(sdata)
-    model = _resolve_model(sdata, model, prepared_key)
+    model = _model_for(sdata, model, asked, prepared_key)
     if not is_prepared(sdata, prepared_key):
         _prepare_for(sdata, model, prepared_key)
     prep = Prepared.from_sdata(sdata, prepared_key)
-    want = _resolve_genes(genes, model)
+    want = _resolve_genes(asked, model, prepared_key)
     model.check_compatible(prep, genes=want)
+    model.to(target)
     if prep.image.key not in sdata.images:
         msg = "The SpatialData has no tissue image for this model; diffst needs the image the data were prepared with."
         raise ValueError(msg)
@@ -132,10 +152,11 @@ def super_resolve(
     if transferred:
         log.info("the model was trained on another slide: per-gene scales are adapted from this slide's LR counts")
 
+    guard = _guard_to_apply(model)
     pipe = InferencePipeline.from_model(sdata, prep, model, want, sampler=sampler, steps=steps, n_samples=n_samples,
                                         average_flips=average_flips, consistency=consistency,
                                         tile_overlap=tile_overlap, batch_size=batch_size, seed=seed,
-                                        block_lr=block_lr)  # fmt: skip
+                                        block_lr=block_lr, guard=guard or False)  # fmt: skip
     log.info(
         f"super-resolving {len(want)} genes over {len(pipe.windows)} windows of {model.config.tile_um:g} µm "
         + (
@@ -147,7 +168,6 @@ def super_resolve(
         + f"{len(pipe.blocks)} chunks"
     )
     stack = pipe.slide()
-    guard = model.info.get("guard")
     if units == "log1p":
         # log1p of the expected counts; the std follows by the delta method, std / (1 + mean)
         stack = da.stack([da.log1p(stack[0]), stack[1] / (1.0 + stack[0])])
@@ -164,7 +184,11 @@ def super_resolve(
         "gene_scale": [float(v) for v in pipe.gene_scale[pipe.out_index]],
         "guard": _guard_params(guard, model, want),
     }
-    with scratch_beside(sdata if inplace else None) as scratch:
+    kept = "nothing was written: the SpatialData (and its store) are as they were"
+    with (
+        on_interrupt("super-resolving", kept, "run the call again"),
+        scratch_beside(sdata if inplace else None) as scratch,
+    ):
         stack = compute(stack, scratch, pipe.window_runs())
         mean = stack[0]
         std = stack[1] if n_samples > 1 else None
@@ -225,24 +249,93 @@ def _check_arguments(sampler, steps, n_samples, tile_overlap, batch_size, units,
 
 
 def _resolve_model(sdata: SpatialData, model: DiffST | str | Path | None, key: str) -> DiffST:
-    if isinstance(model, DiffST):
-        return model
+    """The model to apply: the one given, the one recorded for the prepared data, or one trained now."""
+    return _model_for(sdata, model, None, key)
+
+
+def _model_for(sdata: SpatialData, model: DiffST | str | Path | None, genes: list[str] | None, key: str) -> DiffST:
+    """The model that predicts ``genes``: given, recorded, or trained now on data prepared with them.
+
+    Genes the model (or the prepared data, when a model must be trained on them) does not have are an error that
+    names the call which adds them, raised before any work.
+    """
     if model is not None:
-        return DiffST.load(model)
-    recorded = read_record(sdata, key).model if is_prepared(sdata, key) else None
+        model = model if isinstance(model, DiffST) else DiffST.load(model)
+        _check_model_genes(model, genes, key)
+        return model
+    prepared = is_prepared(sdata, key)
+    recorded = read_record(sdata, key).model if prepared else None
     if recorded and Path(recorded["path"]).exists():
+        model = DiffST.load(recorded["path"])
+        _check_model_genes(model, genes, key)
         log.info(f"using the model trained for this SpatialData: {recorded['path']}")
-        return DiffST.load(recorded["path"])
+        return model
     if recorded:
         log.warn(f"the recorded model {recorded['path']} is gone; training a new one")
     from ..pp import prepare
     from ._train import train
 
-    if not is_prepared(sdata, key):
-        log.info(f"no prepared data under {key!r}: preparing with the defaults (dst.pp.prepare)")
-        prepare(sdata, key_added=key)
+    if prepared:
+        have = Prepared.from_sdata(sdata, key).genes
+        missing = [g for g in genes or [] if g not in have]
+        if missing:
+            msg = (
+                f"The data under {key!r} are prepared with {len(have)} genes and lack {missing[:10]}. Prepare them with "
+                f"the genes you ask for under another key and super-resolve from there: "
+                f"`dst.tl.super_resolve(sdata, genes={genes!r}, prepared_key='{key}_genes')` (that prepares and "
+                f"trains on them), or replace these: `dst.pp.prepare(sdata, genes={genes!r}, key_added={key!r}, "
+                "overwrite=True)`."
+            )
+            raise GeneError(msg)
+    else:
+        what = f"the {len(genes)} genes asked for" if genes else "the defaults"
+        log.info(f"no prepared data under {key!r}: preparing with {what} (dst.pp.prepare)")
+        prepare(sdata, key_added=key, **({"genes": genes} if genes else {}))
     log.info("no trained model for this SpatialData: training one with the defaults (dst.tl.train)")
     return train(sdata, prepared_key=key)
+
+
+def _check_model_genes(model: DiffST, genes: list[str] | None, key: str) -> None:
+    missing = [g for g in genes or [] if g not in model.genes]
+    if not missing:
+        return
+    names = list(model.genes)
+    from .._spatial import suggest
+
+    hints = "".join(f"\n  {g!r}:{suggest(g, names) or ' no close match'}" for g in missing[:10])
+    msg = (
+        f"The model does not know {len(missing)} of the requested genes (it predicts {len(names)}, the genes it was "
+        f"trained on). Train one on yours: `dst.tl.super_resolve(sdata, genes={genes!r}, "
+        f"prepared_key='{key}_genes')` without `model` (it prepares and trains on them under a new key), or "
+        f"`dst.pp.prepare(sdata, genes={genes!r}, key_added='{key}_genes')` then "
+        f"`dst.tl.train(sdata, prepared_key='{key}_genes')`." + hints
+    )
+    raise GeneError(msg)
+
+
+def _guard_to_apply(model: DiffST) -> dict | None:
+    """The guard ``super_resolve`` applies: the model's; for a model never validated, the image floor (warned)."""
+    info = model.info
+    if "steps" not in info or info.get("guard"):
+        return info.get("guard")  # guarded, or built by hand (advanced use: applied as it is)
+    if info.get("validated"):
+        log.warn(
+            "the model was not compared with the training-free image floor on validation (trained with guard=False): "
+            "its maps are written as trained, unchecked. `dst.tl.train(..., resume=True)` with the guard on fits it."
+        )
+        return None
+    log.warn(
+        "the model was never validated (no validation data and no guard): super_resolve writes the training-free "
+        "image floor instead of its maps (as `dst.tl.upsample(sdata, method='image')`), with a Poisson std. Train it "
+        "with validation (the default `dst.tl.train` always holds some out) to use the model."
+    )
+    return {
+        "alpha": [0.0] * len(model.genes),
+        "std_scale": [1.0] * len(model.genes),
+        "std_noise": "poisson",
+        "validation": None,
+        "fallback": "image floor: the model was not validated",
+    }
 
 
 def _detached(sdata: SpatialData) -> SpatialData:
@@ -276,15 +369,9 @@ def _prepare_for(sdata: SpatialData, model: DiffST, key: str) -> None:
     )
 
 
-def _resolve_genes(genes: str | list[str] | None, model: DiffST) -> list[str]:
-    return resolve_genes(
-        genes,
-        model.genes,
-        empty="or None for all the model's genes",
-        unknown=lambda missing: (
-            f"The model does not know {len(missing)} of the requested genes (it predicts {len(model.genes)}):"
-        ),
-    )
+def _resolve_genes(genes: list[str] | None, model: DiffST, key: str) -> list[str]:
+    _check_model_genes(model, genes, key)
+    return resolve_genes(genes, model.genes, unknown=lambda missing: "", empty="or None for all the model's genes")
 
 
 def _level0(element: Any) -> Any:

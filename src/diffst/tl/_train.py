@@ -1,24 +1,36 @@
-"""``dst.tl.train``: train Diff-ST on prepared tiles with Lightning."""
+"""``dst.tl.train``: train Diff-ST on one or several prepared sections with Lightning.
+
+The stages, each its own function: the sections and where each is validated (:func:`_sections`), the plan of
+windows, configuration and steps (:class:`_Plan`), the run folder (:func:`run_directory`), the training itself
+(:func:`_fit`: datasets, the fitted floor, Lightning), the guard (:func:`~diffst.tl._guard.fit_guard`) and the
+record. The weights are saved as soon as training ends, before the guard, so that an interrupted guard does not
+cost the training.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import time
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 
 from .. import _logging as log
 from .._compat import deprecated_arguments
 from .._contract import update_record
+from .._device import lightning_device, resolve_device
 from .._settings import settings
 from ..features import is_encoder_spec
 from ..model import DiffSTConfig, DiffSTNet
@@ -29,12 +41,12 @@ from ._data import (
     WindowDataset,
     WindowSampler,
     choose_window,
+    holdout,
     split_region,
-    tiled_origins,
     window_origins,
 )
 from ._features import features_for_training, model_record
-from ._guard import fit_guard, guard_summary
+from ._guard import Validation, fit_guard, guard_summary
 from ._lightning import DiffSTModule, History
 from ._model import DiffST, data_units, fingerprint
 from ._run import (
@@ -42,9 +54,11 @@ from ._run import (
     ProgressLog,
     Resume,
     RunControl,
+    StopRequested,
     check_resumable,
     interrupt_flag,
     interrupted,
+    on_interrupt,
     run_directory,
 )
 
@@ -53,8 +67,7 @@ if TYPE_CHECKING:
 
 Preset = Literal["default", "paper", "tiny"]
 
-#: Optimiser steps a preset aims for when ``max_epochs`` is not given. 750 steps of ``default`` take about 5 minutes
-#: on 2 CPU cores, where its validation loss has levelled off (benchmarks/bench_train.py).
+#: Optimiser steps a preset aims for when ``max_epochs`` is not given (the benchmark page says how long they take).
 DEFAULT_STEPS = {"default": 750, "tiny": 60}
 PAPER_EPOCHS = 200
 #: Validate about this often (in optimiser steps) unless ``check_val_every_n_epoch`` is given.
@@ -65,20 +78,22 @@ DEFAULT_TIME_BUDGET = 600.0
 MONITOR = "val_pcc"
 #: Fewest measured spots (LR pixels) in the training tiles that training from the spots alone accepts.
 MIN_TRAIN_SPOTS = 100
+#: Training windows the fitted floor's exponents are chosen on (evenly spread over the training regions).
+BASE_FIT_WINDOWS = 64
 
 Supervision = Literal["auto", "hr", "lr"]
 
 
 @deprecated_arguments(renamed={"key": "prepared_key"})
 def train(
-    sdata: SpatialData,
+    sdata: SpatialData | Sequence[SpatialData],
     *,
     prepared_key: str = "diffst",
     preset: Preset = "default",
     max_epochs: int | None = None,
     batch_size: int | None = None,
-    accelerator: str = "auto",
-    devices: int | str | list[int] = "auto",
+    device: str = "auto",
+    devices: int | list[int] = 1,
     seed: int = 0,
     checkpoint_dir: str | Path | None = None,
     resume: Resume = False,
@@ -93,17 +108,29 @@ def train(
     image_encoder: str = "learned",
     **trainer_kwargs: Any,
 ) -> DiffST:
-    """Train a Diff-ST model on the data that :func:`diffst.pp.prepare` made.
+    """Train a Diff-ST model on the data that :func:`diffst.pp.prepare` made, from one section or several.
 
     Each step draws windows at random positions inside the training tiles (any LR-pixel offset, with a random one
     of the 8 rotations/flips), so that a small region still gives many distinct windows; the window side is the
-    prepared tile (``tile_um``) at most, smaller when the training region is small. Validation windows are fixed
-    (the validation tiles). Training optimises the objective with AdamW, keeps an exponential moving average (EMA) of the weights
-    for sampling, and validates about every 50 steps: PCC and RMSE of the mean map beside bicubic up-sampling and
-    the image floor (recorded in ``model.history``). The checkpoint with the best validation PCC is kept, and
-    training stops early when it stops improving. Finally the guard (``diffst.tl._guard``) compares the model with
-    the baselines on validation as ``super_resolve`` runs it, fits per-gene blend weights with the image floor and a
-    calibration of the std map, prints the table and warns when the model does not beat the floor.
+    prepared tile (``tile_um``) at most, smaller when the training region is small. Training optimises the objective
+    with AdamW, keeps an exponential moving average (EMA) of the weights for sampling, and validates about every 50
+    steps: PCC and RMSE of the mean map beside bicubic up-sampling and the image floor (recorded in
+    ``model.history``). The checkpoint with the best validation PCC is kept, and training stops early when it stops
+    improving. Finally the guard (``diffst.tl._guard``) compares the model with the baselines on validation as
+    ``super_resolve`` runs it, fits per-gene blend weights with the image floor and a calibration of the std map,
+    prints the table and warns when the model does not beat the floor.
+
+    **Always validated.** Validation uses the prepared validation tiles. Data prepared without any (a region too
+    small for a three-way split of its tiles) hold out a spatially blocked band of their training tiles instead
+    (the far rows or columns with about 20 % of the pixels, :func:`diffst.tl._data.holdout`), so model selection,
+    the guard and the std calibration always run; ``model.info["validation"]`` says which.
+
+    **Several sections.** ``sdata`` may be a list of SpatialData objects, the sections of one study, each prepared
+    with the same genes and units under ``prepared_key``. One model learns from all of them: every window keeps its
+    own section's normalisation (its per-gene scales), training draws windows from all sections in proportion to
+    their training area, and validation and the guard pool every section's validation pixels.
+    :func:`diffst.tl.super_resolve` applies the model to any of them, or to a new section (its scales estimated from
+    its LR counts).
 
     Data with no HR truth (a Visium or ST slide alone) train from the spots themselves (``supervision="lr"``): each
     step hides a random half of the spots from the model, which must predict them from the image and the other
@@ -122,8 +149,9 @@ def train(
       first validation or while validation is still improving, a warning says so, and ``model.info['stopped_by']``
       records why it stopped (``"completed"``, ``"early stopping"``, ``"time budget"``);
     - **interruptible**: ``checkpoints/last.ckpt`` is written at least every minute, and on Ctrl-C at the end of the
-      current step, after which a :class:`KeyboardInterrupt` says where it is and how to resume (a second
-      Ctrl-C stops at once);
+      current step; Ctrl-C at any other moment (the fitted floor, validation, the guard, saving) ends with one
+      message saying what was kept and how to go on. The weights are saved as soon as training ends, so an
+      interrupted guard keeps them: ``resume=True`` then goes straight to the guard;
     - **resumable, only when asked**: each call starts a fresh run in its own folder unless ``resume`` says
       otherwise. A resumed run repeats exactly what an uninterrupted one would do (same windows, noise and
       weights; on one device).
@@ -131,33 +159,37 @@ def train(
     Parameters
     ----------
     sdata
-        SpatialData prepared with :func:`diffst.pp.prepare`.
+        SpatialData prepared with :func:`diffst.pp.prepare`, or a list of them (sections of one study, prepared with
+        the same genes and units).
     prepared_key
         The ``key_added`` used in ``prepare``.
     preset
         Model size: ``"default"`` (small, trains on a laptop CPU in minutes), ``"paper"`` (the paper's Table 3;
         GPU) or ``"tiny"`` (tests).
     max_epochs
-        Number of epochs; by default about 750 optimiser steps for ``"default"`` (about 5 minutes on 2 CPU cores), 200 epochs for ``"paper"``.
+        Number of epochs; by default about 750 optimiser steps for ``"default"``, 200 epochs for ``"paper"``.
     batch_size
-        Tiles per step (default: the preset's).
-    accelerator, devices
-        Lightning's: ``"auto"`` uses a GPU (CUDA, then MPS) when there is one. Several devices train with DDP
-        (``strategy="ddp"`` in a script, ``"ddp_notebook"`` in Jupyter).
+        Windows per step (default: the preset's).
+    device
+        Where to train and where the returned model lives: ``"auto"`` (CUDA when there is a GPU, then Apple's MPS,
+        else the CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``. On a GPU, training runs in mixed precision.
+    devices
+        GPUs to train on at once (Lightning's DDP, with ``strategy="ddp"`` in a script or ``"ddp_notebook"`` in
+        Jupyter): a number or a list of indices. 1 by default.
     seed
         Seed of weights, batches, noise and augmentation: same seed on the same device, same model.
     checkpoint_dir
         Where checkpoints (``checkpoints/``), logs and the final ``model.pt`` go. Default: a new
-        ``run-<UTC time>`` folder per call under ``<store>.diffst/<prepared_key>-<data fingerprint>-<config hash>/`` beside
-        a zarr-backed SpatialData, else under ``dst.settings.cachedir/models/``; the folder name ties a run to the
-        exact prepared data, configuration and seed.
+        ``run-<UTC time>`` folder per call under ``<store>.diffst/<prepared_key>-<data fingerprint>-<config hash>/``
+        beside a zarr-backed SpatialData (the first section's), else under ``dst.settings.cachedir/models/``; the
+        folder name ties a run to the exact prepared data, configuration and seed.
     resume
         ``False`` (default): start afresh (with ``checkpoint_dir`` holding an earlier run, refuse unless
         ``overwrite``). ``True``: continue the latest run of these exact data, configuration and seed (or the run in
-        ``checkpoint_dir``) from its last checkpoint; an error when there is none. ``"auto"``: continue such a run if
-        there is one, else start afresh. Resuming counts the budget from the start of the run: a run that already
-        used ``max_epochs`` or ``time_budget`` is refused with the choices (a larger budget, its model, a fresh
-        start).
+        ``checkpoint_dir``) from its last checkpoint, or fit the guard of a run whose training finished; an error
+        when there is none. ``"auto"``: continue such a run if there is one, else start afresh. Resuming counts the
+        budget from the start of the run: a run that already used ``max_epochs`` or ``time_budget`` is refused with
+        the choices (a larger budget, its model, a fresh start).
     overwrite
         Start afresh in ``checkpoint_dir`` even if it holds an earlier run (replacing it).
     config
@@ -171,10 +203,11 @@ def train(
     num_workers
         DataLoader worker processes (the training and validation regions are read into memory once).
     time_budget
-        Limit of training in seconds (default 600, about 750 steps of the default preset on a 2-core CPU), counted
-        over all sessions of a resumed run; ``None`` for none. A training stopped by it says so.
+        Limit of training in seconds (default 600), counted over all sessions of a resumed run; ``None`` for none.
+        A training stopped by it says so.
     guard
-        Fit the guard on validation after training (see above); ``False`` skips it (the model is used as trained).
+        Fit the guard on validation after training (see above). ``False`` skips it: ``super_resolve`` then applies
+        the model as trained, with a warning that it was not compared with the floor.
     supervision
         ``"hr"``: learn from HR truth (transcripts, Visium HD bins). ``"lr"``: learn from the LR measurement alone, as
         above (Visium, ST; on data that have HR truth, e.g. prepared with ``degradation="visium"``, the HR is then
@@ -191,210 +224,149 @@ def train(
 
     Returns
     -------
-    The trained :class:`diffst.DiffST` (EMA weights). Its path is recorded in ``sdata.attrs[prepared_key]['model']`` (and written
-    to the zarr store when backed), so :func:`diffst.tl.super_resolve` finds it.
+    The trained :class:`diffst.DiffST` (EMA weights) on ``device``. Its path is recorded in
+    ``sdata.attrs[prepared_key]['model']`` of every section (and written to the zarr store when backed), so
+    :func:`diffst.tl.super_resolve` finds it.
 
     """
-    prep = Prepared.from_sdata(sdata, prepared_key)
-    supervision = _supervision(prep, prepared_key, supervision)
-    if image_encoder != "learned" and not is_encoder_spec(image_encoder):
-        msg = f"`image_encoder` must be 'learned', 'stain' or 'timm:<model name>'; got {image_encoder!r}."
-        raise ValueError(msg)
-    n_train = len(prep.tiles(sdata, "train"))
-    if n_train == 0:
-        msg = f"No training tiles under {prepared_key!r}; prepare with smaller `tile_um` or a larger train share in `split`."
-        raise ValueError(msg)
-    if max_epochs is not None and max_epochs < 1:
-        msg = f"`max_epochs` must be at least 1; got {max_epochs}."
-        raise ValueError(msg)
-    if time_budget is not None and time_budget <= 0:
-        msg = f"`time_budget` must be a positive number of seconds or None; got {time_budget!r}."
-        raise ValueError(msg)
-
-    region = split_region(prep, sdata, "train")
-    if supervision == "lr":
-        _check_spots(prep, region)
-        config = {"objective": "regression", "supervision": "lr", **(config or {})}
-    # the prepared tile (400 µm by default, the default preset's) bounds the window; small regions get smaller ones
-    window_lr = choose_window(region, prep.tile_lr)
-    prep, features = features_for_training(sdata, prep, image_encoder)
-    cfg = _config(prep, preset, batch_size, config, window_um=window_lr * prep.grid.lr_um, features=features)
-    train_origins = window_origins(region, window_lr)
-    val_origins = tiled_origins(prep.tiles(sdata, "val"), prep.tile_lr, window_lr)
-    n_val = len(val_origins)
-    # an epoch: about one pass over the training area
-    epoch_len = max(cfg.batch_size, math.ceil(int(region.sum()) / window_lr**2))
-    steps_per_epoch = math.ceil(epoch_len / cfg.batch_size)
-    if max_epochs is None:
-        max_epochs = (
-            PAPER_EPOCHS if preset == "paper" else max(5, min(1000, math.ceil(DEFAULT_STEPS[preset] / steps_per_epoch)))
-        )
-    # learning from the spots alone reads nothing of the HR truth, not even its scale
-    gene_scale = prep.hr_scale if supervision == "hr" else prep.lr_scale
-    planned = max_epochs * steps_per_epoch
-    fp = fingerprint(prep)
-    family = None if checkpoint_dir is not None else _default_dir(sdata, prep, prepared_key, cfg, seed)
+    target = resolve_device(device)
+    _check_arguments(max_epochs, time_budget, image_encoder)
+    sections = _sections(sdata, prepared_key, supervision, image_encoder)
+    plan = _Plan.make(sections, preset, batch_size, config, max_epochs)
+    family = None if checkpoint_dir is not None else _default_dir(sections, prepared_key, plan.cfg, seed)
     run_dir, ckpt_path = run_directory(
         family, None if checkpoint_dir is None else Path(checkpoint_dir), resume=resume, overwrite=overwrite
     )
-    ckpt_dir = run_dir / "checkpoints"
-    resumed = None
-    if ckpt_path is not None:
-        resumed = check_resumable(
-            ckpt_path, config=cfg.to_dict(), fingerprint=fp, planned_steps=planned, max_epochs=max_epochs,
-            time_budget=time_budget,
-        )  # fmt: skip
-
-    L.seed_everything(seed, workers=True, verbose=False)
-    source = TileSource.from_sdata(
-        sdata, prep, footprint=supervision == "lr", features=features["key"] if features else None
-    ).cache_image(cfg.image_um)
-    if supervision == "lr":
-        source.hr = None
-    train_ds = WindowDataset(source, train_origins, window_lr, image_um=cfg.image_um, gene_scale=gene_scale)
-    val_ds = WindowDataset(source, val_origins, window_lr, image_um=cfg.image_um, gene_scale=gene_scale)
-    if cfg.base == "fitted" and supervision == "hr":
-        cfg = _fit_base(cfg, train_ds, gene_scale)
-    sampler = WindowSampler(len(train_ds), epoch_len, seed)
-    train_dl = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=num_workers)
-    val_dl = DataLoader(val_ds, batch_size=cfg.batch_size, num_workers=num_workers) if n_val else None
-    module = DiffSTModule(
-        cfg.to_dict(),
-        prep.coexpression.tolist(),
-        val_steps=val_steps,
-        gene_scale=[float(v) for v in gene_scale],
-        fingerprint=fp,
-    )
-
-    history = History()
-    control = RunControl(ckpt_dir / "last.ckpt", sampler, cfg.batch_size, seed, time_budget=time_budget)
-    progress = ProgressLog(control, planned)
-    # progress before control: the line of the last step is printed before an interrupt stops the run
-    callbacks: list[L.Callback] = [history, progress, control]
-    checkpoint = L.pytorch.callbacks.ModelCheckpoint(
-        dirpath=ckpt_dir,
-        filename="best",
-        monitor=MONITOR if n_val else None,
-        mode="max",
-        save_last=True,
-        save_top_k=1,
-        enable_version_counter=False,
-    )
-    callbacks.append(checkpoint)
-    early = L.pytorch.callbacks.EarlyStopping(monitor=MONITOR, patience=patience, mode="max") if n_val else None
-    if early is not None:
-        callbacks.append(early)
-    on_gpu = _uses_gpu(accelerator)
-    trainer_args: dict[str, Any] = {
-        "max_epochs": max_epochs,
-        "accelerator": accelerator,
-        "devices": devices,
-        "callbacks": callbacks,
-        "logger": L.pytorch.loggers.CSVLogger(run_dir, name="logs"),
-        # plain progress lines (ProgressLog) instead of a bar: they read the same in a log file
-        "enable_progress_bar": False,
-        "enable_model_summary": settings.verbosity >= 2,
-        "deterministic": not on_gpu,
-        "precision": ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if on_gpu else "32-true",
-        "log_every_n_steps": max(1, min(50, steps_per_epoch)),
-        "num_sanity_val_steps": 0,
-        "check_val_every_n_epoch": max(1, round(VAL_EVERY_STEPS / steps_per_epoch)),
-    }
-    trainer_args.update(trainer_kwargs)
-    with _quiet_lightning():
-        trainer = L.Trainer(**trainer_args)
-    area = prep.grid.lr_um**2 / 1e6  # mm² per LR pixel
-    val_area = int(split_region(prep, sdata, "val").sum()) * area
-    log.info(
-        f"training preset {preset!r} ("
-        + (cfg.objective if supervision == "hr" else "from the spots alone: hidden spots predicted from the rest")
-        + f") on random {window_lr * prep.grid.lr_um:g} µm windows at "
-        f"{len(train_origins)} positions × 8 rotations/flips in the training region ({int(region.sum()) * area:.3f} "
-        f"mm²); validation: {n_val} fixed windows ({val_area:.3f} mm²); {max_epochs} epochs × {steps_per_epoch} "
-        f"steps = {planned} steps, batch {cfg.batch_size}, "
-        + (f"time budget {time_budget:g} s" if time_budget is not None else "no time budget")
-        + f"; checkpoints in {ckpt_dir}"
-        + (f" (resuming the run there from step {resumed['steps']})" if resumed else "")
-    )
-    if not n_val:
-        log.warn("no validation windows: the last weights are kept and nothing checks them against the baselines")
-    t0 = time.perf_counter()
-    try:
-        with interrupt_flag(control), warnings.catch_warnings(), _quiet_lightning():
-            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-            warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
-            warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
-            trainer.fit(module, train_dl, val_dl, ckpt_path=ckpt_path)
-    except (Interrupted, SystemExit, KeyboardInterrupt) as e:
-        # Interrupted: Ctrl-C, saved after the step; SystemExit: Lightning's exit after a KeyboardInterrupt it caught
-        # itself (a second Ctrl-C); both become a KeyboardInterrupt that says where the checkpoint is
-        if isinstance(e, SystemExit) and not control.interrupted:
-            raise
-        exc = interrupted(int(trainer.global_step), control.saved_step, ckpt_dir / "last.ckpt")
-        log.warn(str(exc))
-        raise exc from None
-    seconds = time.perf_counter() - t0
-    stopped = _stopped_by(trainer, control, early, planned, max_epochs)
-    validated = bool(n_val) and checkpoint.best_model_score is not None
-    last_val = progress.val.get("val_pcc")
-    # still improving: the last validation was the best, and early stopping did not end the run
-    improving = (
-        validated
-        and stopped != "early stopping"
-        and last_val is not None
-        and last_val >= float(checkpoint.best_model_score) - 1e-12
-    )
-    _warn_unfinished(stopped, trainer.global_step, planned, time_budget, n_val=n_val, validated=validated,
-                     improving=improving, best=checkpoint.best_model_score)  # fmt: skip
-
-    best = checkpoint.best_model_path if n_val and checkpoint.best_model_path else None
-    if best:
-        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
-        ema_state = {k.removeprefix("ema."): v for k, v in state.items() if k.startswith("ema.")}
+    model = _trained_earlier(run_dir) if resume else None
+    if model is None:
+        resumed = None
+        if ckpt_path is not None:
+            resumed = check_resumable(ckpt_path, config=plan.cfg.to_dict(), fingerprint=plan.fingerprint,
+                                      planned_steps=plan.planned, max_epochs=plan.max_epochs,
+                                      time_budget=time_budget)["steps"]  # fmt: skip
+        fit = _Fit(plan, run_dir, ckpt_path, resumed, target, devices, seed, patience, val_steps, num_workers,
+                   time_budget, trainer_kwargs)  # fmt: skip
+        model = fit.run(sections)
+        if not fit.first_process:  # the other processes of a multi-device run leave the rest to the first
+            return model
     else:
-        ema_state = {k: v.detach().cpu() for k, v in module.ema.state_dict().items()}
-    net = DiffSTNet(cfg, coexpr=torch.tensor(prep.coexpression))
-    net.load_state_dict(ema_state)
-    model = DiffST(
-        config=cfg,
-        net=net,
-        genes=list(prep.genes),
-        gene_scale=gene_scale,
-        lr_scale=prep.lr_scale,
-        units=data_units(prep, cfg.image_um),
-        history=list(history.rows),
-        info={
-            "preset": preset,
-            "seed": seed,
-            "epochs": int(trainer.current_epoch),
-            "steps": int(trainer.global_step),
-            "seconds": seconds,
-            "best_checkpoint": str(best) if best else None,
-            "best_val_loss": _best(history.rows, "val_loss"),
-            "best_val_pcc": float(checkpoint.best_model_score) if best else None,
-            "stopped_by": stopped,
-            "planned_steps": int(planned),
-            "trained_seconds": float(control.seconds),
-            "validated": validated,
-            "still_improving": bool(improving),
-            "run_dir": str(run_dir),
-            "window_lr": int(window_lr),
-            "prepared_fingerprint": fp,
-            "key": prepared_key,
-            **({"image_features": model_record(features)} if features else {}),
-        },
-    )
-    if trainer.is_global_zero:
-        if guard:
-            model.info["guard"] = fit_guard(sdata, prep, model, seed=seed)
+        log.info(f"the training in {run_dir} has finished: fitting its guard (no training)")
+    model.to(target)
+    model.info["guard"] = None
+    if guard:
+        kept = f"the trained weights are saved in {model.path}"
+        how = "`dst.tl.train(..., resume=True)` fits the guard on them without training again"
+        with on_interrupt("fitting the guard on the validation data", kept, how):
+            model.info["guard"] = fit_guard([s.validation for s in sections], model, seed=seed)
+    model.info["stage"] = "complete"
+    with on_interrupt("saving the model", "the trained weights are in " + str(model.path), "run the call again"):
         model.save(run_dir / "model.pt")
-        _record(sdata, prepared_key, model)
-        log.info(
-            f"trained {model.info['steps']} steps in {seconds:.0f} s ({stopped}; {_summary(model.info)})"
-            f"; model saved to {model.path}"
-        )
+        for s in sections:
+            _record(s.sdata, prepared_key, model)
+    log.info(
+        f"trained {model.info['steps']} steps in {model.info['seconds']:.0f} s ({model.info['stopped_by']}; "
+        f"{_summary(model.info)}); model saved to {model.path}"
+    )
     return model
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The sections and where each is validated
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Section:
+    """One prepared section as training sees it: its training and validation LR pixels and its normalisation."""
+
+    sdata: SpatialData
+    prep: Prepared
+    train: np.ndarray  # (h, w) LR pixels training draws windows from
+    val: np.ndarray  # (h, w) LR pixels of validation
+    held_out: bool  # validation is a band held out of the training tiles (no validation tiles)
+    supervision: str  # "hr" or "lr"
+    gene_scale: np.ndarray
+    features: dict[str, Any] | None
+
+    @property
+    def validation(self) -> Validation:
+        return Validation(self.sdata, self.prep, self.val if self.held_out else None)
+
+    def record(self) -> dict[str, Any]:
+        """What the model keeps of this section: its data, normalisation and where it was validated."""
+        area = self.prep.grid.lr_um**2 / 1e6
+        return {
+            "fingerprint": fingerprint(self.prep),
+            "gene_scale": [float(v) for v in self.gene_scale],
+            "lr_scale": [float(v) for v in self.prep.lr_scale],
+            "validation": "held-out band of the training tiles" if self.held_out else "validation tiles",
+            "train_mm2": float(self.train.sum() * area),
+            "val_mm2": float(self.val.sum() * area),
+        }
+
+
+def _sections(sdata, key: str, supervision: str, encoder: str) -> list[Section]:
+    """The sections to learn from, checked to agree; each with its training and validation pixels."""
+    many = list(sdata) if isinstance(sdata, list | tuple) else [sdata]
+    if not many:
+        msg = "`sdata` is an empty list: pass a prepared SpatialData, or a list of them."
+        raise ValueError(msg)
+    preps = [Prepared.from_sdata(s, key) for s in many]
+    _check_agree(preps, key)
+    supervision = _supervision(preps[0], key, supervision)
+    sections = []
+    features = None
+    for i, (s, prep) in enumerate(zip(many, preps, strict=True)):
+        prep, feats = features_for_training(s, prep, encoder, like=features)
+        features = features or feats
+        train_region = split_region(prep, s, "train")
+        if not train_region.any():
+            msg = (
+                f"No training tiles under {key!r}{f' in section {i}' if len(many) > 1 else ''}; prepare with smaller "
+                "`tile_um` or a larger train share in `split`."
+            )
+            raise ValueError(msg)
+        val_region = split_region(prep, s, "val")
+        held_out = not val_region.any()
+        if held_out:
+            train_region, val_region = holdout(train_region)
+        if supervision == "lr":
+            _check_spots(prep, train_region)
+        gene_scale = prep.hr_scale if supervision == "hr" else prep.lr_scale
+        sections.append(Section(s, prep, train_region, val_region, held_out, supervision, np.asarray(gene_scale),
+                                feats))  # fmt: skip
+    if any(s.held_out for s in sections):
+        n = sum(s.held_out for s in sections)
+        log.info(
+            f"{'the data have' if len(sections) == 1 else f'{n} of {len(sections)} sections have'} no validation "
+            "tiles: a spatially blocked band of the training tiles (about 20 % of them) is held out for validation"
+        )
+    return sections
+
+
+def _check_agree(preps: list[Prepared], key: str) -> None:
+    """Sections learnt together must have the same genes, units and kind of image."""
+    first = preps[0]
+    for i, prep in enumerate(preps[1:], start=1):
+        problems = []
+        if prep.genes != first.genes:
+            problems.append(
+                f"its genes differ from section 0's (prepare every section with `genes={first.genes[:5]}…`, "
+                "the same list in the same order)"
+            )
+        if not np.isclose(prep.grid.hr_um, first.grid.hr_um) or prep.grid.scale != first.grid.scale:
+            problems.append(
+                f"it is prepared at {prep.grid.lr_um:g} → {prep.grid.hr_um:g} µm, section 0 at "
+                f"{first.grid.lr_um:g} → {first.grid.hr_um:g} µm (use the same `lr_um` and `scale`)"
+            )
+        if prep.image.kind != first.image.kind or len(prep.image.channels) != len(first.image.channels):
+            problems.append(
+                f"its image is {prep.image.kind} with {len(prep.image.channels)} channels, section 0's "
+                f"{first.image.kind} with {len(first.image.channels)}"
+            )
+        if prep.has_hr != first.has_hr:
+            problems.append("one section has HR truth and the other not (train them apart, or transfer a model)")
+        if problems:
+            msg = f"Section {i} cannot be trained with section 0 under {key!r}: " + "; ".join(problems) + "."
+            raise ValueError(msg)
 
 
 def _supervision(prep: Prepared, key: str, supervision: str) -> str:
@@ -424,44 +396,102 @@ def _check_spots(prep: Prepared, region) -> None:
     if n < MIN_TRAIN_SPOTS:
         msg = (
             f"Only {n} measured LR pixels (spots) lie in the training tiles; learning from the spots alone needs at "
-            f"least {MIN_TRAIN_SPOTS} (a Visium slide has about 4,000; an ST section a few hundred). Give training more of the slide (a larger "
-            "train share in `split` or smaller `tile_um` in `dst.pp.prepare`), or transfer a model trained on a "
-            "slide with HR truth."
+            f"least {MIN_TRAIN_SPOTS} (a Visium slide has about 4,000; an ST section a few hundred). Give training "
+            "more of the slide (a larger train share in `split` or smaller `tile_um` in `dst.pp.prepare`), or train "
+            "on several sections at once, or transfer a model trained on a slide with HR truth."
         )
         raise ValueError(msg)
 
 
-def _best(rows: list[dict[str, float]], name: str) -> float | None:
-    values = [r[name] for r in rows if name in r]
-    return float(min(values)) if values else None
+def _check_arguments(max_epochs: int | None, time_budget: float | None, image_encoder: str) -> None:
+    if image_encoder != "learned" and not is_encoder_spec(image_encoder):
+        msg = f"`image_encoder` must be 'learned', 'stain' or 'timm:<model name>'; got {image_encoder!r}."
+        raise ValueError(msg)
+    if max_epochs is not None and max_epochs < 1:
+        msg = f"`max_epochs` must be at least 1; got {max_epochs}."
+        raise ValueError(msg)
+    if time_budget is not None and time_budget <= 0:
+        msg = f"`time_budget` must be a positive number of seconds or None; got {time_budget!r}."
+        raise ValueError(msg)
 
 
-#: Training windows the fitted floor's exponents are chosen on (evenly spread over the training region).
-BASE_FIT_WINDOWS = 64
+# --------------------------------------------------------------------------------------------------------------------
+# The plan: windows, configuration, steps
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Plan:
+    """Window side, configuration, window positions and step counts of one training."""
 
+    cfg: DiffSTConfig
+    preset: str
+    supervision: str
+    window_lr: int
+    train_origins: list[np.ndarray]  # per section
+    val_origins: list[np.ndarray]
+    epoch_len: int
+    steps_per_epoch: int
+    max_epochs: int
+    fingerprint: str
 
-def _fit_base(cfg: DiffSTConfig, train_ds: WindowDataset, gene_scale) -> DiffSTConfig:
-    """Choose the fitted floor's per-gene stain exponents on training windows (:func:`fit_stain_exponents`)."""
-    import dataclasses
+    @property
+    def planned(self) -> int:
+        return self.max_epochs * self.steps_per_epoch
 
-    import numpy as np
+    @property
+    def n_val(self) -> int:
+        return sum(len(o) for o in self.val_origins)
 
-    idx = np.unique(np.linspace(0, len(train_ds) - 1, min(BASE_FIT_WINDOWS, len(train_ds))).round().astype(int))
-    batch = {k: torch.stack([train_ds[int(i)][k] for i in idx]) for k in ("x0", "lr", "mask", "image")}
-    n_stains = 2 if cfg.image_kind == "rgb" else cfg.image_channels
-    exponents, pcc = fit_stain_exponents(
-        batch["x0"], batch["lr"], batch["mask"], batch["image"], scale=cfg.scale, per_hr=cfg.image_per_hr,
-        gene_scale=torch.as_tensor(np.asarray(gene_scale, dtype=np.float32)), kind=cfg.image_kind,
-        n_stains=n_stains, channel=cfg.nuclear_channel,
-    )  # fmt: skip
-    floor = default_exponents(cfg.n_genes, n_stains, cfg.image_kind, cfg.nuclear_channel)
-    changed = int((exponents != floor).any(1).sum())
-    log.info(
-        f"fitted floor: {changed} of {cfg.n_genes} genes weigh the image's stains differently from the floor, on "
-        f"{len(idx)} training windows (PCC {float(np.nanmean(pcc['floor'].numpy())):.3f} → "
-        f"{float(np.nanmean(pcc['fitted'].numpy())):.3f})"
-    )
-    return dataclasses.replace(cfg, stain_exponents=[[float(v) for v in row] for row in exponents.tolist()])
+    @classmethod
+    def make(cls, sections: list[Section], preset: str, batch_size: int | None, overrides: dict | None,
+             max_epochs: int | None) -> _Plan:  # fmt: skip
+        first = sections[0]
+        supervision = first.supervision
+        overrides = dict(overrides or {})
+        if supervision == "lr":
+            overrides = {"objective": "regression", "supervision": "lr", **overrides}
+        # the prepared tile (400 µm by default) bounds the window; small regions get smaller ones, and a held-out
+        # validation band must hold at least one window
+        window_lr = choose_window([s.train for s in sections], first.prep.tile_lr)
+        while window_lr > 1 and any(s.held_out and not len(window_origins(s.val, window_lr)) for s in sections):
+            window_lr -= 1
+        cfg = _config(first.prep, preset, batch_size, overrides, window_um=window_lr * first.prep.grid.lr_um,
+                      features=first.features)  # fmt: skip
+        train_origins = [window_origins(s.train, window_lr) for s in sections]
+        val_origins = [s.validation.window_origins(window_lr) for s in sections]
+        area = sum(int(s.train.sum()) for s in sections)
+        # an epoch: about one pass over the training area
+        epoch_len = max(cfg.batch_size, math.ceil(area / window_lr**2))
+        steps_per_epoch = math.ceil(epoch_len / cfg.batch_size)
+        if max_epochs is None:
+            max_epochs = (
+                PAPER_EPOCHS
+                if preset == "paper"
+                else max(5, min(1000, math.ceil(DEFAULT_STEPS[preset] / steps_per_epoch)))
+            )
+        prints = [fingerprint(s.prep) for s in sections]
+        combined = prints[0] if len(prints) == 1 else hashlib.sha256("".join(prints).encode()).hexdigest()[:12]
+        return cls(cfg, preset, supervision, window_lr, train_origins, val_origins, epoch_len, steps_per_epoch,
+                   int(max_epochs), combined)  # fmt: skip
+
+    def describe(self, sections: list[Section], time_budget: float | None, ckpt_dir: Path, resumed: int | None) -> str:
+        area = sections[0].prep.grid.lr_um ** 2 / 1e6  # mm² per LR pixel
+        where = f" of {len(sections)} sections" if len(sections) > 1 else ""
+        held = any(s.held_out for s in sections)
+        return (
+            f"training preset {self.preset!r} ("
+            + (self.cfg.objective if self.supervision == "hr" else "from the spots alone: hidden spots predicted "
+               "from the rest")
+            + f") on random {self.window_lr * sections[0].prep.grid.lr_um:g} µm windows at "
+            f"{sum(len(o) for o in self.train_origins)} positions × 8 rotations/flips in the training region{where} "
+            f"({sum(int(s.train.sum()) for s in sections) * area:.3f} mm²); validation: {self.n_val} fixed windows "
+            f"({sum(int(s.val.sum()) for s in sections) * area:.3f} mm²"
+            + (", held out of the training tiles" if held else "")
+            + f"); {self.max_epochs} epochs × {self.steps_per_epoch} steps = {self.planned} steps, batch "
+            f"{self.cfg.batch_size}, "
+            + (f"time budget {time_budget:g} s" if time_budget is not None else "no time budget")
+            + f"; checkpoints in {ckpt_dir}"
+            + (f" (resuming the run there from step {resumed})" if resumed else "")
+        )  # fmt: skip
 
 
 def _config(
@@ -511,6 +541,202 @@ def _config(
     return DiffSTConfig.preset(preset, **data, **extra)
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Fit:
+    """One run of Lightning over the plan: datasets, the fitted floor, the trainer, the model it ends with."""
+
+    plan: _Plan
+    run_dir: Path
+    ckpt_path: Path | None
+    resumed: int | None  # the step a resumed run continues from
+    device: torch.device
+    devices: int | list[int]
+    seed: int
+    patience: int
+    val_steps: int
+    num_workers: int
+    time_budget: float | None
+    trainer_kwargs: dict[str, Any]
+    first_process: bool = True
+
+    def run(self, sections: list[Section]) -> DiffST:
+        """Train; the model of the run (saved at once by the first process, before its guard)."""
+        plan = self.plan
+        L.seed_everything(self.seed, workers=True, verbose=False)
+        doing = "preparing the training data (reading windows, fitting the floor's stain exponents)"
+        with on_interrupt(doing, "nothing was saved", "run the call again"):
+            train_ds, val_ds = self._datasets(sections)
+            if plan.cfg.base == "fitted" and plan.supervision == "hr":
+                plan.cfg = _fit_base(plan.cfg, train_ds)
+        ckpt_dir = self.run_dir / "checkpoints"
+        sampler = WindowSampler(len(train_ds), plan.epoch_len, self.seed)
+        train_dl = DataLoader(train_ds, batch_size=plan.cfg.batch_size, sampler=sampler, num_workers=self.num_workers)
+        val_dl = (
+            DataLoader(val_ds, batch_size=plan.cfg.batch_size, num_workers=self.num_workers) if plan.n_val else None
+        )
+        coexpr = np.mean([s.prep.coexpression for s in sections], axis=0)
+        module = DiffSTModule(plan.cfg.to_dict(), coexpr.tolist(), val_steps=self.val_steps,
+                              gene_scale=[float(v) for v in sections[0].gene_scale],
+                              fingerprint=plan.fingerprint)  # fmt: skip
+        history = History()
+        control = RunControl(ckpt_dir / "last.ckpt", sampler, plan.cfg.batch_size, self.seed,
+                             time_budget=self.time_budget)  # fmt: skip
+        progress = ProgressLog(control, plan.planned)
+        checkpoint = L.pytorch.callbacks.ModelCheckpoint(
+            dirpath=ckpt_dir, filename="best", monitor=MONITOR if plan.n_val else None, mode="max", save_last=True,
+            save_top_k=1, enable_version_counter=False,
+        )  # fmt: skip
+        early = L.pytorch.callbacks.EarlyStopping(monitor=MONITOR, patience=self.patience, mode="max")
+        # progress before control: the line of the last step is printed before an interrupt stops the run
+        callbacks = [history, progress, control, checkpoint, *([early] if plan.n_val else [])]
+        with _quiet_lightning():
+            trainer = L.Trainer(**self._trainer_args(callbacks))
+        log.info(plan.describe(sections, self.time_budget, ckpt_dir, self.resumed))
+        t0 = time.perf_counter()
+        self._fit(trainer, module, train_dl, val_dl, control, ckpt_dir)
+        seconds = time.perf_counter() - t0
+        stopped = _stopped_by(trainer, control, early if plan.n_val else None, plan.planned, plan.max_epochs)
+        validated = bool(plan.n_val) and checkpoint.best_model_score is not None
+        last_val = progress.val.get("val_pcc")
+        # still improving: the last validation was the best, and early stopping did not end the run
+        improving = (validated and stopped != "early stopping" and last_val is not None
+                     and last_val >= float(checkpoint.best_model_score) - 1e-12)  # fmt: skip
+        _warn_unfinished(stopped, trainer.global_step, plan.planned, self.time_budget, n_val=plan.n_val,
+                         validated=validated, improving=improving, best=checkpoint.best_model_score)  # fmt: skip
+        self.first_process = bool(trainer.is_global_zero)
+        best = checkpoint.best_model_path if plan.n_val and checkpoint.best_model_path else None
+        info = {
+            "preset": plan.preset,
+            "seed": self.seed,
+            "epochs": int(trainer.current_epoch),
+            "steps": int(trainer.global_step),
+            "seconds": seconds,
+            "best_checkpoint": str(best) if best else None,
+            "best_val_loss": _best(history.rows, "val_loss"),
+            "best_val_pcc": float(checkpoint.best_model_score) if best else None,
+            "stopped_by": stopped,
+            "planned_steps": int(plan.planned),
+            "trained_seconds": float(control.seconds),
+            "validated": validated,
+            "still_improving": bool(improving),
+            "run_dir": str(self.run_dir),
+            "window_lr": int(plan.window_lr),
+            "prepared_fingerprint": fingerprint(sections[0].prep),
+            "sections": [s.record() for s in sections],
+            "validation": sections[0].record()["validation"] if len(sections) == 1 else "per section",
+            "key": sections[0].prep.key,
+            "stage": "trained",  # the guard is still to come
+            **({"image_features": model_record(sections[0].features)} if sections[0].features else {}),
+        }
+        with on_interrupt("saving the trained weights", f"the checkpoints are in {ckpt_dir}",
+                          "`dst.tl.train(..., resume=True)` continues from them"):  # fmt: skip
+            model = _model_from(module, best, sections, coexpr, history.rows, info)
+            if self.first_process:
+                model.save(self.run_dir / "model.pt")
+        if control.interrupted:  # Ctrl-C after the last step (in the last validation): stop before the guard
+            raise Interrupted("finishing the training", f"the trained weights are saved in {model.path}",
+                              "`dst.tl.train(..., resume=True)` fits the guard on them without training again")  # fmt: skip
+        return model
+
+    def _datasets(self, sections: list[Section]) -> tuple[ConcatDataset, ConcatDataset]:
+        plan, cfg = self.plan, self.plan.cfg
+        train_parts, val_parts = [], []
+        for s, t_origins, v_origins in zip(sections, plan.train_origins, plan.val_origins, strict=True):
+            source = TileSource.from_sdata(s.sdata, s.prep, footprint=plan.supervision == "lr",
+                                           features=s.features["key"] if s.features else None).cache_image(cfg.image_um)  # fmt: skip
+            if plan.supervision == "lr":
+                source.hr = None
+            common = {"image_um": cfg.image_um, "gene_scale": s.gene_scale}
+            train_parts.append(WindowDataset(source, t_origins, plan.window_lr, **common))
+            val_parts.append(WindowDataset(source, v_origins, plan.window_lr, **common))
+        return ConcatDataset(train_parts), ConcatDataset(val_parts)
+
+    def _trainer_args(self, callbacks: list[L.Callback]) -> dict[str, Any]:
+        plan = self.plan
+        on_gpu = self.device.type == "cuda"
+        args: dict[str, Any] = {
+            "max_epochs": plan.max_epochs,
+            **lightning_device(self.device, self.devices),
+            "callbacks": callbacks,
+            "logger": L.pytorch.loggers.CSVLogger(self.run_dir, name="logs"),
+            # plain progress lines (ProgressLog) instead of a bar: they read the same in a log file
+            "enable_progress_bar": False,
+            "enable_model_summary": settings.verbosity >= 2,
+            "deterministic": not on_gpu,
+            "precision": ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if on_gpu else "32-true",
+            "log_every_n_steps": max(1, min(50, plan.steps_per_epoch)),
+            "num_sanity_val_steps": 0,
+            # at least once: a short training is still selected on validation
+            "check_val_every_n_epoch": max(1, min(round(VAL_EVERY_STEPS / plan.steps_per_epoch), plan.max_epochs)),
+        }
+        args.update(self.trainer_kwargs)
+        return args
+
+    def _fit(self, trainer, module, train_dl, val_dl, control: RunControl, ckpt_dir: Path) -> None:
+        try:
+            with interrupt_flag(control), warnings.catch_warnings(), _quiet_lightning():
+                for pattern in ("does not have many workers", "LeafSpec", "exists and is not empty",
+                                "dataloader is not resumable"):  # fmt: skip
+                    warnings.filterwarnings("ignore", message=f".*{pattern}.*")
+                trainer.fit(module, train_dl, val_dl, ckpt_path=self.ckpt_path)
+        except (StopRequested, SystemExit, KeyboardInterrupt) as e:
+            # StopRequested: Ctrl-C, saved after the step; SystemExit: Lightning's exit after a KeyboardInterrupt it
+            # caught itself (a second Ctrl-C); both become one message that says where the checkpoint is
+            if isinstance(e, SystemExit) and not control.interrupted:
+                raise
+            exc = interrupted(int(trainer.global_step), control.saved_step, ckpt_dir / "last.ckpt")
+            log.warn(str(exc))
+            raise exc from None
+
+
+def _model_from(module: DiffSTModule, best: str | None, sections: list[Section], coexpr: np.ndarray,
+                history: list[dict], info: dict[str, Any]) -> DiffST:  # fmt: skip
+    """The model of the run: the EMA weights of the best validation checkpoint (or the last ones without one)."""
+    if best:
+        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+        ema_state = {k.removeprefix("ema."): v for k, v in state.items() if k.startswith("ema.")}
+    else:
+        ema_state = {k: v.detach().cpu() for k, v in module.ema.state_dict().items()}
+    net = DiffSTNet(module.config, coexpr=torch.tensor(coexpr, dtype=torch.float32))
+    net.load_state_dict(ema_state)
+    prep = sections[0].prep
+    return DiffST(config=module.config, net=net, genes=list(prep.genes), gene_scale=sections[0].gene_scale,
+                  lr_scale=prep.lr_scale, units=data_units(prep, module.config.image_um), history=list(history),
+                  info=info)  # fmt: skip
+
+
+def _trained_earlier(run_dir: Path) -> DiffST | None:
+    """The model of a run whose training finished but whose guard did not (then the next call fits only that)."""
+    path = run_dir / "model.pt"
+    if not path.exists():
+        return None
+    model = DiffST.load(path)
+    return model if model.info.get("stage") == "trained" else None
+
+
+def _fit_base(cfg: DiffSTConfig, train_ds: ConcatDataset) -> DiffSTConfig:
+    """Choose the fitted floor's per-gene stain exponents on training windows (:func:`fit_stain_exponents`)."""
+    n = len(train_ds)
+    idx = np.unique(np.linspace(0, n - 1, min(BASE_FIT_WINDOWS, n)).round().astype(int))
+    batch = {k: torch.stack([train_ds[int(i)][k] for i in idx]) for k in ("x0", "lr", "mask", "image", "gene_scale")}
+    n_stains = 2 if cfg.image_kind == "rgb" else cfg.image_channels
+    exponents, pcc = fit_stain_exponents(
+        batch["x0"], batch["lr"], batch["mask"], batch["image"], scale=cfg.scale, per_hr=cfg.image_per_hr,
+        gene_scale=batch["gene_scale"], kind=cfg.image_kind, n_stains=n_stains, channel=cfg.nuclear_channel,
+    )  # fmt: skip
+    floor = default_exponents(cfg.n_genes, n_stains, cfg.image_kind, cfg.nuclear_channel)
+    changed = int((exponents != floor).any(1).sum())
+    log.info(
+        f"fitted floor: {changed} of {cfg.n_genes} genes weigh the image's stains differently from the floor, on "
+        f"{len(idx)} training windows (PCC {float(np.nanmean(pcc['floor'].numpy())):.3f} → "
+        f"{float(np.nanmean(pcc['fitted'].numpy())):.3f})"
+    )
+    return dataclasses.replace(cfg, stain_exponents=[[float(v) for v in row] for row in exponents.tolist()])
+
+
 @contextlib.contextmanager
 def _quiet_lightning():
     """Hide Lightning's start-up banners (GPU/TPU availability, tips) unless ``dst.settings.verbosity >= 2``."""
@@ -526,19 +752,21 @@ def _quiet_lightning():
             lg.setLevel(level)
 
 
-def _uses_gpu(accelerator: str) -> bool:
-    if accelerator in ("gpu", "cuda"):
-        return True
-    return accelerator == "auto" and torch.cuda.is_available()
-
-
-def _default_dir(sdata: SpatialData, prep: Prepared, key: str, cfg: DiffSTConfig, seed: int) -> Path:
+def _default_dir(sections: list[Section], key: str, cfg: DiffSTConfig, seed: int) -> Path:
     h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode() + f"{seed}".encode()).hexdigest()[:8]
-    name = f"{key}-{fingerprint(prep)}-{h}"
-    if sdata.path is not None:
-        store = Path(sdata.path)
+    prints = [fingerprint(s.prep) for s in sections]
+    data = prints[0] if len(prints) == 1 else hashlib.sha256("".join(prints).encode()).hexdigest()[:12]
+    name = f"{key}-{data}-{h}"
+    path = sections[0].sdata.path
+    if path is not None:
+        store = Path(path)
         return store.parent / f"{store.name}.diffst" / name
     return Path(settings.cachedir) / "models" / name
+
+
+def _best(rows: list[dict[str, float]], name: str) -> float | None:
+    values = [r[name] for r in rows if name in r]
+    return float(min(values)) if values else None
 
 
 def _summary(info: dict[str, Any]) -> str:
@@ -587,8 +815,9 @@ def _warn_unfinished(
     ) + ", or continue this run with `resume=True` and the larger budget"
     if not validated:
         log.warn(
-            f"training stopped {what} after {steps} of {planned} planned steps, before its first validation: nothing "
-            f"checked the model against bicubic or the image floor, and it is likely undertrained; {longer}"
+            f"training stopped {what} after {steps} of {planned} planned steps, before its first validation: model "
+            f"selection did not run and the model is likely undertrained (the guard still compares it with the "
+            f"floor); {longer}"
         )
     elif improving:
         log.warn(
