@@ -198,13 +198,27 @@ def ranked_genes(section: str) -> list[str]:
     return genes
 
 
+def panel() -> set[str]:
+    """The genes every section's count table has (a gene a section lacks cannot be applied to it)."""
+    path = CACHE / "her2st_ranked" / "panel.txt"
+    if path.exists():
+        return set(path.read_text().split())
+    genes = set.intersection(*(set(dst.datasets.her2st(s)["table"].var_names) for s in SECTIONS))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(sorted(genes)))
+    return genes
+
+
 def study_genes(sections: list[str]) -> list[str]:
-    """The genes of the training sections: the highest summed rank score over their spatial-variability rankings."""
+    """The genes of the training sections: the highest summed rank score over their spatial-variability rankings,
+    among the genes of the panel every section measures."""
     score: dict[str, int] = {}
     for section in sections:
         for rank, gene in enumerate(ranked_genes(section)):
             score[gene] = score.get(gene, 0) + RANKED - rank
-    return [g for g, _ in sorted(score.items(), key=lambda kv: (-kv[1], kv[0]))[:STUDY_GENES]]
+    common = panel()
+    ranked = sorted(((g, v) for g, v in score.items() if g in common), key=lambda kv: (-kv[1], kv[0]))
+    return [g for g, _ in ranked[:STUDY_GENES]]
 
 
 def spot_rows(maps: dict, model, labels: dict) -> list[dict]:
