@@ -218,6 +218,8 @@ class PreparedRecord:
     elements: dict[str, str]
     model: dict[str, Any] | None = None
     image_features: dict[str, Any] | None = None
+    #: The panel context (``prepare(context_genes=...)``): ``{"genes": [...], "lr_scale": [...]}``, else ``None``.
+    context: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -264,6 +266,8 @@ class PreparedRecord:
             out["model"] = copy.deepcopy(self.model)
         if self.image_features is not None:
             out["image_features"] = copy.deepcopy(self.image_features)
+        if self.context is not None:
+            out["context"] = copy.deepcopy(self.context)
         return out | copy.deepcopy(self.extra)
 
     @classmethod
@@ -291,6 +295,7 @@ class PreparedRecord:
             elements={str(k): str(v) for k, v in d["elements"].items()},
             model=copy.deepcopy(d.get("model")),
             image_features=copy.deepcopy(d.get("image_features")),
+            context=copy.deepcopy(d.get("context")),
             extra={k: copy.deepcopy(v) for k, v in d.items() if k not in known},
         )
 
@@ -484,6 +489,16 @@ class Prepared:
     def lr_scale(self) -> np.ndarray:
         """Per-gene robust scale of LR counts per HR pixel."""
         return np.asarray(self.record.normalisation.lr_scale, dtype=np.float32)
+
+    @property
+    def context_genes(self) -> list[str]:
+        """The panel-context genes (their LR conditions the model besides the genes'), empty without a context."""
+        return list((self.record.context or {}).get("genes", []))
+
+    @property
+    def context_scale(self) -> np.ndarray:
+        """Per-gene robust scale of the context genes' LR counts per HR pixel (their model units)."""
+        return np.asarray((self.record.context or {}).get("lr_scale", []), dtype=np.float32)
 
     @property
     def coexpression(self) -> np.ndarray:

@@ -23,6 +23,7 @@ def element_names(key: str) -> dict[str, str]:
         "tissue": f"{key}_tissue",
         "tiles": f"{key}_tiles",
         "spots": f"{key}_spots",
+        "context": f"{key}_context",
     }
 
 

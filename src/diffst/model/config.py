@@ -67,6 +67,11 @@ class DiffSTConfig:
         ``hide_fraction`` of the observed LR pixels (spots) from the input and trains the mean head so that its map,
         degraded, reproduces the hidden spots' counts (see :mod:`diffst.model.weak`). Needs ``objective="regression"``:
         there is no HR residual for a diffusion to learn; the spread comes from leave-spots-out predictions instead.
+    lr_weight
+        With ``supervision="hr"``: the weight of a self-supervised term learnt from the LR alone, everywhere on the
+        slide (also where there is no HR truth to train on): each step, as many windows as the batch are drawn
+        from all the tiles, a share ``hide_fraction`` of their LR pixels is hidden, and the mean head's map, degraded,
+        must reproduce the hidden pixels' counts (the loss of ``supervision="lr"``). 0 (default): off.
     residual
         Diffuse ``x0 - base`` instead of ``x0`` (SR3/SRDiff style) and add the base back after sampling.
     base, stain_exponents
@@ -84,6 +89,9 @@ class DiffSTConfig:
         pixel come with the image (appended as channels after the ``image_channels`` image channels, repeated over
         each HR pixel's image pixels) and replace the learned tissue encoder; the cell level, CAM and the gene graph
         keep their meaning.
+    context_genes
+        Channels of the panel context: the LR maps of genes that are measured but not predicted (``prepare``'s
+        ``context_genes``), read by the ST branch beside the genes' own LR maps; 0 for none.
     image_kind, nuclear_channel
         The image type (``"rgb"`` H&E or ``"fluorescence"``) and, for fluorescence, the nuclear (DAPI) channel the floor
         reads; set from the prepared data.
@@ -150,9 +158,11 @@ class DiffSTConfig:
     nuclear_channel: int = 0
     image_encoder: str = "learned"
     feature_channels: int = 0
+    context_genes: int = 0
     objective: str = "refiner"
     supervision: str = "hr"
     hide_fraction: float = 0.5
+    lr_weight: float = 0.0
     x0_range: tuple[float, float] = (-1.0, 3.0)
     sampler: str = "dpmsolver"
     sample_steps: int = 20
@@ -339,6 +349,9 @@ class DiffSTConfig:
                 f"supervision='lr' trains the mean head only: it needs objective='regression', got {self.objective!r}."
             )
             raise ValueError(msg)
+        if self.lr_weight < 0 or (self.lr_weight > 0 and self.supervision != "hr"):
+            msg = f"lr_weight must be ≥ 0, and > 0 only with supervision='hr'; got {self.lr_weight}."
+            raise ValueError(msg)
         if not 0.0 < self.hide_fraction < 1.0:
             msg = f"hide_fraction must lie in (0, 1), got {self.hide_fraction}."
             raise ValueError(msg)
@@ -357,6 +370,9 @@ class DiffSTConfig:
                 "image_encoder='learned' has no feature channels and any other encoder needs some; got "
                 f"image_encoder={self.image_encoder!r}, feature_channels={self.feature_channels}."
             )
+            raise ValueError(msg)
+        if self.context_genes < 0:
+            msg = f"context_genes must be ≥ 0, got {self.context_genes}."
             raise ValueError(msg)
         if self.image_kind not in ("rgb", "fluorescence"):
             msg = f"image_kind must be 'rgb' or 'fluorescence', got {self.image_kind!r}."

@@ -123,11 +123,12 @@ class Diffusion:
         return self._residual_base(self.condition(lr, mask, image, gene_scale=gene_scale))
 
     def _net(self, net: nn.Module, x: Tensor, t: Tensor, lr: Tensor, mask: Tensor, image: Tensor, *,
-             progress: float, cond: Tensor | None):  # fmt: skip
+             progress: float, cond: Tensor | None, context: Tensor | None = None):  # fmt: skip
+        extra = {} if context is None else {"context": context}
         # the network reads the floor in place of up(y) when that is the base
         if self.config.base == "bicubic":
-            return net(x, t, lr, mask, image, progress=progress)
-        return net(x, t, lr, mask, image, progress=progress, base=cond)
+            return net(x, t, lr, mask, image, progress=progress, **extra)
+        return net(x, t, lr, mask, image, progress=progress, base=cond, **extra)
 
     # ------------------------------------------------------------------ training
     def training_losses(
@@ -141,6 +142,7 @@ class Diffusion:
         progress: float = 1.0,
         generator: torch.Generator | None = None,
         gene_scale: Tensor | None = None,
+        context: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """The Diff-ST objective ``L = ||target - net(x_t, t, y, h)||² + dis_weight · L_dis`` on one batch.
 
@@ -158,6 +160,8 @@ class Diffusion:
             Source of the timesteps and noise; ``None`` uses torch's global generator (seeded by the trainer).
         gene_scale
             The windows' per-gene scales (``(G,)`` or ``(B, G)``), when not the one given at construction.
+        context
+            ``(B, K, h, w)`` panel-context LR maps for a network that reads them (``config.context_genes``).
 
         Returns
         -------
@@ -171,7 +175,7 @@ class Diffusion:
         terms: dict[str, Tensor] = {}
         if self.config.objective in ("regression", "refiner"):
             # the mean head: same inputs with an empty x_t at the mean timestep, trained to output x0 directly
-            out = self._mean_output(net, lr, mask, image, x0, progress=progress, cond=cond)
+            out = self._mean_output(net, lr, mask, image, x0, progress=progress, cond=cond, context=context)
             terms["mean_mse"] = F.mse_loss(out.sample.float(), target_x0.float())
             if self.config.objective == "regression":
                 dis = out.dis_loss.float()
@@ -189,7 +193,7 @@ class Diffusion:
         t = torch.randint(0, self.config.num_train_timesteps, (b,), generator=generator, device=t_device)
         t = t.to(x0.device)
         x_t = self.scheduler.add_noise(target_x0, noise, t)
-        out = self._net(net, x_t, t, lr, mask, image, progress=progress, cond=cond)
+        out = self._net(net, x_t, t, lr, mask, image, progress=progress, cond=cond, context=context)
         if self.config.prediction_type == "epsilon":
             target = noise
         elif self.config.prediction_type == "v_prediction":
@@ -207,27 +211,29 @@ class Diffusion:
         return self.config.num_train_timesteps
 
     def _mean_output(self, net: nn.Module, lr: Tensor, mask: Tensor, image: Tensor, like: Tensor, *, progress: float,
-                     cond: Tensor | None):  # fmt: skip
+                     cond: Tensor | None, context: Tensor | None = None):  # fmt: skip
         b = like.shape[0]
         # the regression baseline was trained at t = 0 before the refiner existed; keep it so saved models still load
         t = 0 if self.config.objective == "regression" else self.mean_timestep
         t = torch.full((b,), t, dtype=torch.long, device=like.device)
-        return self._net(net, torch.zeros_like(like), t, lr, mask, image, progress=progress, cond=cond)
+        return self._net(net, torch.zeros_like(like), t, lr, mask, image, progress=progress, cond=cond,
+                         context=context)  # fmt: skip
 
     def mean_map(self, net: nn.Module, lr: Tensor, mask: Tensor, image: Tensor, *, progress: float = 1.0,
-                 gene_scale: Tensor | None = None):  # fmt: skip
+                 gene_scale: Tensor | None = None, context: Tensor | None = None):  # fmt: skip
         """The mean head's HR maps ``base + mean`` (not clipped, with gradients) and the network's output.
 
         What weak supervision (:mod:`diffst.model.weak`) trains; :meth:`predict_mean` is its inference form.
         """
         cond = self.condition(lr, mask, image, gene_scale=gene_scale)
         base = self._residual_base(cond)
-        out = self._mean_output(net, lr, mask, image, base, progress=progress, cond=cond)
+        out = self._mean_output(net, lr, mask, image, base, progress=progress, cond=cond, context=context)
         return out.sample + base, out
 
     @torch.no_grad()
     def predict_mean(self, net: nn.Module, lr: Tensor, mask: Tensor, image: Tensor, *, average_flips: bool = False,
-                     max_batch: int | None = None, gene_scale: Tensor | None = None) -> Tensor | None:  # fmt: skip
+                     max_batch: int | None = None, gene_scale: Tensor | None = None,
+                     context: Tensor | None = None) -> Tensor | None:  # fmt: skip
         """The mean head's HR maps ``up(y) + mean`` (clipped to ``x0_range``), or ``None`` for ``"diffusion"``.
 
         ``average_flips``: the average of the head over the 8 rotations/flips of the (square) windows, each map turned
@@ -240,14 +246,15 @@ class Diffusion:
             return None
         cond = self.condition(lr, mask, image, gene_scale=gene_scale)
         if not average_flips:
-            return self._predict_mean(net, lr, mask, image, cond)
+            return self._predict_mean(net, lr, mask, image, cond, context)
         # the base is made of flip-symmetric operations (bicubic, average pooling, per-pixel stains), so the
         # turned windows' base is the turned base: computed once
         per_call = 8 if max_batch is None else min(8, max(1, max_batch // len(lr)))
         total = torch.zeros(())
         for first in range(0, 8, per_call):
             turns = range(first, min(8, first + per_call))
-            turned = [torch.cat([dihedral(x, k) for k in turns]) for x in (lr, mask, image, cond)]
+            parts = (lr, mask, image, cond) if context is None else (lr, mask, image, cond, context)
+            turned = [torch.cat([dihedral(x, k) for k in turns]) for x in parts]
             out = self._predict_mean(net, *turned)
             for k, part in zip(turns, out.chunk(len(turns)), strict=True):
                 total = total + undihedral(part, k)
@@ -256,9 +263,10 @@ class Diffusion:
     def _residual_base(self, cond: Tensor) -> Tensor:
         return cond if self.config.residual else torch.zeros_like(cond)
 
-    def _predict_mean(self, net: nn.Module, lr: Tensor, mask: Tensor, image: Tensor, cond: Tensor) -> Tensor:
+    def _predict_mean(self, net: nn.Module, lr: Tensor, mask: Tensor, image: Tensor, cond: Tensor,
+                      context: Tensor | None = None) -> Tensor:  # fmt: skip
         base = self._residual_base(cond)
-        out = self._mean_output(net, lr, mask, image, base, progress=1.0, cond=cond).sample
+        out = self._mean_output(net, lr, mask, image, base, progress=1.0, cond=cond, context=context).sample
         lo, hi = self.config.x0_range
         return (out + base).clamp(lo, hi)
 
@@ -302,6 +310,7 @@ class Diffusion:
         mean: Tensor | None = None,
         progress_bar: bool = False,
         gene_scale: Tensor | None = None,
+        context: Tensor | None = None,
     ) -> Tensor:
         """Draw HR gene maps given the LR maps and the image (reverse process, paper Eq. 2).
 
@@ -330,6 +339,8 @@ class Diffusion:
             Show a tqdm bar over the steps.
         gene_scale
             The windows' per-gene scales (``(G,)`` or ``(B, G)``), when not the one given at construction.
+        context
+            ``(B, K, h, w)`` panel-context LR maps for a network that reads them (``config.context_genes``).
 
         Returns
         -------
@@ -337,7 +348,7 @@ class Diffusion:
 
         """
         if self.config.objective == "regression":
-            return self.predict_mean(net, lr, mask, image, gene_scale=gene_scale)
+            return self.predict_mean(net, lr, mask, image, gene_scale=gene_scale, context=context)
         sampler = sampler or self.config.sampler
         if steps is None:
             steps = self.config.num_train_timesteps if sampler == "ddpm" else self.config.sample_steps
@@ -348,7 +359,7 @@ class Diffusion:
         if self.config.objective == "refiner":
             # samples are the mean head plus a diffused residual around it
             if mean is None:
-                base = self._predict_mean(net, lr, mask, image, cond)
+                base = self._predict_mean(net, lr, mask, image, cond, context)
             elif mean.shape != base.shape:
                 msg = f"mean has shape {tuple(mean.shape)}, expected {tuple(base.shape)}."
                 raise ValueError(msg)
@@ -364,7 +375,7 @@ class Diffusion:
         for t in tqdm(scheduler.timesteps, disable=not progress_bar, desc=f"{sampler} sampling"):
             t_batch = t.reshape(1).expand(x.shape[0])
             x_in = scheduler.scale_model_input(x, t)
-            out = self._net(net, x_in, t_batch, lr, mask, image, progress=1.0, cond=cond).sample
+            out = self._net(net, x_in, t_batch, lr, mask, image, progress=1.0, cond=cond, context=context).sample
             x0 = (self.predict_x0(out, x, t_batch) + base).clamp(lo, hi) - base
             x = scheduler.step(x0, t, x, generator=generator).prev_sample
         return x + base

@@ -66,7 +66,10 @@ class DiffSTNet(nn.Module):
         g, cond = config.n_genes, config.cond_channels
         self.image_encoder = HierarchicalImageEncoder(config)
         self.st_encoder = nn.Sequential(
-            nn.Conv2d(g + 1, cond, 3, padding=1), group_norm(cond), nn.SiLU(), nn.Conv2d(cond, cond, 3, padding=1)
+            nn.Conv2d(g + 1 + config.context_genes, cond, 3, padding=1),
+            group_norm(cond),
+            nn.SiLU(),
+            nn.Conv2d(cond, cond, 3, padding=1),
         )
         if config.cam:
             self.fusion = DisentangledFusion(cond, config.d_tissue, config.cam_dim, config.cam_window, cond)
@@ -98,6 +101,7 @@ class DiffSTNet(nn.Module):
         *,
         progress: float = 1.0,
         base: Tensor | None = None,
+        context: Tensor | None = None,
     ) -> DiffSTOutput:
         """Predict the diffusion target for noisy HR maps.
 
@@ -118,19 +122,23 @@ class DiffSTNet(nn.Module):
         base
             ``(B, G, H, W)`` HR map that stands for ``up(lr)`` in the network's inputs (the image floor when the
             config's ``base`` is ``"floor"``); ``None`` uses the bicubic ``up(lr)``.
+        context
+            ``(B, K, h, w)`` LR maps of the panel-context genes (normalised like ``lr``), when the config has
+            ``context_genes = K``; read by the ST branch beside ``lr``.
 
         Returns
         -------
         :class:`DiffSTOutput` with the prediction, L_dis and the kept share of cell patches.
 
         """
-        self._check_inputs(x_t, lr, mask, image)
+        self._check_inputs(x_t, lr, mask, image, context)
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
         up_lr = upsample_lr(lr, mask, self.config.scale) if base is None else base
         up_mask = F.interpolate(mask, scale_factor=self.config.scale, mode="nearest")
 
         f_h, kept_fraction = self.image_encoder(image, progress)
-        f_y = self.st_encoder(torch.cat([up_lr, up_mask], dim=1))
+        st = [up_lr, up_mask] + ([upsample_lr(context, mask, self.config.scale)] if self.config.context_genes else [])
+        f_y = self.st_encoder(torch.cat(st, dim=1))
         cond, dis_loss = self.fusion(f_y, f_h)
 
         x_in = [x_t, self._graph_context(x_t)] if self.graph is not None else [x_t]
@@ -143,10 +151,14 @@ class DiffSTNet(nn.Module):
             return self.graph(x_t[:1]).expand_as(x_t)
         return self.graph(x_t)
 
-    def _check_inputs(self, x_t: Tensor, lr: Tensor, mask: Tensor, image: Tensor) -> None:
+    def _check_inputs(self, x_t: Tensor, lr: Tensor, mask: Tensor, image: Tensor, context: Tensor | None) -> None:
         cfg = self.config
         b, g, h, w = x_t.shape
         problems = []
+        k = cfg.context_genes
+        if k and (context is None or context.shape != (b, k, *lr.shape[-2:])):
+            got = "none" if context is None else f"shape {tuple(context.shape)}"
+            problems.append(f"context: expected {k} panel-context maps {(b, k, *lr.shape[-2:])}, got {got}")
         if g != cfg.n_genes:
             problems.append(f"x_t has {g} gene channels, the model {cfg.n_genes}")
         if lr.shape != (b, g, h // cfg.scale, w // cfg.scale) or h % cfg.scale or w % cfg.scale:

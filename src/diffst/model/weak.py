@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "heldout",
+    "hide_context",
     "hidden_input",
     "hide",
     "predictors",
@@ -176,9 +177,15 @@ def heldout(
     return pred, lr.transpose(0, 1)[:, keep]
 
 
+def hide_context(context: Tensor | None, mask: Tensor) -> Tensor | None:
+    """Panel-context maps with the LR pixels the mask leaves unobserved (hidden spots among them) set to −1."""
+    return None if context is None else torch.where(mask > 0, context, torch.full_like(context, -1.0))
+
+
 def predictors(
-    diffusion: Diffusion, net: nn.Module, image: Tensor, gene_scale: Tensor | None = None
-) -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
+    diffusion: Diffusion, net: nn.Module, image: Tensor, gene_scale: Tensor | None = None,
+    context: Tensor | None = None,
+) -> dict[str, Callable[[Tensor, Tensor], Tensor]]:  # fmt: skip
     """``predict(lr, mask)`` of the model's mean head, bicubic, nearest and the image floor on windows of ``image``.
 
     Keys ``""``, ``"_bicubic"``, ``"_nearest"``, ``"_floor"``: the names the validation metrics carry
@@ -192,7 +199,9 @@ def predictors(
                                  gene_scale=scale.to(lr), kind=c.image_kind, channel=c.nuclear_channel)  # fmt: skip
 
     return {
-        "": lambda lr, mask: diffusion.predict_mean(net, lr, mask, image, gene_scale=gene_scale),
+        "": lambda lr, mask: diffusion.predict_mean(
+            net, lr, mask, image, gene_scale=gene_scale, context=hide_context(context, mask)
+        ),  # fmt: skip
         "_bicubic": lambda lr, mask: upsample_lr(lr, mask, c.scale),
         "_nearest": lambda lr, mask: upsample_lr(lr, mask, c.scale, mode="nearest"),
         "_floor": floor,

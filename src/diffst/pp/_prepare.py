@@ -62,6 +62,7 @@ def prepare(
     spot_pitch_um: float | None = None,
     region: str | None = None,
     image_kind: Literal["rgb", "fluorescence"] | None = None,
+    context_genes: int | Sequence[str] = 0,
     seed: int = 0,
     key_added: str = "diffst",
     overwrite: bool = False,
@@ -131,6 +132,10 @@ def prepare(
     image_kind
         ``"rgb"`` (brightfield H&E) or ``"fluorescence"`` (DAPI, IF), overriding what is decided from the pixels (3–4
         channels on a bright background are brightfield, whatever the channel names).
+    context_genes
+        The panel context: genes whose LR counts condition the model besides those of ``genes`` (they say which cell
+        types each LR pixel holds) without being predicted. A number takes the next ones by ``gene_selection`` after
+        ``genes``; a list names them. ``0`` (default): none.
     seed
         Seed of the split.
     key_added
@@ -159,7 +164,8 @@ def prepare(
         msg = f"`image_kind` must be 'rgb' (brightfield, H&E), 'fluorescence' or None (decided from the image); got {image_kind!r}."
         raise ValueError(msg)
     writer = ElementWriter(sdata, overwrite=overwrite)
-    writer.check_free([names[k] for k in ("lr", "lr_mask", "hr", "tissue", "tiles", "spots")], attrs_key=key_added)
+    writer.check_free([names[k] for k in ("lr", "lr_mask", "hr", "tissue", "tiles", "spots", "context")],
+                      attrs_key=key_added)  # fmt: skip
 
     hr_um = lr_um / scale
     inputs = resolve_inputs(
@@ -216,6 +222,8 @@ def prepare(
     log.info(
         f"{len(chosen)} genes ({selection_info['method']}): {', '.join(chosen[:8])}{' …' if len(chosen) > 8 else ''}"
     )
+    context = _context_genes(context_genes, chosen, meas.gene_names, flat_all, density_all, tissue, xy,
+                             gene_selection)  # fmt: skip
 
     # HR rasters and the degradation
     hr = None
@@ -251,6 +259,12 @@ def prepare(
             coverage = op.coverage()
         lr = op.degrade(hr).astype(np.float32)
         deg_name = degradation
+    context_lr = None
+    if context:
+        ctx_idx = np.array([meas.gene_names.index(g) for g in context])
+        # measured the same way as the genes' LR: the spots (or bins) as they are, simulated spots through `op`
+        context_lr = (all_lr[ctx_idx] if op is None or isinstance(op, BinDegradation)
+                      else op.degrade(_hr_raster(meas, grid, ctx_idx))).astype(np.float32)  # fmt: skip
 
     # tiles, split
     block = split_block_um if split_block_um is not None else 2 * tile_um
@@ -284,6 +298,10 @@ def prepare(
     density = lr / np.maximum(coverage * scale * scale, 1e-9)[None]
     observed_train = train_lr & (coverage > 0)
     lr_scale = robust_scale(density[:, observed_train], floor=1e-2)
+    context_scale = None
+    if context_lr is not None:
+        ctx_density = context_lr / np.maximum(coverage * scale * scale, 1e-9)[None]
+        context_scale = robust_scale(ctx_density[:, observed_train], floor=1e-2)
     if hr is not None:
         train_hr = np.kron(train_lr, np.ones((scale, scale), dtype=bool))
         hr_scale = np.concatenate(
@@ -319,6 +337,8 @@ def prepare(
     elements[names["tiles"]] = ("shapes", _tiles_shapes(tiles, grid, tile_lr, cs, u))
     if spot_centres is not None:
         elements[names["spots"]] = ("shapes", _spots_shapes(spot_centres, spot_d, grid, cs, u))
+    if context_lr is not None:
+        elements[names["context"]] = ("images", _image(context_lr, context, grid.transform(u, "lr"), cs))
 
     record = PreparedRecord(
         diffst_version=_version(),
@@ -351,6 +371,9 @@ def prepare(
             tuple(float(s) for s in split), float(block), int(seed), {k: int(v) for k, v in counts_per_split.items()}
         ),
         elements={k: v for k, v in names.items() if v in elements},
+        context=None
+        if context_scale is None
+        else {"genes": list(context), "lr_scale": [float(v) for v in context_scale]},
     )
     writer.commit(elements, attrs={key_added: record.to_dict()}, stale=names.values())
     log.info(
@@ -361,6 +384,31 @@ def prepare(
         + ") "
         f"in {time.perf_counter() - t_start:.1f} s → sdata.attrs[{key_added!r}]"
     )
+
+
+def _context_genes(context, chosen, names, flat_all, density_all, tissue, xy, criterion) -> list[str]:
+    """The panel-context genes: the next ones after ``chosen`` by the selection criterion, or the ones named."""
+    if not isinstance(context, int | np.integer) and len(context) == 0:
+        return []
+    if isinstance(context, int | np.integer):
+        if context < 0:
+            msg = f"`context_genes` must be a number ≥ 0 or a list of gene names; got {context}."
+            raise ValueError(msg)
+        if context == 0:
+            return []
+        ranked, _ = select_genes(len(chosen) + int(context), names=names, lr_counts=flat_all, lr_density=density_all,
+                                 tissue=tissue.reshape(-1), xy_um=xy, criterion=criterion)  # fmt: skip
+        extra = [g for g in ranked if g not in chosen][: int(context)]
+        if len(extra) < context:
+            log.info(f"panel context: {len(extra)} genes qualify besides the {len(chosen)} chosen (asked {context})")
+        return extra
+    named, _ = select_genes(list(context), names=names, lr_counts=flat_all, lr_density=density_all,
+                            tissue=tissue.reshape(-1), xy_um=xy, criterion=criterion)  # fmt: skip
+    both = sorted(set(named) & set(chosen))
+    if both:
+        msg = f"`context_genes` and `genes` share {both}: a context gene conditions the model, it is not predicted."
+        raise ValueError(msg)
+    return named
 
 
 def _split_areas(tiles, tile_um: float) -> dict[str, float]:

@@ -39,6 +39,9 @@ class TileSource:
     footprint: tuple[np.ndarray, np.ndarray] | None = None
     #: Image features on the HR grid ``(F, H, W)`` (:func:`diffst.pp.image_features`), appended to each image crop.
     features: Any | None = None
+    #: LR counts of the panel-context genes ``(K, h, w)`` and their per-gene scale (``prepare(context_genes=...)``).
+    context: Any | None = None
+    context_scale: np.ndarray | None = None
 
     @classmethod
     def from_sdata(
@@ -49,11 +52,14 @@ class TileSource:
         *,
         footprint: bool = False,
         features: str | None = None,
+        context: list[str] | None = None,
     ) -> TileSource:
         """Source of the prepared elements, channels in the order of ``genes`` (default: the prepared order).
 
         ``footprint`` adds the degradation's footprint, so that windows carry ``foot``, ``offset`` and ``area``;
-        ``features`` names an image-feature element on the HR grid whose maps follow the image channels.
+        ``features`` names an image-feature element on the HR grid whose maps follow the image channels;
+        ``context`` the panel-context genes windows carry (``context``, model units), in that order (default: the
+        prepared ones).
         """
         index = None if genes is None else np.array([prep.genes.index(g) for g in genes])
         foot = None
@@ -61,6 +67,19 @@ class TileSource:
             from .._degradation import degradation_for
 
             foot = degradation_for(sdata, prep).footprint(prep.grid.hr_shape)
+        ctx, ctx_scale = None, None
+        names = prep.context_genes if context is None else list(context)
+        if names:
+            missing = [g for g in names if g not in prep.context_genes]
+            if missing:
+                msg = (
+                    f"The prepared data under {prep.key!r} lack the panel-context genes {missing[:10]} the model reads; "
+                    f"prepare them with `context_genes={names!r}`."
+                )
+                raise ValueError(msg)
+            order = np.array([prep.context_genes.index(g) for g in names])
+            ctx = np.asarray(sdata[prep.elements["context"]].values, dtype=np.float32)[order]
+            ctx_scale = prep.context_scale[order]
         return cls(
             grid=prep.grid,
             image_element=sdata.images[prep.image.key],
@@ -71,6 +90,8 @@ class TileSource:
             gene_index=index,
             footprint=foot,
             features=_feature_array(sdata, features) if features is not None else None,
+            context=ctx,
+            context_scale=ctx_scale,
         )
 
     def cache_image(self, image_um: float, max_bytes: int = 512 * 2**20) -> TileSource:
@@ -108,6 +129,8 @@ class TileSource:
         lr = read_window(self.lr, rows, cols, channels=self.gene_index)
         cov = read_window(self.coverage, rows, cols)
         out = {"lr": lr_to_model_units(lr, cov, s, gene_scale), "mask": np.clip(cov, 0.0, 1.0)[None]}
+        if self.context is not None:
+            out["context"] = lr_to_model_units(read_window(self.context, rows, cols), cov, s, self.context_scale)
         x0, y0 = g.origin_um[0] + lr_col0 * g.lr_um, g.origin_um[1] + lr_row0 * g.lr_um
         bbox = (x0, y0, x0 + size_c * g.lr_um, y0 + size_r * g.lr_um)
         out["image"] = read_tile(self.image_element, self.image, bbox, image_um)
@@ -362,6 +385,6 @@ class WindowDataset(Dataset):
         n, s, k = self.size, self.scale, self.per_lr
         out = {"gene_scale": scale}
         for name, v in self.region.items():
-            f = {"lr": 1, "mask": 1, "area": 1, "x0": s, "foot": s, "offset": s, "image": k}[name]
+            f = {"lr": 1, "mask": 1, "area": 1, "context": 1, "x0": s, "foot": s, "offset": s, "image": k}[name]
             out[name] = v[:, r * f : (r + n) * f, c * f : (c + n) * f].clone()
         return out

@@ -173,8 +173,8 @@ def heldout_spots(sdata: SpatialData, prep: Prepared, model: DiffST, *, split: s
     if len(origins) == 0:
         return None
     gene_scale = model.gene_scale_for(prep)
-    source = TileSource.from_sdata(sdata, prep, genes=model.genes, footprint=True,
-                                   features=feature_key(sdata, prep, model)).cache_image(cfg.image_um)  # fmt: skip
+    source = TileSource.from_sdata(sdata, prep, genes=model.genes, footprint=True, features=feature_key(sdata, prep, model),
+                                   context=model.context_genes).cache_image(cfg.image_um)  # fmt: skip
     source.hr = None
     ds = WindowDataset(source, origins, cfg.lr_px, image_um=cfg.image_um, gene_scale=gene_scale)
     diffusion = Diffusion(cfg, gene_scale=torch.from_numpy(np.asarray(gene_scale, dtype=np.float32)))
@@ -186,7 +186,9 @@ def heldout_spots(sdata: SpatialData, prep: Prepared, model: DiffST, *, split: s
         batch = {k: torch.stack([ds[j][k] for j in range(i, min(i + batch_size, len(ds)))]).to(device) for k in ds[i]}
         group = weak.hide(torch.ones_like(batch["mask"]).cpu(), 0.5, generator=gen).to(device)
         with torch.inference_mode():
-            fns = weak.predictors(diffusion, net, batch["image"])
+            fns = weak.predictors(
+                diffusion, net, batch["image"], context=batch.get("context") if cfg.context_genes else None
+            )
             fns.update({name: factory(batch["image"]) for name, factory in (extra or {}).items()})
             for name, fn in fns.items():
                 pred, truth = weak.heldout(fn, batch["lr"], batch["mask"], batch["foot"], batch["offset"],

@@ -189,7 +189,7 @@ class InferencePipeline:
             resolved = "dpmsolver"
         n_steps = steps or (cfg.num_train_timesteps if resolved == "ddpm" else cfg.sample_steps)
         source = TileSource.from_sdata(sdata, prep, genes=model.genes, footprint=cfg.supervision == "lr",
-                                       features=feature_key(sdata, prep, model))  # fmt: skip
+                                       features=feature_key(sdata, prep, model), context=model.context_genes)  # fmt: skip
         source = source.cache_image(cfg.image_um)
         source.lr = lr_all  # small: keep it in the task instead of re-reading the store
         source.hr = None
@@ -348,13 +348,16 @@ class InferencePipeline:
         lr = torch.from_numpy(np.stack([it["lr"] for it in items])).to(device)
         mask = torch.from_numpy(np.stack([it["mask"] for it in items])).to(device)
         image = torch.from_numpy(np.stack([it["image"] for it in items])).to(device)
+        context = None
+        if self.diffusion.config.context_genes:
+            context = torch.from_numpy(np.stack([it["context"] for it in items])).to(device)
         size = self.window_lr * self.grid.scale
         n, g = len(group), len(self.gene_scale)
         if self.diffusion.config.supervision == "lr":
-            return self._leave_out_windows(group, items, lr, mask, image)
+            return self._leave_out_windows(group, items, lr, mask, image, context)
         with torch.inference_mode():
             head = self.diffusion.predict_mean(self.net, lr, mask, image, average_flips=self.average_flips,
-                                               max_batch=self.batch_size)  # fmt: skip
+                                               max_batch=self.batch_size, context=context)  # fmt: skip
         mean = None if head is None else to_counts(head.float().cpu().numpy(), self.gene_scale)
         if mean is not None and (k == 1 or self.diffusion.config.objective == "regression"):
             return mean, np.zeros_like(mean)
@@ -364,19 +367,19 @@ class InferencePipeline:
             noise.append(torch.randn((k, g, size, size), generator=gen))
         noise = torch.cat(noise).to(device)
         gen = torch.Generator().manual_seed(window_seed(self.seed, int(group[0][0]), int(group[0][1])) + 1)
-        rep = {"lr": lr, "mask": mask, "image": image}
+        rep = {"lr": lr, "mask": mask, "image": image, **({} if context is None else {"context": context})}
         rep = {name: v.repeat_interleave(k, 0) for name, v in rep.items()}
         with torch.inference_mode():
             x = self.diffusion.sample(
                 self.net, rep["lr"], rep["mask"], rep["image"], sampler=self.sampler, steps=self.steps, noise=noise,
-                generator=gen, mean=None if head is None else head.repeat_interleave(k, 0),
+                generator=gen, mean=None if head is None else head.repeat_interleave(k, 0), context=rep.get("context"),
             )  # fmt: skip
         samples = to_counts(x.float().cpu().numpy(), self.gene_scale).reshape(n, k, g, size, size)
         # the refiner's map is its mean head (samples scatter around it); the paper's is the average of samples
         return (samples.mean(axis=1) if mean is None else mean), samples.var(axis=1)
 
     def _leave_out_windows(
-        self, group: np.ndarray, items: list[dict], lr, mask, image
+        self, group: np.ndarray, items: list[dict], lr, mask, image, context=None
     ) -> tuple[np.ndarray, np.ndarray]:
         """A model trained from the spots alone: ``n_samples`` leave-spots-out maps per window, their mean and variance.
 
@@ -394,8 +397,8 @@ class InferencePipeline:
         for _ in range(self.n_samples):
             split = torch.stack([torch.rand(mask.shape[1:], generator=gen) < 0.5 for gen in gens]).to(device)
             with torch.inference_mode():
-                hr = weak.leave_out(lambda lr_, m_: self.diffusion.predict_mean(self.net, lr_, m_, image), lr, mask,
-                                    foot, offset, self.grid.scale, split)  # fmt: skip
+                predict = weak.predictors(self.diffusion, self.net, image, context=context)[""]
+                hr = weak.leave_out(predict, lr, mask, foot, offset, self.grid.scale, split)
             maps.append(to_counts(hr.float().cpu().numpy(), self.gene_scale))
         samples = np.stack(maps, axis=1)
         return samples.mean(axis=1), samples.var(axis=1)

@@ -72,6 +72,8 @@ class DiffSTModule(L.LightningModule):
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
         self.diffusion = Diffusion(self.config, gene_scale=None if gene_scale is None else torch.tensor(gene_scale))
         self._val: dict[str, list[torch.Tensor]] = {}
+        #: Windows of LR alone over all the tissue (with their degradation footprint), for ``config.lr_weight``.
+        self.lr_windows: Any = None
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -94,13 +96,18 @@ class DiffSTModule(L.LightningModule):
             batch = {k: _turn(v, ks) for k, v in batch.items()}
         losses = self.diffusion.training_losses(
             self.net, batch["x0"], batch["lr"], batch["mask"], batch["image"], progress=self._progress(),
-            gene_scale=batch.get("gene_scale"),
+            gene_scale=batch.get("gene_scale"), context=self._context(batch),
         )  # fmt: skip
         bs = batch["x0"].shape[0]
-        self.log("train_loss", losses["loss"], prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
+        loss = losses["loss"]
+        if self.config.lr_weight > 0 and self.lr_windows is not None and len(self.lr_windows):
+            lr_loss = self._lr_windows_loss(bs)
+            loss = loss + self.config.lr_weight * lr_loss
+            self.log("train_lr_loss", lr_loss, on_step=False, on_epoch=True, batch_size=bs)
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
         self.log("train_dis", losses["dis"], on_step=False, on_epoch=True, batch_size=bs)
         self.log("kept_fraction", losses["kept_fraction"].float(), on_step=False, on_epoch=True, batch_size=bs)
-        return losses["loss"]
+        return loss
 
     def _weak_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Hide a share of the spots, predict the HR map from the rest and the image, score it on the hidden ones.
@@ -108,27 +115,44 @@ class DiffSTModule(L.LightningModule):
         Rotations/flips apply to what the network sees; its map is turned back before the degradation, so the
         footprints stay in the frame they were read in.
         """
+        mse, dis = self._hidden_spots_loss(batch)
+        loss = mse + self.config.dis_weight * dis
+        bs = batch["lr"].shape[0]
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
+        self.log("train_dis", dis, on_step=False, on_epoch=True, batch_size=bs)
+        return loss
+
+    def _hidden_spots_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hide-and-predict loss of a batch (MSE on the hidden spots' counts) and its disentangling loss."""
         lr, mask, image = batch["lr"], batch["mask"], batch["image"]
         scale = self._scale(batch)
         hidden = weak.hide(mask, self.config.hide_fraction)
         lr_in, mask_in = weak.hidden_input(lr, mask, hidden)
+        context = weak.hide_context(self._context(batch), mask_in)
         ks = torch.randint(0, 8, (lr.shape[0],)).tolist() if self.hparams.augment else [0] * lr.shape[0]
 
         def turn(x: torch.Tensor, fn=dihedral) -> torch.Tensor:
             return torch.stack([fn(x[i], k) for i, k in enumerate(ks)])
 
         pred, out = self.diffusion.mean_map(self.net, turn(lr_in), turn(mask_in), turn(image),
-                                            progress=self._progress(), gene_scale=scale)  # fmt: skip
+                                            progress=self._progress(), gene_scale=scale,
+                                            context=None if context is None else turn(context))  # fmt: skip
         # bounded above as the sampler's clip is, so that early, wild outputs cannot overflow the counts
         pred = turn(pred, undihedral).clamp_max(self.config.x0_range[1] + 1.0)
         mse = weak.weak_loss(pred, lr, hidden, batch["foot"], batch["offset"], batch["area"], scale,
                              self.config.scale)  # fmt: skip
-        dis = out.dis_loss.float()
-        loss = mse + self.config.dis_weight * dis
-        bs = lr.shape[0]
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
-        self.log("train_dis", dis, on_step=False, on_epoch=True, batch_size=bs)
-        return loss
+        return mse, out.dis_loss.float()
+
+    def _lr_windows_loss(self, n: int) -> torch.Tensor:
+        """The hide-and-predict loss on ``n`` windows drawn from :attr:`lr_windows` (LR only; see ``lr_weight``).
+
+        Drawn with torch's global generator, which the run seeds at every step, so a resumed run draws the same ones.
+        """
+        idx = torch.randint(len(self.lr_windows), (n,)).tolist()
+        items = [self.lr_windows[i] for i in idx]
+        batch = {k: torch.stack([it[k] for it in items]).to(self.device) for k in items[0]}
+        mse, _ = self._hidden_spots_loss(batch)
+        return mse
 
     def _scale(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """The windows' per-gene scales ``(B, G)`` (each slide's own normalisation), else the module's ``(G,)``."""
@@ -136,6 +160,10 @@ class DiffSTModule(L.LightningModule):
         if scale is not None:
             return scale
         return None if self.diffusion.gene_scale is None else self.diffusion.gene_scale.to(batch["lr"].device)
+
+    def _context(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The windows' panel-context maps, for a network that reads them."""
+        return batch["context"] if self.config.context_genes else None
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -162,16 +190,16 @@ class DiffSTModule(L.LightningModule):
             self._weak_validation(batch)
             return
         x0, lr, mask, image = batch["x0"], batch["lr"], batch["mask"], batch["image"]
-        gene_scale = self._scale(batch)
+        gene_scale, context = self._scale(batch), self._context(batch)
         losses = self.diffusion.training_losses(self.ema, x0, lr, mask, image, progress=1.0, generator=self._val_gen,
-                                                gene_scale=gene_scale)  # fmt: skip
+                                                gene_scale=gene_scale, context=context)  # fmt: skip
         self.log("val_loss", losses["mse"], prog_bar=False, on_epoch=True, batch_size=x0.shape[0], sync_dist=True)
         # the map users get: the mean head (one call), or a fast sample for the paper's objective
-        pred = self.diffusion.predict_mean(self.ema, lr, mask, image, gene_scale=gene_scale)
+        pred = self.diffusion.predict_mean(self.ema, lr, mask, image, gene_scale=gene_scale, context=context)
         if pred is None:
             pred = self.diffusion.sample(
                 self.ema, lr, mask, image, sampler="ddim", steps=self.hparams.val_steps, generator=self._val_gen,
-                gene_scale=gene_scale,
+                gene_scale=gene_scale, context=context,
             )  # fmt: skip
         maps = {"": pred, "_bicubic": upsample_lr(lr, mask, self.config.scale)}
         c = self.config
@@ -192,13 +220,15 @@ class DiffSTModule(L.LightningModule):
         """
         lr, mask, image = batch["lr"], batch["mask"], batch["image"]
         foot, offset, area = batch["foot"], batch["offset"], batch["area"]
-        scale, gene_scale = self.config.scale, self._scale(batch)
+        scale, gene_scale, context = self.config.scale, self._scale(batch), self._context(batch)
         group = weak.hide(torch.ones_like(mask), 0.5, generator=self._val_gen)
         hidden = group & (mask > 0)
-        pred = self.diffusion.predict_mean(self.ema, *weak.hidden_input(lr, mask, hidden), image, gene_scale=gene_scale)
+        lr_in, mask_in = weak.hidden_input(lr, mask, hidden)
+        pred = self.diffusion.predict_mean(self.ema, lr_in, mask_in, image, gene_scale=gene_scale,
+                                           context=weak.hide_context(context, mask_in))  # fmt: skip
         loss = weak.weak_loss(pred, lr, hidden, foot, offset, area, gene_scale, scale)
         self.log("val_loss", loss, on_epoch=True, batch_size=lr.shape[0], sync_dist=True)
-        for name, fn in weak.predictors(self.diffusion, self.ema, image, gene_scale).items():
+        for name, fn in weak.predictors(self.diffusion, self.ema, image, gene_scale, context).items():
             pair = weak.heldout(fn, lr, mask, foot, offset, area, gene_scale, scale, group)
             self._val.setdefault(f"pairs{name}", []).append(torch.stack(pair).cpu())
 

@@ -71,6 +71,11 @@ class DiffST:
         )
 
     @property
+    def context_genes(self) -> list[str]:
+        """The panel-context genes whose LR the model reads besides its genes' (empty for none)."""
+        return list(self.units.get("context_genes", []))
+
+    @property
     def device(self) -> torch.device:
         """Device of the weights."""
         return next(self.net.parameters()).device
@@ -144,6 +149,12 @@ class DiffST:
         if missing:
             problems.append(
                 f"the prepared data lack the model's genes {missing[:10]}; prepare it with `genes=model.genes`"
+            )
+        lacking = [g for g in self.context_genes if g not in prep.context_genes]
+        if lacking:
+            problems.append(
+                f"the prepared data lack the panel-context genes {lacking[:10]} the model reads; prepare them with "
+                "`context_genes=model.context_genes`"
             )
         if not np.isclose(prep.grid.hr_um, self.units["hr_um"], rtol=1e-6) or prep.grid.scale != self.units["scale"]:
             problems.append(
@@ -248,6 +259,7 @@ def data_units(prep: Prepared, image_um: float) -> dict[str, Any]:
         "spot_diameter_um": prep.record.degradation.spot_diameter_um,
         "spot_pitch_um": prep.record.degradation.spot_pitch_um,
         "measurement": prep.record.measurement,
+        "context_genes": list(prep.context_genes),
     }
 
 

@@ -365,6 +365,7 @@ def _prepare_for(sdata: SpatialData, model: DiffST, key: str) -> None:
         scale=u["scale"],
         degradation=degradation,
         tile_um=model.config.tile_um,
+        context_genes=model.context_genes,
         key_added=key,
     )
 

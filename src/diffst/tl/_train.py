@@ -362,6 +362,10 @@ def _check_agree(preps: list[Prepared], key: str) -> None:
                 f"its image is {prep.image.kind} with {len(prep.image.channels)} channels, section 0's "
                 f"{first.image.kind} with {len(first.image.channels)}"
             )
+        if prep.context_genes != first.context_genes:
+            problems.append(
+                f"its panel context differs from section 0's (prepare with `context_genes={first.context_genes}`)"
+            )
         if prep.has_hr != first.has_hr:
             problems.append("one section has HR truth and the other not (train them apart, or transfer a model)")
         if problems:
@@ -512,6 +516,7 @@ def _config(
         "tile_um": float(window_um if window_um is not None else prep.record.tile_um),
         "image_kind": prep.image.kind,
         "nuclear_channel": prep.image.nuclear_channel,
+        "context_genes": len(prep.context_genes),
     }
     base = DiffSTConfig.preset(preset)
     if base.tile_um > data["tile_um"]:
@@ -581,6 +586,8 @@ class _Fit:
         module = DiffSTModule(plan.cfg.to_dict(), coexpr.tolist(), val_steps=self.val_steps,
                               gene_scale=[float(v) for v in sections[0].gene_scale],
                               fingerprint=plan.fingerprint)  # fmt: skip
+        if plan.cfg.lr_weight > 0:
+            module.lr_windows = self._lr_windows(sections)
         history = History()
         control = RunControl(ckpt_dir / "last.ckpt", sampler, plan.cfg.batch_size, self.seed,
                              time_budget=self.time_budget)  # fmt: skip
@@ -653,6 +660,23 @@ class _Fit:
             train_parts.append(WindowDataset(source, t_origins, plan.window_lr, **common))
             val_parts.append(WindowDataset(source, v_origins, plan.window_lr, **common))
         return ConcatDataset(train_parts), ConcatDataset(val_parts)
+
+    def _lr_windows(self, sections: list[Section]) -> ConcatDataset:
+        """Windows of LR alone over every tile of every section, with the degradation's footprint (``lr_weight``).
+
+        Validation and test tiles too: their LR is the model's input at inference anyway; their HR is never read.
+        """
+        plan, cfg = self.plan, self.plan.cfg
+        parts = []
+        for s in sections:
+            region = split_region(s.prep, s.sdata, "train") | split_region(s.prep, s.sdata, "val")
+            region |= split_region(s.prep, s.sdata, "test")
+            source = TileSource.from_sdata(s.sdata, s.prep, footprint=True,
+                                           features=s.features["key"] if s.features else None).cache_image(cfg.image_um)  # fmt: skip
+            source.hr = None
+            parts.append(WindowDataset(source, window_origins(region, plan.window_lr), plan.window_lr,
+                                       image_um=cfg.image_um, gene_scale=s.gene_scale))  # fmt: skip
+        return ConcatDataset(parts)
 
     def _trainer_args(self, callbacks: list[L.Callback]) -> dict[str, Any]:
         plan = self.plan
