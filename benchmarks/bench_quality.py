@@ -62,7 +62,7 @@ SEEDS = (0, 1, 2)
 METRICS = ["pcc", "rmse", "ssim", "lr_consistency", "paper_pcc", "paper_rmse"]
 
 
-def load(dataset: str, scale: int, seed: int, quick: bool):
+def load(dataset: str, scale: int, seed: int, quick: bool, **prepare_kw):
     """A prepared SpatialData for one benchmark cell.
 
     ``merfish_roi`` is the small-region setting: the MERFISH crop prepared as ``merfish``, but only the tiles inside
@@ -70,17 +70,22 @@ def load(dataset: str, scale: int, seed: int, quick: bool):
     validates, see :func:`roi_split`); every tile outside it is a test tile.
     """
     if dataset == "merfish_roi":
-        sdata = load("merfish", scale, seed, quick)
+        sdata = load("merfish", scale, seed, quick, **prepare_kw)
         roi_split(sdata, roi_um=300.0)
+        return sdata
+    if dataset == "merfish_small":
+        sdata = load("merfish", scale, seed, quick, **prepare_kw)
+        small_region(sdata, roi_um=300.0)
         return sdata
     if dataset == "synthetic":
         size = 1500.0 if quick else "default"
         sdata = dst.datasets.synthetic_xenium(size_um=size, seed=seed, boundaries=False)
-        dst.pp.prepare(sdata, genes=25, scale=scale, lr_um=100, tile_um=400, image_key="he_image", seed=seed)
+        dst.pp.prepare(sdata, genes=25, scale=scale, lr_um=100, tile_um=400, image_key="he_image", seed=seed,
+                       **prepare_kw)  # fmt: skip
     else:
         sdata = dst.datasets.merfish_mouse_brain()
         lr_um = 50 if scale == 10 else 25
-        dst.pp.prepare(sdata, genes=25, scale=scale, lr_um=lr_um, tile_um=100, seed=seed)
+        dst.pp.prepare(sdata, genes=25, scale=scale, lr_um=lr_um, tile_um=100, seed=seed, **prepare_kw)
     return sdata
 
 
@@ -96,6 +101,22 @@ def roi_split(sdata, roi_um: float) -> None:
     last_col = tiles.loc[inside, "lr_col0"].max()
     split = np.where(inside, np.where(tiles["lr_col0"] == last_col, "val", "train"), "test")
     tiles["split"] = pd.Categorical(split, categories=["train", "val", "test"])
+    attrs["split"].update({k: int((split == k).sum()) for k in ("train", "val", "test")})
+
+
+def small_region(sdata, roi_um: float | tuple[float, float], test_from_um: float | None = None) -> None:
+    """A small region as it comes: the tiles inside ``[0, width) × [0, height)`` (µm from the grid origin; a number
+    for a square) train, with no validation tile (``dst.tl.train`` holds out its own band), and the tiles from
+    ``test_from_um`` on along x (default: every tile outside the region) are the test tiles; the rest plays no part."""
+    attrs = sdata.attrs["diffst"]
+    tiles = sdata[attrs["elements"]["tiles"]]
+    lr_um = attrs["grid"]["lr_um"]
+    t = int(round(attrs["tile_um"] / lr_um))
+    width, height = (roi_um, roi_um) if np.isscalar(roi_um) else roi_um
+    inside = (tiles["lr_row0"] + t <= int(round(height / lr_um))) & (tiles["lr_col0"] + t <= int(round(width / lr_um)))
+    test = ~inside if test_from_um is None else tiles["lr_col0"] >= int(round(test_from_um / lr_um))
+    split = np.where(inside & ~test, "train", np.where(test, "test", "none"))
+    tiles["split"] = pd.Categorical(split, categories=["train", "val", "test", "none"])
     attrs["split"].update({k: int((split == k).sum()) for k in ("train", "val", "test")})
 
 
@@ -220,19 +241,114 @@ def accuracy(args) -> None:
         rows.extend(tesla_rows(sdata, labels))
 
 
+#: Variants of the ``real`` experiment: the default path and each lever of issue 26 on its own.
+VARIANTS = {
+    "default": ({}, {}),
+    "context": ({"context_genes": 25}, {}),
+    "lr_weight": ({}, {"lr_weight": 0.5}),
+}
+
+
+def real(args) -> None:
+    """Issue 26: the default path (``prepare`` → ``train`` → ``super_resolve``, default arguments but the training
+    budget) on real tissue, and each lever on its own (``--variants``): the panel context (``context_genes``, the next
+    25 genes by spatial variability) and the LR self-supervision (``lr_weight``), paired with the default on the same
+    data, split and seed; the image floor and LR-consistent bicubic on the same test tiles."""
+    path = RESULTS / f"real{'_quick' if args.quick else ''}.csv"
+    prev = done(path)
+    for dataset in args.datasets:
+        for scale in args.scales:
+            for seed in args.seeds:
+                for variant in args.variants:
+                    labels = {"dataset": dataset, "scale": scale, "seed": seed, "variant": variant}
+                    if not prev.empty and ((prev.dataset == dataset) & (prev.scale == scale) & (prev.seed == seed)
+                                           & (prev.variant == variant)).any():  # fmt: skip
+                        continue
+                    t0 = time.perf_counter()
+                    prepare_kw, config = VARIANTS[variant]
+                    sdata = load(dataset, scale, seed, args.quick, **prepare_kw)
+                    model = train(sdata, seed, args.quick, f"real_{dataset}{scale}_{seed}_{variant}", config or None)
+                    guard = model.info.get("guard") or {}
+                    val = guard.get("validation") or {}
+                    dst.tl.super_resolve(sdata, model=model, seed=seed, key_added="diffst_sr")
+                    rows = [score(sdata, "diffst_sr", method="Diff-ST", train_s=model.info["seconds"],
+                                  steps=model.info["steps"], stopped_by=model.info.get("stopped_by"),
+                                  validation=model.info.get("validation"),
+                                  val_pcc=val.get("guarded", {}).get("pcc"), val_pcc_model=val.get("model", {}).get("pcc"),
+                                  val_pcc_floor=val.get("image_floor", {}).get("pcc"),
+                                  blended_genes=int(sum(a < 1 for a in guard.get("alpha", []))), **labels)]  # fmt: skip
+                    if variant == args.variants[0]:
+                        for name, kw in (("bicubic (LR-consistent)", {"method": "bicubic", "consistency": True}),
+                                         ("image floor", {"method": "image"})):  # fmt: skip
+                            dst.tl.upsample(sdata, key_added="base_sr", overwrite=True, **kw)
+                            rows.append(score(sdata, "base_sr", method=name, **labels))
+                    append(path, rows)
+                    print(
+                        f"real {dataset} {scale}× seed {seed} {variant}: {time.perf_counter() - t0:.0f} s", flush=True
+                    )
+
+
+#: MERFISH training regions of the learning curve (width × height at the grid origin, µm: 0.04, 0.09 and 0.135 mm²,
+#: the last all of the crop left of the test strip) and where the fixed test strip starts (x ≥ 300 µm, 0.09 mm²);
+#: synthetic slide sides (mm).
+CURVE_MERFISH = ((200.0, 200.0), (300.0, 300.0), (300.0, 450.0))
+CURVE_TEST_FROM_UM = 300.0
+CURVE_SYNTHETIC = (1.5, 3.0, 6.5)
+
+
+def curve(args) -> None:
+    """The learning curve: Diff-ST's gain over the image floor against the training area, default path.
+
+    MERFISH 5× and 10×: training regions of growing area at the grid origin (no validation tiles: ``train`` holds
+    out its band), scored on the same test strip (every tile from 300 µm on, along x) at every size.
+    Synthetic Xenium 10×: whole slides of growing side, each with the default split and its own test tiles.
+    """
+    path = RESULTS / f"curve{'_quick' if args.quick else ''}.csv"
+    prev = done(path)
+    todo = [("merfish", scale, side) for scale in args.scales for side in CURVE_MERFISH]
+    todo += [("synthetic", 10, side) for side in CURVE_SYNTHETIC] if "synthetic" in args.datasets else []
+    for dataset, scale, side in todo:
+        side = f"{side[0]:g}x{side[1]:g}" if isinstance(side, tuple) else f"{side:g} mm"
+        for seed in args.seeds:
+            labels = {"dataset": dataset, "scale": scale, "side": side, "seed": seed}
+            if not prev.empty and ((prev.dataset == dataset) & (prev.scale == scale) & (prev.side == side)
+                                   & (prev.seed == seed)).any():  # fmt: skip
+                continue
+            t0 = time.perf_counter()
+            if dataset == "merfish":
+                sdata = load("merfish", scale, seed, args.quick)
+                width, height = (float(v) for v in side.split("x"))
+                small_region(sdata, roi_um=(width, height), test_from_um=CURVE_TEST_FROM_UM)
+            else:
+                mm = float(side.split()[0])
+                sdata = dst.datasets.synthetic_xenium(size_um=mm * 1000, seed=seed, boundaries=False)
+                dst.pp.prepare(sdata, genes=25, scale=10, lr_um=100, tile_um=400, image_key="he_image", seed=seed)
+            tiles = sdata[sdata.attrs["diffst"]["elements"]["tiles"]]
+            lr_um = sdata.attrs["diffst"]["grid"]["lr_um"]
+            model = train(sdata, seed, args.quick, f"curve_{dataset}{scale}_{side.replace(' ', '')}_{seed}")
+            area = sum(s_["train_mm2"] + s_["val_mm2"] for s_ in model.info["sections"])
+            dst.tl.super_resolve(sdata, model=model, seed=seed, key_added="diffst_sr")
+            rows = [score(sdata, "diffst_sr", method="Diff-ST", train_mm2=area, steps=model.info["steps"],
+                          test_tiles=int((tiles["split"] == "test").sum()), lr_um=lr_um, **labels)]  # fmt: skip
+            dst.tl.upsample(sdata, method="image", key_added="base_sr", overwrite=True)
+            rows.append(score(sdata, "base_sr", method="image floor", train_mm2=area, **labels))
+            append(path, rows)
+            print(f"curve {dataset} {scale}× {side} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+
 def coverage(args) -> None:
     """Coverage of mean ± 2 std on the test tiles, with the guard's std calibrated as before (the sample spread
     scaled) and with the Poisson term, both fitted on the same validation tiles: the ``accuracy`` experiment's Diff-ST
     models (reloaded from its cache, or trained as it trains them), the guard refitted, no retraining."""
     from diffst._contract import Prepared
-    from diffst.tl._guard import fit_guard
+    from diffst.tl._guard import Validation, fit_guard
 
     for sdata, labels, rows in cells("coverage", args.datasets, args):
         dataset, scale, seed = labels["dataset"], labels["scale"], labels["seed"]
         model = train(sdata, seed, args.quick, f"acc_{dataset}{scale}_{seed}")
         prep = Prepared.from_sdata(sdata, "diffst")
         for name, noise in (("sample spread, scaled", None), ("predictive (Poisson)", "poisson")):
-            model.info["guard"] = fit_guard(sdata, prep, model, n_samples=4, seed=seed, std_noise=noise)
+            model.info["guard"] = fit_guard(Validation(sdata, prep), model, n_samples=4, seed=seed, std_noise=noise)
             dst.tl.super_resolve(sdata, model=model, n_samples=4, seed=seed, key_added="diffst_sr", overwrite=True)
             rows.append({**labels, "std": name, "within_2std": calibration(sdata, "diffst_sr"),
                          "coverage_val": model.info["guard"]["coverage_val"],
@@ -242,7 +358,7 @@ def coverage(args) -> None:
 def flips(args) -> None:
     """Paired on the same models: the mean head averaged over the 8 rotations/flips against the plain head."""
     from diffst._contract import Prepared
-    from diffst.tl._guard import fit_guard
+    from diffst.tl._guard import Validation, fit_guard
 
     for sdata, labels, rows in cells("flips", args.datasets, args):
         dataset, scale, seed = labels["dataset"], labels["scale"], labels["seed"]
@@ -254,7 +370,8 @@ def flips(args) -> None:
             model = train(sdata, seed, args.quick, f"acc_{dataset}{scale}_{seed}{tag}", config)
             for average in (False, True):
                 t0 = time.perf_counter()
-                model.info["guard"] = fit_guard(sdata, prep, model, n_samples=4, seed=seed, average_flips=average)
+                model.info["guard"] = fit_guard(Validation(sdata, prep), model, n_samples=4, seed=seed,
+                                                average_flips=average)  # fmt: skip
                 dst.tl.super_resolve(sdata, model=model, n_samples=n, seed=seed, key_added="sr", overwrite=True,
                                      average_flips=average)  # fmt: skip
                 val = (model.info["guard"] or {}).get("validation", {})
@@ -325,7 +442,7 @@ def base(args) -> None:
         cfg = _train._config(prep, "tiny" if args.quick else "default", None, None, window_um=w * prep.grid.lr_um)
         source = TileSource.from_sdata(sdata, prep).cache_image(cfg.image_um)
         train_ds = WindowDataset(source, window_origins(region, w), w, image_um=cfg.image_um, gene_scale=prep.hr_scale)
-        fitted = _train._fit_base(cfg, train_ds, prep.hr_scale)
+        fitted = _train._fit_base(cfg, train_ds)
         test = WindowDataset(source, tiled_origins(prep.tiles(sdata, "test"), prep.tile_lr, w), w,
                              image_um=cfg.image_um, gene_scale=prep.hr_scale)  # fmt: skip
         batch = {k: torch.stack([test[i][k] for i in range(len(test))]) for k in ("x0", "lr", "mask", "image")}
@@ -568,7 +685,7 @@ def main() -> None:
     parser.add_argument(
         "experiments",
         nargs="+",
-        choices=["accuracy", "base", "coverage", "flips", "quality", "ablation", "samples", "report"],
+        choices=["accuracy", "base", "coverage", "curve", "flips", "quality", "ablation", "real", "samples", "report"],
     )
     parser.add_argument(
         "--datasets",
@@ -577,6 +694,8 @@ def main() -> None:
         help="accuracy, ablation: default synthetic merfish merfish_roi",
     )
     parser.add_argument("--budget", type=float, default=None, help="training time budget in s (default: package's)")
+    parser.add_argument("--variants", nargs="*", default=["default"], choices=list(VARIANTS),
+                        help="real: the default path and the levers to pair with it")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny preset, small slide, one seed")
     parser.add_argument("--seeds", type=int, nargs="*", default=None, help="default: 0 1 2 (0 with --quick)")
     parser.add_argument("--scales", type=int, nargs="*", default=[5, 10], help="quality and ablation: default 5 10")
@@ -595,8 +714,9 @@ def main() -> None:
     for exp in args.experiments:
         if args.fresh and exp != "report":
             (RESULTS / f"{exp}{'_quick' if args.quick else ''}.csv").unlink(missing_ok=True)
-        experiments = {"accuracy": accuracy, "base": base, "coverage": coverage, "flips": flips, "quality": quality,
-                       "ablation": ablation, "samples": samples, "report": report}  # fmt: skip
+        experiments = {"accuracy": accuracy, "base": base, "coverage": coverage, "curve": curve, "flips": flips,
+                       "quality": quality, "ablation": ablation, "real": real, "samples": samples,
+                       "report": report}  # fmt: skip
         experiments[exp](args)
 
 

@@ -13,8 +13,9 @@ Experiments (each appends rows to ``benchmarks/results/visium_<experiment>.csv``
     ``merfish`` = the 500 × 450 µm MERFISH crop, which holds only about 20 spots of real Visium size, so its lattice
     is Visium's scaled down four times (14 µm discs, 25 µm pitch, about 360 spots), 25 µm → 5 µm.
 ``her2st``
-    The six HER2+ ST sections (100 µm spots, 200 µm apart; no HR truth), LR 100 µm → HR 20 µm. Training sees the
-    train tiles only; the test tiles (a spatially blocked 15 %) are never trained on. Each test spot is predicted
+    The six HER2+ ST sections (100 µm spots, 200 µm apart; no HR truth), LR 100 µm → HR 20 µm, each trained on its
+    own, with the study's 25 genes (ranked by spatial variability on every section, see ``her2st_loso``, so that
+    the spots of all six can be pooled). Training sees the train tiles only; the test tiles (a spatially blocked 15 %) are never trained on. Each test spot is predicted
     while hidden (the leave-spots-out protocol of ``diffst.model.weak``: the test tiles' spots are split in two
     random halves, each half predicted from the image and the other half), the map is degraded through the spot
     discs and compared with the measured counts: PCC per gene over the test spots on the normalised scale, averaged
@@ -161,7 +162,8 @@ def her2st(args) -> None:
                 continue
             t0 = time.perf_counter()
             sdata = dst.datasets.her2st(section)
-            dst.pp.prepare(sdata, genes=25, lr_um=100, scale=5, seed=seed)  # 800 µm tiles: four ST pitches
+            # the study's genes (the same for every section, so that the spots of all six can be pooled)
+            dst.pp.prepare(sdata, genes=study_genes(list(SECTIONS)), lr_um=100, scale=5, seed=seed)  # 800 µm tiles
             prep = Prepared.from_sdata(sdata, "diffst")
             model = train(sdata, f"her2st_{section}_{seed}", seed, args, "lr")
             try:

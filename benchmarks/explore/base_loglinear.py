@@ -112,7 +112,7 @@ def run(dataset: str, scale: int, seed: int, args) -> None:
     train_ds = WindowDataset(
         source, window_origins(region, size), size, image_um=cfg.image_um, gene_scale=prep.hr_scale
     )
-    exponents = torch.tensor(_train._fit_base(cfg, train_ds, prep.hr_scale).stain_exponents, dtype=torch.float32)
+    exponents = torch.tensor(_train._fit_base(cfg, train_ds).stain_exponents, dtype=torch.float32)
     gene_scale = torch.as_tensor(np.asarray(prep.hr_scale, dtype=np.float32))
     scales = (1, 3, 9) if args.multiscale else (1,)
     idx = np.unique(np.linspace(0, len(train_ds) - 1, min(_train.BASE_FIT_WINDOWS, len(train_ds))).round().astype(int))

@@ -23,7 +23,7 @@ import diffst as dst
 from diffst.model.floor import hr_stains, image_floor
 from diffst.tl import _baselines, _guard
 from diffst.tl._baselines import FLOOR_PX_PER_HR, _interpolate, _project, lr_per_hr_pixel, read_tile
-from diffst.tl._guard import fit_guard
+from diffst.tl._guard import Validation, fit_guard
 
 TRAINING_FREE = _baselines.slide_floor
 #: The fitted exponents ``(G, K)`` in the prepared gene order; ``None``: the training-free floor.
@@ -77,7 +77,7 @@ def main() -> None:
         res = {}
         for name, exponents in (("training-free floor", None), ("fitted floor", full)):
             EXPONENTS["value"] = exponents
-            model.info["guard"] = fit_guard(sdata, prep, model, n_samples=4, seed=seed)
+            model.info["guard"] = fit_guard(Validation(sdata, prep), model, n_samples=4, seed=seed)
             dst.tl.super_resolve(sdata, model=model, n_samples=4, seed=seed, key_added="diffst_sr", overwrite=True)
             r = bq.score(sdata, "diffst_sr")
             v = model.info["guard"]["validation"]
