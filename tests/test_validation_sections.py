@@ -295,3 +295,20 @@ def test_ctrl_c_while_super_resolving_writes_nothing(monkeypatch, tmp_path):
     assert "diffst_sr" not in sdata.images and "diffst_sr" not in sdata.attrs
     assert "diffst_sr" not in sd.read_zarr(path).images
     assert not list(tmp_path.glob(".diffst-tmp-*"))  # the scratch store is gone too
+
+
+def test_the_guard_runs_on_at_most_its_area_of_validation_tiles(monkeypatch):
+    from diffst.tl import _guard
+
+    sdata = _prepared(size_um=480, tile_um=80.0)
+    prep = Prepared.from_sdata(sdata, "diffst")
+    where = _guard.Validation(sdata, prep)
+    n_val = len(prep.tiles(sdata, "val"))
+    tile = prep.tile_lr
+
+    def area(blocks):
+        return sum((r1 - r0) * (c1 - c0) for r0, c0, r1, c1 in blocks)
+
+    assert area(where.blocks(2)) == n_val * tile**2  # within the cap: every validation tile
+    monkeypatch.setattr(_guard, "MAX_GUARD_MM2", 3.5 * (prep.record.tile_um / 1000) ** 2)
+    assert n_val > 3 and area(where.blocks(2)) == 3 * tile**2  # beyond it: an evenly spread subset

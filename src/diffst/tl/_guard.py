@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 #: Blend weights tried per gene (0 = the image floor only, 1 = the model only).
 ALPHAS = np.round(np.linspace(0.0, 1.0, 11), 2)
+#: Most validation area (mm²) the guard runs the model on: beyond it, an evenly spread subset of the tiles.
+MAX_GUARD_MM2 = 2.0
 #: Nominal coverage of mean ± 2 std after calibration.
 COVERAGE = 0.95
 
@@ -96,10 +98,18 @@ class Validation:
     split: str = "val"
 
     def blocks(self, window_lr: int) -> list[tuple[int, int, int, int]]:
-        """Rectangles of LR pixels ``(r0, c0, r1, c1)`` that cover the validation pixels exactly."""
+        """Rectangles of LR pixels ``(r0, c0, r1, c1)`` that cover the validation pixels exactly.
+
+        Of a large slide's validation tiles, an evenly spread subset of :data:`MAX_GUARD_MM2` at most: enough pixels
+        to fit a weight and a std scale per gene, at a bounded cost.
+        """
         if self.region is None:
             tiles = self.prep.tiles(self.sdata, self.split)
-            origins = zip(tiles["lr_row0"].astype(int), tiles["lr_col0"].astype(int), strict=True)
+            origins = list(zip(tiles["lr_row0"].astype(int), tiles["lr_col0"].astype(int), strict=True))
+            tile_mm2 = (self.prep.record.tile_um / 1000.0) ** 2
+            keep = max(1, int(MAX_GUARD_MM2 // tile_mm2))
+            if len(origins) > keep:
+                origins = [origins[i] for i in np.unique(np.linspace(0, len(origins) - 1, keep).round().astype(int))]
             return tile_blocks(origins, self.prep.tile_lr, DEFAULT_BLOCK_LR)
         return tile_blocks(map(tuple, np.argwhere(self.region)), 1, DEFAULT_BLOCK_LR)
 
