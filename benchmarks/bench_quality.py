@@ -120,8 +120,8 @@ def small_region(sdata, roi_um: float | tuple[float, float], test_from_um: float
     attrs["split"].update({k: int((split == k).sum()) for k in ("train", "val", "test")})
 
 
-#: Wall-clock budget of each training in seconds (``--budget``; None: the package default).
-BUDGET = None
+#: Wall-clock budget of each training in seconds (``--budget``): "default" the package's, None none (the planned steps).
+BUDGET: float | None | str = "default"
 #: Retrain models even where a run of the same tag finished before (``--fresh``).
 RETRAIN = False
 
@@ -137,7 +137,7 @@ def train(sdata, seed: int, quick: bool, tag: str, config: dict | None = None):
     if (run / "model.pt").exists() and not RETRAIN:
         return dst.DiffST.load(run / "model.pt")
     extra = {"max_epochs": 2} if quick else {}
-    if BUDGET is not None:
+    if BUDGET != "default":
         extra["time_budget"] = BUDGET
     return dst.tl.train(sdata, preset=preset, seed=seed, config=config, checkpoint_dir=run,
                         overwrite=True, enable_progress_bar=False, **extra)  # fmt: skip
@@ -680,6 +680,12 @@ def report(args) -> None:
         print(f"\nfigure: {args.figure}")
 
 
+def _budget(text: str) -> float | None:
+    """A time budget in seconds, ``none`` for none (results then do not depend on the machine's load) or ``default``."""
+    text = text.strip().lower()
+    return text if text == "default" else None if text == "none" else float(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -693,7 +699,12 @@ def main() -> None:
         default=["synthetic", "merfish", "merfish_roi"],
         help="accuracy, ablation: default synthetic merfish merfish_roi",
     )
-    parser.add_argument("--budget", type=float, default=None, help="training time budget in s (default: package's)")
+    parser.add_argument(
+        "--budget",
+        type=_budget,
+        default="default",
+        help="training time budget in s; 'none': the planned steps whatever the time they take",
+    )
     parser.add_argument("--variants", nargs="*", default=["default"], choices=list(VARIANTS),
                         help="real: the default path and the levers to pair with it")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny preset, small slide, one seed")
