@@ -16,6 +16,41 @@ if TYPE_CHECKING:
     from diffst import DiffST
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses a fixture which trains a model (named ``trained…``) is slow, like one that trains itself."""
+    for item in items:
+        if any(name.startswith("trained") for name in getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _settings_restored() -> Iterator[None]:
+    """``dst.settings`` after each test as it was before it: a test that changes them does not change the next."""
+    import dataclasses
+
+    before = dataclasses.replace(dst.settings)
+    yield
+    for f in dataclasses.fields(before):
+        setattr(dst.settings, f.name, getattr(before, f.name))
+
+
+@pytest.fixture(autouse=True)
+def _training_is_marked_slow(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail a test that trains a model (``dst.tl.train`` past its checks) without being marked ``slow``.
+
+    ``python -m pytest -m "not slow"`` is the quick suite; it must train nothing. Fixtures that train are named
+    ``trained…`` (see :func:`pytest_collection_modifyitems`).
+    """
+    if request.node.get_closest_marker("slow") is not None:
+        return
+    from diffst.tl import _train
+
+    def refuse(self, *args, **kwargs):
+        pytest.fail(f"{request.node.nodeid} trains a model but is not marked slow (@pytest.mark.slow)")
+
+    monkeypatch.setattr(_train._Fit, "run", refuse)
+
+
 @pytest.fixture
 def quiet() -> Iterator[None]:
     """``dst.settings.verbosity = 0`` for one test (modules opt in with ``pytestmark = usefixtures("quiet")``)."""
@@ -42,6 +77,19 @@ def log_lines() -> Iterator[list[str]]:
     logger.addHandler(handler)
     yield handler.lines
     logger.removeHandler(handler)
+
+
+@pytest.fixture(scope="module")
+def prepared() -> SpatialData:
+    """The toy section most training tests share (:func:`tests.toy.toy_prepared`), one per test module."""
+    from tests.toy import toy_prepared
+
+    before = dst.settings.verbosity
+    dst.settings.verbosity = 0
+    try:
+        return toy_prepared()
+    finally:
+        dst.settings.verbosity = before
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from diffst._spatial import affine_to_cs, image_levels
 from diffst.features import StainEncoder, make_encoder
 from diffst.pp._image_features import fit_projection, project
 
+from . import toy
 from .toy import toy_xenium
 
 # a haematoxylin-rich (purple-blue) square at x 300–340 µm, y 200–240 µm of the toy H&E (1 µm per pixel)
@@ -132,18 +133,18 @@ def test_image_features_refuses_bad_input_before_work():
 
 # ------------------------------------------------------------------------------------------ the model on features
 
-FAST = {"preset": "tiny", "max_epochs": 1, "guard": False}
+FAST = {**toy.FAST, "max_epochs": 1, "guard": False}
 
 
 @pytest.fixture(scope="module")
-def stain_model(tmp_path_factory):
+def trained_stain_model(tmp_path_factory):
     sdata = _he_with_square()
     model = dst.tl.train(sdata, image_encoder="stain", checkpoint_dir=tmp_path_factory.mktemp("run"), **FAST)
     return sdata, model
 
 
-def test_train_computes_features_and_the_model_conditions_on_them(stain_model):
-    sdata, model = stain_model
+def test_train_computes_features_and_the_model_conditions_on_them(trained_stain_model):
+    sdata, model = trained_stain_model
     info = sdata.attrs["diffst"]["image_features"]
     assert model.config.image_encoder == "stain" and model.config.feature_channels == 18 == info["n_components"]
     rec = model.info["image_features"]
@@ -157,10 +158,10 @@ def test_train_computes_features_and_the_model_conditions_on_them(stain_model):
     assert np.isfinite(sr).all() and sr.shape[0] == 5
 
 
-def test_window_carries_the_features_after_the_image(stain_model):
+def test_window_carries_the_features_after_the_image(trained_stain_model):
     from diffst.tl._data import Prepared, TileSource
 
-    sdata, model = stain_model
+    sdata, model = trained_stain_model
     prep = Prepared.from_sdata(sdata, "diffst")
     src = TileSource.from_sdata(sdata, prep, features="diffst_features")
     cfg = model.config
@@ -171,8 +172,8 @@ def test_window_carries_the_features_after_the_image(stain_model):
     assert np.allclose(win["image"][3:, ::per_hr, ::per_hr], feats)  # each feature repeated over its HR pixel
 
 
-def test_model_refuses_features_it_was_not_trained_on(stain_model, log_lines, monkeypatch):
-    sdata, model = stain_model
+def test_model_refuses_features_it_was_not_trained_on(trained_stain_model, log_lines, monkeypatch):
+    sdata, model = trained_stain_model
     dst.pp.image_features(sdata, encoder="stain", um_per_px=2.0, overwrite=True)
     with pytest.raises(ValueError, match=r"not the ones this model was trained on: they were read at 2 µm/px.*1 µm/px"):
         dst.tl.super_resolve(sdata, model=model, n_samples=1, key_added="sr_bad")
@@ -189,6 +190,7 @@ def test_model_refuses_features_it_was_not_trained_on(stain_model, log_lines, mo
     assert sdata.attrs["diffst"]["image_features"]["projection"] == model.info["image_features"]["projection"]
 
 
+@pytest.mark.slow
 def test_features_are_reused_from_the_zarr_store(tmp_path, log_lines, monkeypatch):
     sdata = _he_with_square()
     sdata.write(tmp_path / "s.zarr")
@@ -258,6 +260,7 @@ def test_weight_free_features_on_a_dapi_image():
     assert np.corrcoef(feats[0].ravel(), hr.ravel())[0, 1] > 0.5
 
 
+@pytest.mark.slow
 def test_the_guard_runs_the_model_on_its_features(tmp_path):
     sdata = _he_with_square()
     model = dst.tl.train(sdata, image_encoder="stain", checkpoint_dir=tmp_path / "run", **{**FAST, "guard": True})

@@ -11,11 +11,12 @@ import diffst as dst
 from diffst.model import DiffSTConfig, DiffSTNet, Diffusion, weak
 from diffst.tl._data import Prepared, TileSource
 
+from . import toy
 from .toy import toy_visium, toy_xenium
 
 pytestmark = pytest.mark.usefixtures("quiet")
 
-FAST = {"preset": "tiny", "max_epochs": 2, "val_steps": 2, "enable_progress_bar": False}
+FAST = {**toy.FAST, "max_epochs": 2}
 
 
 def _prepared(**kw):

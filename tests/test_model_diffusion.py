@@ -180,6 +180,7 @@ def test_training_losses_are_reproducible():
     assert a["mse"].item() == b["mse"].item()
 
 
+@pytest.mark.slow
 def test_overfits_a_tiny_batch():
     cfg = DiffSTConfig.preset("tiny", objective="diffusion", base="bicubic")
     x0, lr, mask, image = _smooth_batch(cfg)

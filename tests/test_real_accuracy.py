@@ -31,16 +31,7 @@ from diffst.tl._guard import coverage_scale, predictive_std, tile_blocks, valida
 from diffst.tl._inference import DEFAULT_BLOCK_LR, InferencePipeline
 
 from .models import untrained
-from .toy import toy_xenium
-
-FAST = {"preset": "tiny", "val_steps": 2, "enable_progress_bar": False}
-
-
-@pytest.fixture(scope="module")
-def prepared():
-    sdata = toy_xenium(size_um=800.0, n=60_000, seed=0)
-    dst.pp.prepare(sdata, genes=5, lr_um=40, scale=4, tile_um=160)
-    return sdata
+from .toy import FAST, toy_xenium
 
 
 # ---------------------------------------------------------------------------------------------------- the floor
@@ -302,6 +293,7 @@ def test_an_empty_x_t_has_one_graph_context_for_the_batch():
     assert calls[-1] == 3  # a noisy x_t has a context per map
 
 
+@pytest.mark.slow
 def test_windows_reaching_several_chunks_are_sampled_once_with_the_same_maps(prepared, monkeypatch):
     prep = Prepared.from_sdata(prepared, "diffst")
     torch.manual_seed(0)
@@ -525,6 +517,7 @@ def test_super_resolve_blends_with_the_floor_by_the_guard(prepared, trained):
     assert prepared.attrs["guarded_sr"]["guard"]["alpha"] == dict.fromkeys(model.genes, 0.0)
 
 
+@pytest.mark.slow
 def test_time_budget_stops_training_and_says_so(prepared, tmp_path, caplog):
     model = dst.tl.train(prepared, max_epochs=500, time_budget=2.0, checkpoint_dir=tmp_path, guard=False, **FAST)
     assert model.info["stopped_by"] == "time budget"

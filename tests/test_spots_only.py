@@ -114,7 +114,7 @@ def test_undihedral_inverts_dihedral():
 
 
 @pytest.fixture(scope="module")
-def visium():
+def trained_visium():
     before = dst.settings.verbosity
     dst.settings.verbosity = 0
     sdata = dst.datasets.synthetic_visium(n_genes=30, seed=0)
@@ -124,8 +124,8 @@ def visium():
     return sdata, model
 
 
-def test_spot_data_train_from_the_spots_alone(visium):
-    sdata, model = visium
+def test_spot_data_train_from_the_spots_alone(trained_visium):
+    sdata, model = trained_visium
     prep = Prepared.from_sdata(sdata, "diffst")
     assert not prep.has_hr
     assert model.config.supervision == "lr" and model.config.objective == "regression"
@@ -139,8 +139,8 @@ def test_spot_data_train_from_the_spots_alone(visium):
 
 
 @pytest.mark.slow
-def test_spots_only_super_resolve_is_lr_consistent_with_a_std(visium):
-    sdata, model = visium
+def test_spots_only_super_resolve_is_lr_consistent_with_a_std(trained_visium):
+    sdata, model = trained_visium
     out = dst.tl.super_resolve(sdata, model=model, n_samples=2, inplace=False, seed=1)
     again = dst.tl.super_resolve(sdata, model=model, n_samples=2, inplace=False, seed=1)
     mean, std = np.asarray(out["mean"].values), np.asarray(out["std"].values)
@@ -166,8 +166,8 @@ def test_supervision_lr_never_reads_the_hr_truth():
 
 
 @pytest.mark.slow
-def test_implicit_training_on_spot_data_says_so(visium, monkeypatch, log_lines):
-    sdata, _ = visium
+def test_implicit_training_on_spot_data_says_so(trained_visium, monkeypatch, log_lines):
+    sdata, _ = trained_visium
     sdata = dst.tl._super_resolve._detached(sdata)
     del sdata.attrs["diffst"]["model"]
     monkeypatch.setattr(_train, "train", functools.partial(_train.train, preset="tiny", max_epochs=1, guard=False))
@@ -219,8 +219,8 @@ def test_spots_without_counts_are_refused():
         dst.pp.prepare(sdata, genes=4, tile_um=200)
 
 
-def test_evaluate_spots_scores_held_out_spots_for_every_method(visium):
-    sdata, model = visium
+def test_evaluate_spots_scores_held_out_spots_for_every_method(trained_visium):
+    sdata, model = trained_visium
     df = dst.tl.evaluate_spots(sdata)
     assert list(df.index[:-1]) == list(model.genes) and df.index[-1] == "mean"
     assert set(df.columns.get_level_values("method")) == {"diffst", "bicubic", "nearest", "image_floor"}

@@ -20,19 +20,13 @@ from diffst.tl import _inference
 from diffst.tl._data import Prepared
 
 from .models import untrained
-from .toy import toy_visium, toy_xenium
-
-FAST = {"preset": "tiny", "val_steps": 2, "enable_progress_bar": False}
-
+from .toy import FAST, toy_prepared, toy_visium, toy_xenium
 
 pytestmark = pytest.mark.usefixtures("quiet")
 
 
 def _prepared(seed=0, degradation="bin", he=False, **kw):
-    sdata = toy_xenium(size_um=800, n=60_000, seed=seed, he=he)
-    args = {"genes": 5, "lr_um": 40, "scale": 4, "tile_um": 160, "degradation": degradation} | kw
-    dst.pp.prepare(sdata, image_key="he_image" if he else None, **args)
-    return sdata
+    return toy_prepared(seed, he=he, degradation=degradation, **kw)
 
 
 @pytest.fixture(scope="module")

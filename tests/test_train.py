@@ -15,20 +15,9 @@ import diffst as dst
 from diffst.tl._data import Prepared, TileDataset
 
 from .models import untrained
-from .toy import toy_visium, toy_xenium
+from .toy import FAST, toy_prepared, toy_visium, toy_xenium
 
-FAST = {"preset": "tiny", "val_steps": 2, "enable_progress_bar": False}
-
-
-def _prepared(seed: int = 0, size_um: float = 800.0):
-    sdata = toy_xenium(size_um=size_um, n=60_000, seed=seed)
-    dst.pp.prepare(sdata, genes=5, lr_um=40, scale=4, tile_um=160)
-    return sdata
-
-
-@pytest.fixture(scope="module")
-def prepared():
-    return _prepared()
+_prepared = toy_prepared
 
 
 def _weights(model: dst.DiffST) -> torch.Tensor:
@@ -77,6 +66,7 @@ def test_training_loss_falls(tmp_path):
     assert {"val_loss", "val_pcc", "val_pcc_bicubic"} <= set(model.history[-1])
 
 
+@pytest.mark.slow
 def test_save_load_round_trip_gives_identical_samples(prepared, tmp_path):
     model = dst.tl.train(prepared, max_epochs=1, checkpoint_dir=tmp_path, **FAST)
     # train recorded and saved the model
@@ -136,6 +126,7 @@ def test_train_without_prepare_says_what_to_do():
         dst.tl.train(toy_xenium(), **FAST)
 
 
+@pytest.mark.slow
 def test_zarr_backed_model_lives_beside_the_store(tmp_path):
     sdata = _prepared()
     sdata.write(tmp_path / "s.zarr")
@@ -156,7 +147,7 @@ def test_ddp_on_two_cpu_processes(tmp_path):
             import sys
             sys.path.insert(0, {str(Path(__file__).parents[1])!r})
             import diffst as dst
-            from tests.test_train import _prepared
+            from tests.toy import toy_prepared as _prepared
 
             if __name__ == "__main__":
                 sdata = _prepared()

@@ -17,17 +17,12 @@ from diffst.tl import _run
 from diffst.tl._data import Prepared, WindowSampler
 
 from .models import untrained
-from .test_train import _prepared
+from .toy import toy_prepared as _prepared
 from .toy import toy_xenium
 
 ROOT = Path(__file__).parents[1]
 # validation every epoch, so that the runs below validate (and select their best checkpoint) several times
 RUN = {"preset": "tiny", "val_steps": 2, "guard": False, "check_val_every_n_epoch": 1}
-
-
-@pytest.fixture(scope="module")
-def prepared():
-    return _prepared()
 
 
 def _state(model: dst.DiffST) -> dict[str, torch.Tensor]:
@@ -63,7 +58,7 @@ import torch
 sys.path.insert(0, {root!r})
 import diffst as dst
 from diffst.tl._lightning import DiffSTModule
-from tests.test_train import _prepared
+from tests.toy import toy_prepared as _prepared
 
 dst.settings.progress_every = 0  # a progress line every step
 torch.set_num_threads({threads})  # as the test process: float sums, and so the weights, depend on the thread count
@@ -189,6 +184,7 @@ def test_a_budget_below_what_the_checkpoint_did_is_a_clear_message(prepared, tmp
     assert more.info["steps"] == 40
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_other_data_is_refused(prepared, tmp_path):
     run = tmp_path / "run"
     dst.tl.train(prepared, max_epochs=1, checkpoint_dir=run, **RUN)
@@ -210,10 +206,11 @@ def test_stopping_before_the_first_validation_is_said_plainly(prepared, tmp_path
     assert any("before its first validation" in line and "likely undertrained" in line for line in log_lines)
 
 
+@pytest.mark.slow
 def test_the_time_budget_stops_training_records_it_and_counts_across_resumes(prepared, tmp_path, log_lines):
     model = dst.tl.train(prepared, max_epochs=500, checkpoint_dir=tmp_path, time_budget=1.5, **RUN)
     assert model.info["stopped_by"] == "time budget"
-    assert 1.5 <= model.info["trained_seconds"] < 30
+    assert model.info["trained_seconds"] >= 1.5  # the budget was reached (how much longer depends on the machine)
     assert model.info["steps"] < model.info["planned_steps"] == 5000
     assert any("stopped by its time budget (1.5 s)" in line for line in log_lines)
     # the budget is of the whole run: resuming it with the same budget has nothing left to do

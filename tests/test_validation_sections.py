@@ -17,11 +17,12 @@ from diffst._spatial import image_levels
 from diffst.tl import _inference, _train
 from diffst.tl._data import Prepared, holdout
 
+from . import toy
 from .toy import toy_xenium
 
 pytestmark = pytest.mark.usefixtures("quiet")
 
-FAST = {"preset": "tiny", "max_epochs": 2, "val_steps": 2, "enable_progress_bar": False}
+FAST = {**toy.FAST, "max_epochs": 2}
 
 
 def _prepared(size_um=320, seed=1, genes=3, tile_um=160.0, **kw):

@@ -106,3 +106,17 @@ def toy_visium(*, n_side: int = 12, um_per_px: float = 0.5, seed: int = 0, datas
         img, dims=("c", "y", "x"), c_coords=["r", "g", "b"], transformations={dataset_id: Identity()}
     )
     return SpatialData(images={f"{dataset_id}_full_image": image}, shapes={dataset_id: shapes}, tables={"table": table})
+
+
+#: Arguments of ``dst.tl.train`` for tests: the tiny preset, a quick validation sampler, no progress bar.
+FAST = {"preset": "tiny", "val_steps": 2, "enable_progress_bar": False}
+
+
+def toy_prepared(seed: int = 0, size_um: float = 800.0, *, he: bool = False, **prepare_kw) -> SpatialData:
+    """The toy section most tests train on: 5 genes, 40 → 10 µm, 160 µm tiles (``prepare_kw`` overrides)."""
+    import diffst as dst
+
+    sdata = toy_xenium(size_um=size_um, n=int(60_000 * (size_um / 800.0) ** 2), seed=seed, he=he)
+    kwargs = {"genes": 5, "lr_um": 40, "scale": 4, "tile_um": 160, **prepare_kw}
+    dst.pp.prepare(sdata, image_key="he_image" if he else None, **kwargs)
+    return sdata
