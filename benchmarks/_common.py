@@ -45,6 +45,30 @@ def measure():
         out["peak_increase_gib"] = (peak[0] - base) / 2**30
 
 
+def append(path, rows: list[dict]) -> None:
+    """Append rows to a results CSV and record, in ``results/meta.json``, when, at which commit and on which machine
+    its latest rows were measured (the tables of the documentation say it)."""
+    import json
+    import subprocess
+    from datetime import date
+    from pathlib import Path
+
+    import pandas as pd
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(path, mode="a", header=not path.exists(), index=False)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=path.parent, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    meta_path = path.parent / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta[path.name] = {"date": date.today().isoformat(), "commit": commit, "machine": machine()}
+    meta_path.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+
+
 def machine() -> str:
     """One line describing the machine."""
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"

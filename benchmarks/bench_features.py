@@ -28,18 +28,13 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from _common import machine, measure, run_experiments
+from _common import append, machine, measure, run_experiments
 
 import diffst as dst
 
 RESULTS = Path(__file__).parent / "results"
 CACHE = Path(__file__).parent / ".cache"
 ENCODERS = {"stain": ("stain", {}), "vit_s": ("timm:vit_small_patch16_224", {"pretrained": False})}
-
-
-def append(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(path, mode="a", header=not path.exists(), index=False)
 
 
 def throughput(args) -> None:

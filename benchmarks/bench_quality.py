@@ -52,7 +52,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-from _common import machine
+from _common import append, machine
 
 import diffst as dst
 
@@ -163,11 +163,6 @@ def score(sdata, key: str, **labels) -> dict:
 
 def done(path: Path) -> pd.DataFrame:
     return pd.read_csv(path) if path.exists() else pd.DataFrame()
-
-
-def append(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(path, mode="a", header=not path.exists(), index=False)
 
 
 def cells(name: str, datasets: list[str], args):

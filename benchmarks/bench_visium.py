@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from _common import run_experiments
+from _common import append, run_experiments
 
 import diffst as dst
 from diffst.metrics import pearson, rmse
@@ -313,11 +313,6 @@ def slide(args) -> None:
            **{f"pcc_{k}": float(v) for k, v in pcc.items()}}  # fmt: skip
     append(path, [row])
     print(pd.DataFrame([row]).to_string())
-
-
-def append(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(path, mode="a", header=not path.exists(), index=False)
 
 
 def pooled_scores(maps_by_section: list[dict], rng: np.random.Generator, n_boot: int = 2000) -> pd.DataFrame:
