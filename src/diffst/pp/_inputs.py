@@ -307,8 +307,9 @@ def resolve_inputs(
             raise ValueError(msg)
         source = "given by `um_per_px`"
     elif kind == "transcripts":
-        um_per_px = 1.0 / linear_scale(affine_to_cs(element, cs))
-        source = f"transformation of points {points_key!r} to {cs!r} (transcript coordinates are in µm)"
+        um_per_unit, source = _transcript_units(sdata, element, points_key, image)
+        um_per_px = um_per_unit / linear_scale(affine_to_cs(element, cs))
+        source += f"; transformation of points {points_key!r} to {cs!r}"
     elif kind == "spots":
         um_per_px, source, spot_d, spot_pitch_um = _spot_units(
             sdata, table_key, shapes_key, table_region, instance_column, cs, spot_diameter_um, spot_pitch_um
@@ -347,6 +348,34 @@ def resolve_inputs(
         region=table_region,
         instance_column=instance_column,
     )
+
+
+#: CosMx FOV images (rows, cols) of each instrument and their µm per pixel (NanoString's specifications).
+COSMX_PIXEL_UM = {(3648, 5472): 0.18, (4256, 4256): 0.12028}
+#: Columns only CosMx transcript tables have (``spatialdata_io.cosmx`` turns ``x/y_local_px`` into ``x``, ``y``).
+_COSMX_COLUMNS = {"x_global_px", "y_global_px"}
+
+
+def _transcript_units(sdata: SpatialData, points: Any, points_key: str, image: Any) -> tuple[float, str]:
+    """µm per unit of the transcripts' own coordinates: µm for every reader but CosMx's, which keeps pixels."""
+    columns = set(points.columns)
+    cosmx = sdata.attrs.get("spatialdata_io_reader") == "cosmx" or (
+        _COSMX_COLUMNS <= columns and "x_local_px" not in columns
+    )
+    if not cosmx:
+        return 1.0, "transcript coordinates in µm"
+    level = image_levels(image)[0]
+    shape = (int(level.sizes["y"]), int(level.sizes["x"]))
+    um = COSMX_PIXEL_UM.get(shape)
+    if um is None:
+        known = "; ".join(f"{r} × {c} px FOVs: {v:g} µm" for (r, c), v in COSMX_PIXEL_UM.items())
+        msg = (
+            f"The transcripts {points_key!r} are CosMx pixel coordinates (spatialdata_io.cosmx keeps pixels), and µm "
+            f"per pixel depends on the instrument ({known}); the image here is {shape[0]} × {shape[1]} px, so it "
+            "does not tell which. Pass `um_per_px=` (the pixel size in your run's documentation)."
+        )
+        raise ValueError(msg)
+    return um, f"CosMx pixel coordinates; a {shape[0]} × {shape[1]} px FOV image is {um:g} µm per pixel"
 
 
 def _check_not_segmentation_only(sdata: SpatialData) -> None:
