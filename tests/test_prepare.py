@@ -338,3 +338,26 @@ def test_default_tile_spans_four_spot_pitches():
     assert default_tile_um(100.0, 200.0) == 800.0  # the ST array: 200 µm grid
     assert default_tile_um(150.0, None) == 450.0  # rounded up to whole LR pixels
     assert default_tile_um(25.0, 25.0) == 400.0
+
+
+def test_low_quality_transcripts_are_left_out_by_default_and_kept_on_request(log_lines):
+    from spatialdata.models import PointsModel
+    from spatialdata.transformations import get_transformation
+
+    def with_qv():
+        sdata = toy_xenium(size_um=400, n=20_000, seed=2)
+        points = sdata.points["transcripts"]
+        df = points.compute()
+        df["qv"] = np.where(np.arange(len(df)) % 4 == 0, 10.0, 30.0).astype(np.float32)  # a quarter below 20
+        sdata.points["transcripts"] = PointsModel.parse(
+            df, coordinates={"x": "x", "y": "y"}, feature_key="feature_name",
+            transformations=get_transformation(points, get_all=True),
+        )  # fmt: skip
+        return sdata
+
+    kept, filtered = with_qv(), with_qv()
+    dst.pp.prepare(kept, genes=3, lr_um=40, scale=4, tile_um=160, min_qv=None)
+    dst.pp.prepare(filtered, genes=list(kept.attrs["diffst"]["genes"]), lr_um=40, scale=4, tile_um=160)
+    total = float(np.asarray(kept["diffst_hr"].values).sum())
+    assert float(np.asarray(filtered["diffst_hr"].values).sum()) == pytest.approx(0.75 * total, rel=0.02)
+    assert any("quality filter: 5,000 of 20,000 transcripts have qv < 20" in line for line in log_lines)

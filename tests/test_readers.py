@@ -164,6 +164,28 @@ def test_visium_prepare_um_per_px(visium, fullres):
     assert np.hypot(*m[:2, 0]) * visium.um_per_px == pytest.approx(100.0, rel=0.02)
 
 
+def test_a_coarse_image_in_place_of_the_full_resolution_one_is_a_warning_with_the_fix(visium, log_lines):
+    """The reader skips a ``fullres_image_file`` it cannot find beside the outs folder (a relative name); prepare
+    then only has Space Ranger's downscaled images (on a whole slide the hires one is several µm per pixel) and says
+    how to give it the full one."""
+    import shutil
+
+    elsewhere = visium.path.parent / "images"
+    elsewhere.mkdir(exist_ok=True)
+    shutil.copy(visium.fullres_image, elsewhere / "slide.tif")
+    sdata = spatialdata_io.visium(visium.path, **visium.reader_kwargs(), fullres_image_file="slide.tif")
+    assert not any(k.endswith("_full_image") for k in sdata.images)  # skipped: it is not under outs/
+    lowres = f"{visium.dataset_id}_lowres_image"  # as coarse as the hires image of a whole slide
+    dst.pp.prepare(sdata, genes=5, lr_um=100, scale=10, tile_um=200, image_key=lowres)
+    assert sdata.attrs["diffst"]["image"]["image_um_per_px"] > 3.0
+    assert any("coarser than the 2 µm per pixel" in line and "fullres_image_file" in line for line in log_lines)
+    log_lines.clear()
+    full = spatialdata_io.visium(visium.path, **visium.reader_kwargs(), fullres_image_file=elsewhere / "slide.tif")
+    dst.pp.prepare(full, genes=5, lr_um=100, scale=10, tile_um=200)  # an absolute path: read, no warning
+    assert full.attrs["diffst"]["image"]["image_um_per_px"] < 3.0
+    assert not any("coarser than" in line for line in log_lines)
+
+
 def test_visium_image_kind_rgb(visium):
     sdata = _read_visium(visium)
     image_key = f"{visium.dataset_id}_hires_image"

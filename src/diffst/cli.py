@@ -706,13 +706,15 @@ COMMANDS: dict[str, Command] = {
         (
             "genes scale lr_um degradation image_key points_key table_key coordinate_system tile_um min_tissue split "
             "split_block_um gene_selection layer bin_size um_per_px spot_diameter_um spot_pitch_um region image_kind "
-            "seed key_added overwrite"
+            "min_qv context_genes seed key_added overwrite"
         ).split(),
         run=_cmd_prepare,
         path="with an image and one measurement (transcripts, spots or bins)",
         options={
             "genes": Option(type=_genes_or_count, metavar="N|G1,G2,…"),
             "split": Option(type=_split_shares, metavar="TRAIN,VAL,TEST"),
+            "min_qv": Option(type=_budget, metavar="QV|none"),
+            "context_genes": Option(type=_genes_or_count, metavar="N|G1,G2,…"),
         },
     ),
     "train": Command(

@@ -573,14 +573,20 @@ def image_kind(
     return "fluorescence", f"{what}: a dark background, fluorescence"
 
 
-def read_measurement(sdata: SpatialData, inputs: Inputs, *, layer: str | None = None) -> Measurement:
-    """Read the measurement into the µm frame, validating coordinates and counts."""
+def read_measurement(
+    sdata: SpatialData, inputs: Inputs, *, layer: str | None = None, min_qv: float | None = None
+) -> Measurement:
+    """Read the measurement into the µm frame, validating coordinates and counts.
+
+    ``min_qv``: transcripts with a quality value (a ``qv`` column, Xenium's Phred-scaled decoding quality) below it are
+    dropped; ``None`` keeps every transcript.
+    """
     if inputs.kind == "transcripts":
-        return _read_transcripts(sdata, inputs)
+        return _read_transcripts(sdata, inputs, min_qv)
     return _read_table(sdata, inputs, layer=layer)
 
 
-def _read_transcripts(sdata: SpatialData, inputs: Inputs) -> Measurement:
+def _read_transcripts(sdata: SpatialData, inputs: Inputs, min_qv: float | None = None) -> Measurement:
     points = sdata.points[inputs.points_key]
     feature_key = points.attrs.get("spatialdata_attrs", {}).get("feature_key")
     if feature_key is None or feature_key not in points.columns:
@@ -589,7 +595,15 @@ def _read_transcripts(sdata: SpatialData, inputs: Inputs) -> Measurement:
             "Parse them with `PointsModel.parse(..., feature_key=<gene column>)`."
         )
         raise ValueError(msg)
-    df = points[["x", "y", feature_key]].compute()
+    filtered = min_qv is not None and "qv" in points.columns
+    df = points[["x", "y", feature_key, *(["qv"] if filtered else [])]].compute()
+    if filtered:
+        keep = df["qv"].to_numpy() >= min_qv
+        log.info(
+            f"quality filter: {int((~keep).sum()):,} of {len(df):,} transcripts have qv < {min_qv:g} and are left out "
+            "(`min_qv=None` keeps them)"
+        )
+        df = df[keep]
     genes = df[feature_key]
     if not isinstance(genes.dtype, pd.CategoricalDtype):
         genes = genes.astype("category")

@@ -63,6 +63,7 @@ def prepare(
     region: str | None = None,
     image_kind: Literal["rgb", "fluorescence"] | None = None,
     context_genes: int | Sequence[str] = 0,
+    min_qv: float | None = 20.0,
     seed: int = 0,
     key_added: str = "diffst",
     overwrite: bool = False,
@@ -132,6 +133,10 @@ def prepare(
     image_kind
         ``"rgb"`` (brightfield H&E) or ``"fluorescence"`` (DAPI, IF), overriding what is decided from the pixels (3–4
         channels on a bright background are brightfield, whatever the channel names).
+    min_qv
+        Transcripts whose quality value (the ``qv`` column of Xenium transcripts, a Phred-scaled decoding quality)
+        is below this are left out, as Xenium Ranger's own outputs do (20 by default; the number dropped is logged).
+        ``None`` keeps them all; data without a ``qv`` column are not filtered.
     context_genes
         The panel context: genes whose LR counts condition the model besides those of ``genes`` (they say which cell
         types each LR pixel holds) without being predicted. A number takes the next ones by ``gene_selection`` after
@@ -186,7 +191,8 @@ def prepare(
         f"({inputs.image_um_per_px:.4g} µm/px) in coordinate system {inputs.cs!r}; "
         f"{inputs.um_per_px:.6g} µm per unit, from the {inputs.um_per_px_source}"
     )
-    meas = read_measurement(sdata, inputs, layer=layer)
+    _warn_coarse_image(inputs.image_key, inputs.image_um_per_px, hr_um)
+    meas = read_measurement(sdata, inputs, layer=layer, min_qv=min_qv)
     _check_not_empty(meas)
     default_tile = tile_um is None
     if default_tile:
@@ -409,6 +415,29 @@ def _context_genes(context, chosen, names, flat_all, density_all, tissue, xy, cr
         msg = f"`context_genes` and `genes` share {both}: a context gene conditions the model, it is not predicted."
         raise ValueError(msg)
     return named
+
+
+#: µm per pixel at which the default model reads the image (``DiffSTConfig.image_um``).
+MODEL_IMAGE_UM = 2.0
+
+
+def _warn_coarse_image(key: str, image_um: float, hr_um: float) -> None:
+    """Warn when the image is coarser than the model reads it: its detail within an HR pixel is then lost."""
+    if image_um <= 1.5 * MODEL_IMAGE_UM:
+        return
+    hint = "pass the full-resolution image (`image_key=`)"
+    if key.endswith(("_hires_image", "_lowres_image")):
+        hint = (
+            "read the slide with its full-resolution image: `spatialdata_io.visium(path, "
+            "fullres_image_file=<the image given to Space Ranger>)`; the reader joins that name to `path` and skips "
+            "it, with a 'does not exist' message, when the image lies elsewhere: give its absolute path"
+        )
+    elif key.startswith("morphology"):
+        hint = "check the Xenium image's pixel size (`spatialdata_io.xenium` reads it from the experiment file)"
+    log.warn(
+        f"the image {key!r} has {image_um:.3g} µm per pixel, coarser than the {MODEL_IMAGE_UM:g} µm per pixel the model "
+        f"reads (HR pixels of {hr_um:g} µm): what it shows within a pixel is lost. To fix: {hint}."
+    )
 
 
 def _split_areas(tiles, tile_um: float) -> dict[str, float]:
