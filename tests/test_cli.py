@@ -10,7 +10,7 @@ import spatialdata as sd
 import diffst as dst
 from diffst import cli
 
-from .toy import toy_xenium
+from .toy import toy_visium, toy_xenium
 
 PREPARE = ["--genes", "3", "--lr-um", "40", "--scale", "4", "--tile-um", "160"]
 
@@ -196,7 +196,8 @@ def test_top_level_help_lists_every_command_and_imports_no_heavy_library():
     *help_lines, last = result.stdout.strip().splitlines()
     assert last == "0 []"
     text = "\n".join(help_lines)
-    for command in ("demo", "prepare", "train", "super-resolve", "upsample", "evaluate", "plot"):
+    for command in ("demo", "prepare", "train", "super-resolve", "upsample", "evaluate", "evaluate-spots",
+                    "image-features", "plot"):  # fmt: skip
         assert f"    {command}" in text, command
 
 
@@ -239,7 +240,8 @@ def _subparsers() -> dict:
 
 def test_every_command_and_option_of_before_is_kept():
     subs = _subparsers()
-    assert set(subs) == set(OPTIONS_BEFORE)
+    assert set(subs) >= set(OPTIONS_BEFORE)  # every command of before, and the ones added since
+    assert set(subs) - set(OPTIONS_BEFORE) == {"evaluate-spots", "image-features"}
     for command, flags in OPTIONS_BEFORE.items():
         missing = [f for f in flags if f not in subs[command]._option_string_actions]
         assert not missing, (command, missing)
@@ -266,3 +268,31 @@ def test_options_take_the_functions_defaults_and_docstrings():
     assert args.prepared_key == "k"
     args = cli.build_parser(["upsample"]).parse_args(["upsample", "s.zarr", "--prepared-key", "k", "--no-consistency"])
     assert args.prepared_key == "k" and args.consistency is False
+
+
+def test_image_features_writes_the_features_of_the_prepared_tiles(prepared_store, tmp_path, capsys):
+    path = tmp_path / "slide.zarr"
+    shutil.copytree(prepared_store, path)
+    assert cli.main(["--quiet", "image-features", str(path), "--encoder", "stain", "--n-components", "4"]) == 0
+    assert "wrote images['diffst_features']" in capsys.readouterr().out
+    import spatialdata as sd
+
+    sdata = sd.read_zarr(path)
+    assert sdata.attrs["diffst"]["image_features"]["n_components"] == 4
+    assert sdata["diffst_features"].shape[0] == 4
+
+
+@pytest.mark.slow
+def test_evaluate_spots_prints_and_writes_the_held_out_spots(tmp_path, capsys):
+    path = tmp_path / "visium.zarr"
+    toy_visium(n_side=18, seed=2).write(path)
+    assert cli.main(["--quiet", "prepare", str(path), "--genes", "3", "--lr-um", "100", "--scale", "4"]) == 0
+    assert cli.main(["--quiet", "train", str(path), "--preset", "tiny", "--max-epochs", "2", "--val-steps", "2"]) == 0
+    out = tmp_path / "spots.csv"
+    assert cli.main(["--quiet", "evaluate-spots", str(path), "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "held-out spots of the test tiles" in text and out.exists()
+    import pandas as pd
+
+    df = pd.read_csv(out, header=[0, 1], index_col=0)
+    assert "mean" in df.index and ("diffst", "pcc") in df.columns

@@ -625,6 +625,33 @@ def _output_file(text: str | None) -> Path | None:
     return output
 
 
+def _cmd_evaluate_spots(args: argparse.Namespace) -> int:
+    from .tl import evaluate_spots
+
+    output = _output_file(args.output)
+    sdata = _read(args.path)
+    df = evaluate_spots(sdata, **_kwargs(args))
+    import pandas as pd
+
+    with pd.option_context("display.width", 160, "display.max_columns", 20, "display.float_format", "{:.4f}".format):
+        print(f"{df.attrs['spots']} held-out spots of the {args.split} tiles, each predicted while hidden:")
+        print(df)
+    if output is not None:
+        df.to_csv(output)
+        print(f"wrote {output}")
+    return 0
+
+
+def _cmd_image_features(args: argparse.Namespace) -> int:
+    from .pp import image_features
+
+    sdata = _read(args.path)
+    image_features(sdata, **_kwargs(args))
+    key = args.key_added or f"{args.prepared_key}_features"
+    print(f"wrote images[{key!r}] and attrs[{args.prepared_key!r}]['image_features'] to {args.path}")
+    return 0
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     output = _output_file(args.output)
     import matplotlib
@@ -787,6 +814,44 @@ COMMANDS: dict[str, Command] = {
         path="with an SR result",
         options={"split": _SPLIT, "genes": _GENES},
         cli_only=lambda p: _output_option(p, "CSV", None, "CSV file for the table (default: print only)."),
+    ),
+    "evaluate-spots": Command(
+        "diffst.tl:evaluate_spots",
+        "Score held-out spots of a spot slide, each predicted while hidden (dst.tl.evaluate_spots).",
+        "The check of a model trained from a spot slide alone (Visium, ST), where there is no HR truth: each spot of "
+        "the tiles of --split is hidden and predicted from the image and the other spots, its map degraded through "
+        "the spot discs and compared with the counts the spot measured; bicubic and nearest up-sampling of the "
+        "visible spots and the image floor go through the same protocol. Prints PCC and RMSE per gene and method "
+        "(genes, then their mean) and writes them to --output; the store is not changed.",
+        ("model", "prepared_key", "split", "seed"),
+        run=_cmd_evaluate_spots,
+        path="prepared with `diffst prepare` and trained with `diffst train`",
+        options={"prepared_key": _PREPARED_KEY, "split": _SPLIT, "model": Option(metavar="MODEL")},
+        cli_only=lambda p: _output_option(p, "CSV", None, "CSV file for the table (default: print only)."),
+    ),
+    "image-features": Command(
+        "diffst.pp:image_features",
+        "Encode the tissue image once, on the prepared HR grid, for training and super-resolution (dst.pp.image_features).",
+        "Runs an image encoder over the prepared tiles: 'stain' (weight-free stain and texture features, no "
+        "download) or 'timm:MODEL' (a pretrained model through timm, e.g. a pathology foundation model; --weights "
+        "for a local file on a machine without internet). Writes images['<key-added>'] (default "
+        "'<prepared key>_features') on the HR grid; `diffst train --image-encoder` then conditions the model on it.",
+        (
+            "encoder",
+            "prepared_key",
+            "key_added",
+            "n_components",
+            "um_per_px",
+            "weights",
+            "pretrained",
+            "device",
+            "batch_size",
+            "seed",
+            "overwrite",
+        ),  # fmt: skip
+        run=_cmd_image_features,
+        path="prepared with `diffst prepare`",
+        options={"prepared_key": _PREPARED_KEY, "encoder": Option(metavar="stain|timm:MODEL")},
     ),
     "plot": Command(
         "diffst.pl:gene_maps",
