@@ -296,3 +296,49 @@ def test_evaluate_spots_prints_and_writes_the_held_out_spots(tmp_path, capsys):
 
     df = pd.read_csv(out, header=[0, 1], index_col=0)
     assert "mean" in df.index and ("diffst", "pcc") in df.columns
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_help_speaks_command_line_not_python(command, capsys):
+    assert cli.main([command, "--help"]) == 0
+    text = capsys.readouterr().out
+    import re
+
+    assert "``" not in text and ":func:" not in text and ":doc:" not in text and ":class:" not in text
+    assert not re.search(r"`(True|False|None)`|\(default: None\)", text), re.findall(r".*(?:True|False|None).*", text)
+    # no Python-quoted values in backticks (`"auto"`), and JSON examples are JSON
+    assert not re.search(r"`[\"'][^`]*[\"']`", text)
+    assert "False}" not in text and "True}" not in text
+
+
+@pytest.mark.slow
+def test_the_examples_of_the_help_run(tmp_path, monkeypatch, capsys):
+    """Every `diffst …` line of the top-level help runs, in order, on a synthetic slide (training shortened); the
+    Python lines (from a platform's folder to a store) are valid Python naming real spatialdata-io readers."""
+    import shlex
+
+    import diffst as dst
+
+    lines = [line.strip() for line in cli.DESCRIPTION.splitlines()]
+    commands = [shlex.split(line)[1:] for line in lines if line.startswith("diffst ")]
+    assert [c[0] for c in commands] == ["prepare", "train", "super-resolve", "evaluate"]
+    python = [line.split(":", 1)[1].strip() for line in lines if "spatialdata_io." in line]
+    assert len(python) == 5
+    for code in python:
+        compile(code, "<help>", "eval")
+        reader = code.split("spatialdata_io.")[1].split("(")[0]
+        assert callable(getattr(spatialdata_io_module(), reader))
+    monkeypatch.chdir(tmp_path)
+    slide = dst.datasets.synthetic_xenium(size_um=1200.0, seed=0, boundaries=False)
+    del slide.images["morphology_focus"]  # one image (with several, `--image-key` says which)
+    slide.write("slide.zarr")
+    from diffst.tl import _train
+
+    monkeypatch.setitem(_train.DEFAULT_STEPS, "default", 1)  # a few steps (an epoch is at least one)
+    for args in commands:
+        assert cli.main(["--quiet", *args]) == 0, args
+    assert (tmp_path / "metrics.csv").exists()
+
+
+def spatialdata_io_module():
+    return pytest.importorskip("spatialdata_io")

@@ -39,6 +39,12 @@ DESCRIPTION = (
     "  diffst train slide.zarr\n"
     "  diffst super-resolve slide.zarr --n-samples 4\n"
     "  diffst evaluate slide.zarr --output metrics.csv\n"
+    "From a platform's output folder to a store, with spatialdata-io (pip install spatialdata-io), in Python:\n"
+    "  Xenium:     spatialdata_io.xenium('xenium_outs/').write('slide.zarr')\n"
+    "  Visium:     spatialdata_io.visium('outs/', fullres_image_file='/abs/path/he.tif').write('slide.zarr')\n"
+    "  Visium HD:  spatialdata_io.visium_hd('outs/', load_segmentations_only=False).write('slide.zarr')\n"
+    "  CosMx:      spatialdata_io.cosmx('cosmx_run/').write('slide.zarr')\n"
+    "  MERSCOPE:   spatialdata_io.merscope('merscope_outs/').write('slide.zarr')\n"
     "`diffst demo` runs all of it on built-in data. `diffst COMMAND --help` explains each command."
 )
 
@@ -264,6 +270,7 @@ class Option:
     nargs: str | None = None
     const: Any = None
     choices: tuple[str, ...] | None = None
+    help: str | None = None  # the command line's own words, where the docstring's speak Python
 
 
 @dataclass(frozen=True)
@@ -357,7 +364,7 @@ def _add_option(
     """``--name`` for one parameter: its default, and type, choices or flag form from its annotation."""
     option = option or Option()
     flags = option.flags or (f"--{name.replace('_', '-')}",)
-    kwargs: dict[str, Any] = {"dest": name, "default": param.default, "help": doc}
+    kwargs: dict[str, Any] = {"dest": name, "default": param.default, "help": option.help or doc}
     base, choices, optional = _annotation(param.annotation, func)
     if option.type is not None or option.nargs is not None:
         kwargs.update(type=option.type, metavar=option.metavar, nargs=option.nargs)
@@ -420,10 +427,18 @@ def _parameter_docs(func: Callable) -> dict[str, str]:
 
 
 def _plain(text: str) -> str:
-    """A docstring's reST as plain text: roles → `dst.pp.prepare`, ``code`` → `code`, one paragraph."""
+    """A docstring's reST and Python as command-line text, one paragraph.
+
+    Roles → `dst.pp.prepare` (which :class:`CliWords` turns into `diffst prepare`), :doc: links → the page's name,
+    ``code`` → `code`, quoted values → bare words (`"auto"` → `auto`), `True` / `False` / `None` → on / off / none.
+    """
+    text = re.sub(r":doc:`/?([\w-]+)`", r"the '\1' page of the documentation", text)
     text = re.sub(r":\w+:`~?diffst\.((?:pp|tl|pl|get)\.\w+)`", r"`dst.\1`", text)
     text = re.sub(r":\w+:`~?(?:[\w.]+\.)?(\w+)`", r"`\1`", text)
     text = re.sub(r"``([^`]+)``", r"`\1`", text)
+    text = re.sub(r"`([\"'])([^`\"']*)\1`", r"`\2`", text)
+    text = re.sub(r"`(\w+)=([\"'])([^`\"']*)\2`", r"`\1=\3`", text)
+    text = re.sub(r"`(True|False|None)`", lambda m: {"True": "on", "False": "off", "None": "none"}[m.group(1)], text)
     return " ".join(text.split()).replace("%", "%%")
 
 
@@ -762,10 +777,20 @@ COMMANDS: dict[str, Command] = {
         path="prepared with `diffst prepare`",
         options={
             "prepared_key": _PREPARED_KEY,
-            "devices": Option(type=_devices, metavar="N|I,J,…|auto"),
+            "devices": Option(
+                type=_devices,
+                metavar="N|I,J,…",
+                help="GPUs to train on at once with DDP: a number, or comma-separated indices (1 by default). "
+                "Several GPUs need a script or notebook (the `strategy` of `dst.tl.train`).",
+            ),  # fmt: skip
             "resume": Option(type=_resume, nargs="?", const=True, metavar="auto"),
             "time_budget": Option(type=_budget, metavar="SECONDS|none"),
-            "config": Option(type=_json_object, metavar="JSON"),
+            "config": Option(
+                type=_json_object,
+                metavar="JSON",
+                help="Overrides of the preset's configuration, a JSON object: e.g. '{\"cam\": false}' for an "
+                "ablation, '{\"learning_rate\": 5e-4}'.",
+            ),  # fmt: skip
             "image_encoder": Option(metavar="learned|stain|timm:MODEL"),
         },
     ),

@@ -70,9 +70,9 @@ def upsample(
     prepared_key
         The key of the prepared data (``key_added`` of :func:`diffst.pp.prepare`).
     method
-        ``"bicubic"`` or ``"nearest"``.
+        ``"bicubic"``, ``"nearest"`` or ``"image"`` (the image floor), as above.
     key_added
-        Name of the SR result (default ``f"{method}_sr"``).
+        Name of the SR result (default ``"bicubic_sr"``, ``"nearest_sr"`` or ``"image_floor_sr"``).
     units
         ``"counts"`` (expected counts per HR pixel) or ``"log1p"`` of them.
     consistency
