@@ -69,6 +69,15 @@ def append(path, rows: list[dict]) -> None:
     meta_path.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
 
+def markdown(df, index: bool = False) -> str:
+    """A pipe table of a DataFrame (no extra dependency); ``index`` adds the index as the first columns."""
+    if index:
+        df = df.reset_index()
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
 def machine() -> str:
     """One line describing the machine."""
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from _common import append, machine, measure, run_experiments
+from _common import append, machine, markdown, measure, run_experiments
 
 import diffst as dst
 
@@ -100,16 +100,16 @@ def report(args) -> None:
     path = RESULTS / "features_throughput.csv"
     if path.exists():
         print("\n### throughput\n")
-        print(pd.read_csv(path).round(3).to_markdown(index=False))
+        print(pd.read_csv(path).round(3).pipe(markdown))
     path = RESULTS / f"features_accuracy{'_quick' if args.quick else ''}.csv"
     if path.exists():
         df = pd.read_csv(path)
         table = df.pivot_table(index=["dataset", "scale", "seed"], columns="encoder", values=["pcc", "rmse"])
         print("\n### accuracy (test tiles)\n")
-        print(table.round(3).to_markdown())
+        print(table.round(3).pipe(markdown, index=True))
         pcc = df.pivot_table(index=["dataset", "scale", "seed"], columns="encoder", values="pcc")
         print("\nstain minus learned (PCC, paired):\n")
-        print((pcc["stain"] - pcc["learned"]).round(3).to_markdown())
+        print((pcc["stain"] - pcc["learned"]).round(3).pipe(markdown, index=True))
 
 
 def main() -> None:

@@ -52,7 +52,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-from _common import append, machine
+from _common import append, machine, markdown
 
 import diffst as dst
 
@@ -508,13 +508,6 @@ def samples(args) -> None:
                 rows.append(row)
         append(path, rows)
         print(f"samples seed {seed} done", flush=True)
-
-
-def markdown(df: pd.DataFrame) -> str:
-    """A pipe table (no extra dependency)."""
-    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines)
 
 
 def paired(df: pd.DataFrame, *, by: str, within: list[str], ref: str = "Diff-ST") -> str:

@@ -185,6 +185,16 @@ def slides(quick: bool) -> None:
         print(f"4× area, n_samples={n}: time × {b['seconds'] / a['seconds']:.2f}, "
               f"peak memory × {b['peak_rss_gib'] / a['peak_rss_gib']:.2f}")  # fmt: skip
     t = child(["--train", str(CACHE / f"slide25_{int(base)}.zarr")])
+    from _common import append
+
+    path = Path(__file__).parent / "results" / f"slides{'_quick' if quick else ''}.csv"
+    path.unlink(missing_ok=True)
+    rows = [{"what": "super_resolve", "side_mm": base * factor / 1000, "hr_pixels": r["hr_shape"][0] * r["hr_shape"][1],
+             "n_samples": n, "seconds": r["seconds"], "peak_rss_gib": r["peak_rss_gib"], "calls": r["calls"],
+             "windows": r["windows_in_calls"]} for (factor, n), r in results.items()]  # fmt: skip
+    rows.append({"what": "train, outside its loop", "side_mm": base / 1000, "seconds": t["outside_seconds"],
+                 "loop_seconds": t["loop_seconds"], "steps": t["steps"], "peak_rss_gib": t["peak_rss_gib"]})  # fmt: skip
+    append(path, rows)
     print(f"\ntrain(max_epochs=1) on the {base / 1000:g} mm slide: {t['seconds']:.0f} s in all, {t['loop_seconds']:.0f} s "
           f"in its training loop ({t['steps']} steps), {t['outside_seconds']:.0f} s outside it (datasets, fitted floor, "
           f"guard, saving); peak RSS {t['peak_rss_gib']:.2f} GiB")  # fmt: skip

@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from _common import append, run_experiments
+from _common import append, markdown, run_experiments
 
 import diffst as dst
 from diffst.metrics import pearson, rmse
@@ -372,11 +372,11 @@ def report(args) -> None:
         index = [by, "seed"] + (["scope"] if "scope" in df else [])
         table = df.pivot_table(index=index, columns="method", values="pcc")
         print(f"\n### {name}: PCC (rows: {', '.join(index)})\n")
-        print(table.round(3).to_markdown())
+        print(table.round(3).pipe(markdown, index=True))
         ref = "Diff-ST (spots only)"
         diffs = table.drop(columns=[ref]).rsub(table[ref], axis=0)
         print(f"\n{ref} minus each method (paired, same tiles):\n")
-        print(diffs.round(3).to_markdown())
+        print(diffs.round(3).pipe(markdown, index=True))
     for prefix, scope, title in (("single", "test", "one section at a time, test-tile spots"),
                                  ("loso", "test", "leave one section out, test-tile spots"),
                                  ("loso", "all", "leave one section out, all spots of the held-out section")):  # fmt: skip
@@ -386,7 +386,7 @@ def report(args) -> None:
         print(f"\n### her2st pooled over the six sections: {title}\n")
         print("PCC over the pooled spots, its difference to nearest-spot and the bootstrap 95 % interval of the "
               "difference (spots resampled within each section), per seed:\n")  # fmt: skip
-        print(df.round(3).to_markdown(index=False))
+        print(df.round(3).pipe(markdown))
 
 
 def _budget(text: str) -> float | None:

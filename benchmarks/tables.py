@@ -1,0 +1,271 @@
+"""The tables of the README and the documentation, made from ``benchmarks/results/``: one source for every number.
+
+Each table sits in a markdown file between ``<!-- table: NAME -->`` and ``<!-- /table -->``; this script rewrites
+what is between them from the results CSVs, with the date, commit and machine they were measured on
+(``results/meta.json``). ``tests/test_docs.py`` fails when a table in the docs differs from what it makes.
+
+    python benchmarks/tables.py            # rewrite the tables of README.md and docs/*.md
+    python benchmarks/tables.py --check    # list the tables that differ, exit status 1 if any
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+ROOT = HERE.parent
+FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCK = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+
+sys.path.insert(0, str(HERE))
+from _common import markdown  # noqa: E402
+
+
+def _csv(name: str) -> pd.DataFrame:
+    return pd.read_csv(RESULTS / name)
+
+
+def _provenance(*names: str, command: str) -> str:
+    meta = json.loads((RESULTS / "meta.json").read_text())
+    parts = []
+    for name in names:
+        m = meta.get(name, {})
+        parts.append(f"`results/{name}`: {m.get('date', '?')}, commit {m.get('commit', '?')}, {m.get('machine', '?')}")
+    return f"*Made from {'; '.join(parts)} (`{command}`).*"
+
+
+def _pm(x: pd.Series) -> str:
+    return f"{x.mean():.3f} ± {x.std():.3f}" if len(x) > 1 else f"{x.mean():.3f}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Real tissue (issue 26): the default path, the levers, the learning curve, her2st
+# --------------------------------------------------------------------------------------------------------------------
+REAL_NAMES = {"merfish": "MERFISH, whole crop", "merfish_small": "MERFISH, 300 × 300 µm region"}
+REAL_COMMAND = "cd benchmarks && python bench_quality.py real --budget none ..."
+
+
+def _real_default() -> pd.DataFrame:
+    df = _csv("real.csv")
+    return df[df.variant == "default"]
+
+
+def _real_pcc(df: pd.DataFrame) -> pd.DataFrame:
+    return df.pivot_table(index=["dataset", "scale", "seed"], columns="method", values="pcc")
+
+
+def real() -> str:
+    """Per setting: test PCC (mean ± std over seeds) of the default path, the image floor and LR-consistent bicubic,
+    and Diff-ST minus the floor on the same seed (mean, worst seed, seeds above the floor)."""
+    pcc = _real_pcc(_real_default())
+    rows = []
+    for (dataset, scale), x in pcc.groupby(level=[0, 1], sort=False):
+        d = x["Diff-ST"] - x["image floor"]
+        rows.append({
+            "setting": f"{REAL_NAMES.get(dataset, dataset)}, {scale}×", "seeds": len(x),
+            "Diff-ST": _pm(x["Diff-ST"]), "image floor": _pm(x["image floor"]),
+            "bicubic (LR-consistent)": _pm(x["bicubic (LR-consistent)"]),
+            "Diff-ST − floor": f"{d.mean():+.3f} (worst {d.min():+.3f}; above on {int((d > 0).sum())}/{len(d)})",
+            "Diff-ST − bicubic": f"{(x['Diff-ST'] - x['bicubic (LR-consistent)']).mean():+.3f}",
+        })  # fmt: skip
+    return markdown(pd.DataFrame(rows)) + "\n\n" + _provenance("real.csv", command=REAL_COMMAND)
+
+
+def real_levers() -> str:
+    """Each lever minus the default path on the same data, split and seed: test PCC."""
+    df = _csv("real.csv")
+    runs = df[df.method == "Diff-ST"].pivot_table(index=["dataset", "scale", "seed"], columns="variant", values="pcc")
+    rows = []
+    for (dataset, scale), x in runs.groupby(level=[0, 1], sort=False):
+        for lever in [c for c in x.columns if c != "default"]:
+            d = (x[lever] - x["default"]).dropna()
+            if d.empty:
+                continue
+            rows.append({
+                "setting": f"{REAL_NAMES.get(dataset, dataset)}, {scale}×", "lever": lever, "seeds": len(d),
+                "default": f"{x.loc[d.index, 'default'].mean():.3f}", "with the lever": f"{x.loc[d.index, lever].mean():.3f}",
+                "Δ PCC": f"{d.mean():+.4f} (min {d.min():+.4f}, max {d.max():+.4f})", "higher": f"{int((d > 0).sum())}/{len(d)}",
+            })  # fmt: skip
+    return markdown(pd.DataFrame(rows)) + "\n\n" + _provenance("real.csv", command=REAL_COMMAND)
+
+
+def curve() -> str:
+    """Diff-ST minus the image floor on the same test tiles against the training area (mean over seeds)."""
+    df = _csv("curve.csv")
+    piv = df.pivot_table(index=["dataset", "scale", "side", "seed"], columns="method", values="pcc")
+    area = df[df.method == "Diff-ST"].groupby(["dataset", "scale", "side"]).train_mm2.mean()
+    rows = []
+    for (dataset, scale, side), x in piv.groupby(level=[0, 1, 2], sort=False):
+        d = x["Diff-ST"] - x["image floor"]
+        rows.append({
+            "data": f"{'MERFISH' if dataset == 'merfish' else 'synthetic Xenium'} {scale}×",
+            "training area (mm²)": f"{area[dataset, scale, side]:.3f}", "seeds": len(x),
+            "Diff-ST": f"{x['Diff-ST'].mean():.3f}", "image floor": f"{x['image floor'].mean():.3f}",
+            "Diff-ST − floor": f"{d.mean():+.3f} (min {d.min():+.3f})",
+        })  # fmt: skip
+    out = pd.DataFrame(rows).sort_values(["data", "training area (mm²)"], key=lambda c: c.map(_sort_key))
+    return (
+        markdown(out)
+        + "\n\n"
+        + _provenance("curve.csv", command="cd benchmarks && python bench_quality.py curve --budget none ...")
+    )
+
+
+def _sort_key(v):
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
+HER2ST_METHODS = [
+    "Diff-ST (spots only)",
+    "Diff-ST (guarded)",
+    "nearest spot",
+    "bicubic of spots",
+    "image floor",
+    "TESLA",
+]
+
+
+def her2st_loso() -> str:
+    """Leave one section out: PCC per held-out section (test-tile spots and all spots), mean over seeds."""
+    df = _csv("visium_her2st_loso.csv")
+    piv = df.pivot_table(index=["scope", "section"], columns="method", values="pcc", aggfunc="mean")
+    spots = df.groupby(["scope", "section"]).spots.first()
+    seeds = df.groupby(["scope", "section"]).seed.nunique()
+    out = piv[[m for m in HER2ST_METHODS if m in piv.columns]].round(3)
+    out.insert(0, "seeds", seeds)
+    out.insert(0, "spots", spots)
+    out = out.sort_index(level=0, ascending=False)
+    return (
+        markdown(out, index=True)
+        + "\n\n"
+        + _provenance(
+            "visium_her2st_loso.csv", command="cd benchmarks && python bench_visium.py her2st_loso --budget none"
+        )
+    )
+
+
+def her2st_pooled() -> str:
+    """The held-out spots of the six sections pooled: PCC, difference to nearest-spot and its bootstrap interval."""
+    import bench_visium
+
+    parts = []
+    for prefix, scope, title in (("loso", "all", "leave one section out, all spots of the held-out section"),
+                                 ("loso", "test", "leave one section out, the test tiles' spots"),
+                                 ("single", "test", "each section trained on its own, the test tiles' spots")):  # fmt: skip
+        df = bench_visium.pooled(prefix, scope, [0, 1, 2])
+        if df is None:
+            continue
+        df = df.assign(
+            interval=[f"[{lo:+.3f}, {hi:+.3f}]" for lo, hi in zip(df.ci_low, df.ci_high, strict=True)],
+            pcc=df.pcc.map("{:.3f}".format), minus_nearest=df.minus_nearest.map("{:+.3f}".format),
+        )[["seed", "spots", "method", "pcc", "minus_nearest", "interval"]]  # fmt: skip
+        df = df.rename(columns={"minus_nearest": "− nearest spot", "interval": "95 % interval of the difference"})
+        parts.append(f"**{title}**\n\n" + markdown(df))
+    return (
+        "\n\n".join(parts)
+        + "\n\n"
+        + _provenance(
+            "visium_her2st_loso.csv", "visium_her2st.csv", command="cd benchmarks && python bench_visium.py report"
+        )
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Speed
+# --------------------------------------------------------------------------------------------------------------------
+def slides() -> str:
+    """Whole-slide super-resolution with the defaults and with n_samples=4, and train's time outside its loop."""
+    df = _csv("slides.csv")
+    sr = df[df.what == "super_resolve"]
+    rows = [{
+        "slide": f"{r.side_mm:g} mm × {r.side_mm:g} mm", "n_samples": int(r.n_samples), "wall time": f"{r.seconds:.0f} s",
+        "peak memory": f"{r.peak_rss_gib:.2f} GiB", "network calls": int(r.calls), "windows through the network": int(r.windows),
+    } for r in sr.itertuples()]  # fmt: skip
+    t = df[df.what != "super_resolve"].iloc[0]
+    note = (
+        f"`train(max_epochs=1)` on the {t.side_mm:g} mm slide: {t.seconds:.0f} s outside its training loop (datasets, "
+        f"fitted floor, guard, saving), {t.loop_seconds:.0f} s in it ({int(t.steps)} steps)."
+    )
+    return (
+        markdown(pd.DataFrame(rows))
+        + "\n\n"
+        + note
+        + "\n\n"
+        + _provenance("slides.csv", command="python benchmarks/bench_super_resolve.py --only slides")
+    )
+
+
+def readme_real() -> str:
+    """The README's first table: real tissue, each method's test PCC and Diff-ST's gain (mean over seeds)."""
+    pcc = _real_pcc(_real_default())
+    rows = []
+    for (dataset, scale), x in pcc.groupby(level=[0, 1], sort=False):
+        d = x["Diff-ST"] - x["image floor"]
+        rows.append({
+            "real data (test tiles)": f"{REAL_NAMES.get(dataset, dataset)}, {scale}×", "Diff-ST": f"{x['Diff-ST'].mean():.3f}",
+            "training-free image floor": f"{x['image floor'].mean():.3f}",
+            "bicubic (LR-consistent)": f"{x['bicubic (LR-consistent)'].mean():.3f}",
+            "Diff-ST − floor (worst seed)": f"{d.mean():+.3f} ({d.min():+.3f})",
+        })  # fmt: skip
+    return markdown(pd.DataFrame(rows)) + "\n\n" + _provenance("real.csv", command=REAL_COMMAND)
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "real": real,
+    "real-levers": real_levers,
+    "curve": curve,
+    "her2st-loso": her2st_loso,
+    "her2st-pooled": her2st_pooled,
+    "slides": slides,
+    "readme-real": readme_real,
+}
+
+
+def render(text: str) -> tuple[str, list[str]]:
+    """``text`` with every table block made anew, and the names of the blocks that changed."""
+    changed = []
+
+    def fill(m: re.Match[str]) -> str:
+        name = m.group("name")
+        if name not in TABLES:
+            msg = f"unknown table {name!r} (known: {sorted(TABLES)})"
+            raise KeyError(msg)
+        body = TABLES[name]().rstrip() + "\n"
+        if body != m.group("body"):
+            changed.append(name)
+        return m.group(1) + body + m.group(4)
+
+    return BLOCK.sub(fill, text), changed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only report the tables that differ")
+    args = parser.parse_args()
+    stale = []
+    for path in FILES:
+        text = path.read_text()
+        new, changed = render(text)
+        stale += [f"{path.relative_to(ROOT)}: {name}" for name in changed]
+        if changed and not args.check:
+            path.write_text(new)
+    for line in stale:
+        print(("differs: " if args.check else "rewrote: ") + line)
+    return 1 if (stale and args.check) else 0
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    sys.exit(main())
