@@ -1,5 +1,5 @@
-"""One public API: the data object is the only positional argument, ``prepared_key`` names prepared data everywhere,
-and the old spellings keep working for one release with a ``FutureWarning``."""
+"""One public API: the data object is the only positional argument and ``prepared_key`` names prepared data
+everywhere; no module of ``diffst.tl`` imports another in a circle."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import inspect
 import pytest
 
 import diffst as dst
-from diffst._compat import deprecated_arguments
 
 PUBLIC = [
     dst.pp.prepare, dst.pp.image_features, dst.tl.train, dst.tl.super_resolve, dst.tl.upsample, dst.tl.tesla,
@@ -36,42 +35,12 @@ def test_one_name_for_each_key():
             assert "prepared_key\n" in doc, func.__name__
 
 
-def _f(sdata, *, model=None, genes=None, prepared_key="diffst"):
-    return sdata, model, genes, prepared_key
-
-
-def test_old_spellings_work_and_warn_with_the_new_one():
-    f = deprecated_arguments(renamed={"key": "prepared_key"}, positional=("model", "genes"))(_f)
-    assert inspect.signature(f) == inspect.signature(_f)  # the docs and the CLI see the new signature
-    with pytest.warns(FutureWarning, match=r"pass `model=`, `genes=` to _f\(\) by name"):
-        assert f("s", "m", ["g"]) == ("s", "m", ["g"], "diffst")
-    with pytest.warns(FutureWarning, match=r"`key=` of _f\(\) is now `prepared_key=`.*diffst 0.3"):
-        assert f("s", key="k") == ("s", None, None, "k")
-    with pytest.raises(TypeError, match="both `key=`"):
-        f("s", key="k", prepared_key="p")
-    with pytest.raises(TypeError, match="multiple values"):
-        f("s", "m", model="m2")
-    with pytest.raises(TypeError, match="takes 1 positional argument"):
-        f("s", "m", "g", "extra")
-    with pytest.raises(TypeError, match="no parameter 'nope'"):
-        deprecated_arguments(renamed={"key": "nope"})(_f)
-
-
-def test_a_notebook_in_the_old_style_still_runs(prepared_toy, untrained_model):
-    sdata = prepared_toy
-    with pytest.warns(FutureWarning, match="`key=` of upsample"):
-        dst.tl.upsample(sdata, key="diffst", method="bicubic")
-    gene = str(sdata["bicubic_sr"].c.values[0])
-    with pytest.warns(FutureWarning, match="by name"):
-        adata = dst.get.pixels(sdata, "bicubic_sr", [gene])
-    assert adata.var_names.tolist() == [gene] and adata.n_obs > 0
-    with pytest.warns(FutureWarning) as record:
-        out = dst.tl.super_resolve(sdata, untrained_model, key="diffst", inplace=False)
-    assert {str(w.message).split(";")[0] for w in record} >= {
-        "pass `model=` to super_resolve() by name, not by position (the data are its only positional argument)",
-        "`key=` of super_resolve() is now `prepared_key=`",
-    }
-    assert set(out) >= {"mean"} and "diffst_sr" not in sdata.images  # inplace=False left sdata as it was
+def test_old_spellings_are_errors_before_the_first_release(prepared_toy, untrained_model):
+    """No compatibility layer before a release: the one spelling of each argument, the data the only positional one."""
+    with pytest.raises(TypeError, match="unexpected keyword argument 'key'"):
+        dst.tl.upsample(prepared_toy, key="diffst", method="bicubic")
+    with pytest.raises(TypeError, match="positional argument"):
+        dst.tl.super_resolve(prepared_toy, untrained_model, inplace=False)
 
 
 def _imports(package: str) -> dict[str, set[str]]:

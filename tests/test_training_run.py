@@ -361,20 +361,3 @@ def test_cli_upsample_and_plot(tmp_path, capsys):
     assert cli.main(["plot", str(path), "--key", "image_floor_sr", "-o", str(tmp_path / "nope" / "x.png")]) == 1
     assert "does not exist" in capsys.readouterr().err
     assert cli.main(["plot", str(path), "--region", "10,10,5,20"]) == 2
-
-
-def test_a_checkpoint_from_before_a_new_config_field_resumes_with_its_default(tmp_path):
-    """A checkpoint written before a config field existed trained with the field's default: resumable with it."""
-    from diffst.model import DiffSTConfig
-    from diffst.tl._run import check_resumable
-
-    field = "curriculum_start"  # any field with a default stands for one added later
-    config = DiffSTConfig.preset("tiny").to_dict()
-    old = {k: v for k, v in config.items() if k != field}
-    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    ckpt.parent.mkdir(parents=True)
-    torch.save({"hyper_parameters": {"config": old, "fingerprint": "f"}, "global_step": 3}, ckpt)
-    kw = {"fingerprint": "f", "planned_steps": 10, "max_epochs": 10, "time_budget": None}
-    assert check_resumable(ckpt, config=config, **kw)["steps"] == 3
-    with pytest.raises(ValueError, match=rf"different configuration \(\['{field}'\]\)"):
-        check_resumable(ckpt, config={**config, field: 0.5}, **kw)

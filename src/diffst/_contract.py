@@ -9,9 +9,8 @@ typed, versioned record with ``to_dict``/``from_dict``:
 - :class:`SRRecord` under the ``key_added`` of a super-resolution or a baseline (``"diffst_sr"``, ``"bicubic_sr"``):
   the method, the prepared data it was made from, its units, genes, grid and elements, and the method's parameters.
 
-Each dict carries ``"diffst_schema"`` (``"prepared/1"``, ``"sr/1"``). Entries written before the field existed (diffst
-0.1.0.dev0 up to this change) are recognised by their keys and read as version 1. A newer version than this diffst
-knows is refused with a message to upgrade.
+Each dict carries ``"diffst_schema"`` (``"prepared/1"``, ``"sr/1"``), which tells them from other entries of
+``sdata.attrs``; a newer version than this diffst knows is refused with a message to upgrade.
 
 :class:`Prepared` is the prepared data as the tools see them (the record, the elements it names, the coverage);
 :func:`read_sr` finds an SR result; :func:`check_same_grid` checks a raster against a prepared HR grid;
@@ -52,18 +51,13 @@ def _schema(kind: Kind) -> str:
 
 
 def kind_of(value: Any) -> Kind | None:
-    """``"prepared"``, ``"sr"`` or ``None``: what a ``sdata.attrs`` entry is, by its schema tag or (older) its keys."""
+    """``"prepared"``, ``"sr"`` or ``None``: what a ``sdata.attrs`` entry is, by its schema tag."""
     if not isinstance(value, dict):
         return None
     tag = value.get("diffst_schema")
     if isinstance(tag, str) and "/" in tag:
         kind = tag.split("/", 1)[0]
         return kind if kind in (_PREPARED, _SR) else None  # type: ignore[return-value]
-    # entries written before the tag: an SR result names its method and prepared data; prepared data have a grid
-    if "method" in value and "prepared_key" in value:
-        return _SR
-    if "grid" in value and "elements" in value and "method" not in value:
-        return _PREPARED
     return None
 
 

@@ -649,7 +649,7 @@ def _cmd_evaluate_spots(args: argparse.Namespace) -> int:
     import pandas as pd
 
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.float_format", "{:.4f}".format):
-        print(f"{df.attrs['spots']} held-out spots of the {args.split} tiles, each predicted while hidden:")
+        print(f"{df.attrs.get('spots')} held-out spots of the {args.split} tiles, each predicted while hidden:")
         print(df)
     if output is not None:
         df.to_csv(output)

@@ -15,7 +15,6 @@ from anndata import AnnData
 from spatialdata.models import TableModel
 
 from .. import _logging as log
-from .._compat import deprecated_arguments
 from .._spatial import affine_to_cs, element_cs, image_levels, pick_key, suggest, transform_points
 from .._store import ElementWriter
 from ._source import HRSource, resolve
@@ -27,7 +26,6 @@ if TYPE_CHECKING:
 _WINDOW = 512  # HR pixels per side of the windows cells are matched in (bounds memory on large slides)
 
 
-@deprecated_arguments(positional=("key",))
 def aggregate(
     sdata: SpatialData,
     *,

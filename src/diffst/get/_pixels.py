@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._compat import deprecated_arguments
 from .._spatial import image_levels, transform_points
 from ..pp._tiles import SPLITS
 from ._source import HRSource, resolve
@@ -18,7 +17,6 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 
-@deprecated_arguments(positional=("key", "genes"))
 def pixels(
     sdata: SpatialData,
     *,

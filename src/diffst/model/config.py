@@ -246,8 +246,6 @@ class DiffSTConfig:
     def from_dict(cls, d: dict[str, Any]) -> DiffSTConfig:
         """Config from :meth:`to_dict` / :func:`dataclasses.asdict` output (unknown keys are an error)."""
         names = {f.name for f in fields(cls)}
-        # configs saved before the image-floor base existed diffused around bicubic
-        d = {"base": "bicubic", **d}
         unknown = sorted(set(d) - names)
         if unknown:
             msg = f"Unknown DiffSTConfig fields {unknown}; known fields are {sorted(names)}."

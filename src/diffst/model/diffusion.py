@@ -212,10 +212,7 @@ class Diffusion:
 
     def _mean_output(self, net: nn.Module, lr: Tensor, mask: Tensor, image: Tensor, like: Tensor, *, progress: float,
                      cond: Tensor | None, context: Tensor | None = None):  # fmt: skip
-        b = like.shape[0]
-        # the regression baseline was trained at t = 0 before the refiner existed; keep it so saved models still load
-        t = 0 if self.config.objective == "regression" else self.mean_timestep
-        t = torch.full((b,), t, dtype=torch.long, device=like.device)
+        t = torch.full((like.shape[0],), self.mean_timestep, dtype=torch.long, device=like.device)
         return self._net(net, torch.zeros_like(like), t, lr, mask, image, progress=progress, cond=cond,
                          context=context)  # fmt: skip
 

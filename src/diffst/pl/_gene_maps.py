@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from .._compat import deprecated_arguments
 from .._contract import Prepared, read_sr
 from .._genes import resolve_genes
 from .._image import read_tile
@@ -40,7 +39,6 @@ class _Region:
     what: str
 
 
-@deprecated_arguments(positional=("genes",))
 def gene_maps(
     sdata: SpatialData,
     *,
@@ -131,7 +129,7 @@ def gene_maps(
 
     Examples
     --------
-    >>> dst.pl.gene_maps(sdata, ["ERBB2", "LUM"], split="test")  # doctest: +SKIP
+    >>> dst.pl.gene_maps(sdata, genes=["ERBB2", "LUM"], split="test")  # doctest: +SKIP
     >>> dst.pl.gene_maps(sdata, "KRT8", region=(1000, 1000, 1400, 1400), units="counts")  # doctest: +SKIP
 
     """

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import _logging as log
-from .._compat import deprecated_arguments
 from .._image import in_memory_level, read_tile
 from .._store import ElementWriter
 from ..features import ImageEncoder, make_encoder, pixels_per_hr
@@ -22,7 +21,6 @@ if TYPE_CHECKING:
 FIT_TILES, FIT_PIXELS = 24, 200_000
 
 
-@deprecated_arguments(renamed={"key": "prepared_key"}, positional=("encoder",))
 def image_features(
     sdata: SpatialData,
     *,

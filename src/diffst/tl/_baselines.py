@@ -13,7 +13,6 @@ import pandas as pd
 import torch
 
 from .. import _logging as log
-from .._compat import deprecated_arguments
 from .._contract import Prepared
 from .._degradation import degradation_for
 from .._image import read_tile
@@ -31,7 +30,6 @@ UpsampleMethod = Literal["bicubic", "nearest", "image"]
 FLOOR_PX_PER_HR = 4
 
 
-@deprecated_arguments(renamed={"key": "prepared_key"})
 def upsample(
     sdata: SpatialData,
     *,
@@ -248,7 +246,6 @@ def _tesla_imputation():
     return run
 
 
-@deprecated_arguments(renamed={"key": "prepared_key"})
 def tesla(
     sdata: SpatialData,
     *,

@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 
 from .. import metrics
-from .._compat import deprecated_arguments
 from .._contract import Prepared, check_same_grid, read_sr, read_window
 from .._degradation import BinDegradation, SpotDegradation, degradation_for
 from .._genes import resolve_genes
@@ -263,7 +262,6 @@ def _split_tiles(sdata: SpatialData, prep: Prepared, split: str) -> pd.DataFrame
     return tiles
 
 
-@deprecated_arguments(renamed={"key": "prepared_key"}, positional=("model",))
 def evaluate_spots(
     sdata: SpatialData,
     *,

@@ -329,8 +329,6 @@ def run_directory(
         return run, (last if last.exists() and resume else None)
     assert family is not None
     runs = sorted(p.parent.parent for p in family.glob("run-*/checkpoints/last.ckpt"))
-    if (family / "checkpoints" / "last.ckpt").exists():  # the layout before runs had their own folders
-        runs.insert(0, family)
     if resume is True and not runs:
         msg = (
             "Nothing to resume: no earlier run of this configuration and seed on these data left a checkpoint (looked "
@@ -369,10 +367,6 @@ def check_resumable(
     config = {k: v for k, v in config.items() if k not in FITTED_CONFIG}
     stored = hp.get("config")
     if stored is not None:
-        # read as a saved model's config is read: a field added since holds what that training used
-        from ..model import DiffSTConfig
-
-        stored = DiffSTConfig.from_dict(stored).to_dict()
         stored = {k: v for k, v in stored.items() if k not in FITTED_CONFIG}
     run = ckpt_path.parent.parent
     if stored is not None and stored != config:

@@ -11,7 +11,6 @@ import dask.array as da
 import numpy as np
 
 from .. import _logging as log
-from .._compat import deprecated_arguments
 from .._contract import Prepared, is_prepared, read_record
 from .._device import resolve_device
 from .._genes import GeneError, resolve_genes
@@ -27,7 +26,6 @@ if TYPE_CHECKING:
 SamplerName = Literal["fast", "ddpm", "ddim", "dpmsolver"]
 
 
-@deprecated_arguments(renamed={"key": "prepared_key"}, positional=("model",))
 def super_resolve(
     sdata: SpatialData,
     *,

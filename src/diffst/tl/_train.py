@@ -28,7 +28,6 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
 from .. import _logging as log
-from .._compat import deprecated_arguments
 from .._contract import update_record
 from .._device import lightning_device, resolve_device
 from .._settings import settings
@@ -84,7 +83,6 @@ BASE_FIT_WINDOWS = 64
 Supervision = Literal["auto", "hr", "lr"]
 
 
-@deprecated_arguments(renamed={"key": "prepared_key"})
 def train(
     sdata: SpatialData | Sequence[SpatialData],
     *,
