@@ -6,7 +6,8 @@ Build (offline, warnings are errors)::
 
 The tutorials live in the repository's ``tutorials/`` folder; myst-nb only renders notebooks inside the source
 directory, so they are copied to ``docs/tutorials/`` (git-ignored) when the build starts. Notebooks are not executed
-here (``nb_execution_mode = "off"``): ``tests/test_tutorials.py`` executes them.
+here (``nb_execution_mode = "off"``): they are saved executed (``tutorials/run.py``), with their figures, and
+``tests/test_tutorials.py`` executes them again.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ nitpick_ignore_regex = [
 # --- MyST and notebooks ------------------------------------------------------------------------------------------
 myst_enable_extensions = ["colon_fence", "dollarmath", "amsmath", "deflist"]
 myst_heading_anchors = 3
-nb_execution_mode = "off"  # the test suite runs the notebooks; the docs show them as saved (without outputs)
+nb_execution_mode = "off"  # the notebooks are saved executed (tutorials/run.py); the test suite runs them again
 nb_merge_streams = True
 
 # sphinx-autodoc-typehints 3.6 calls an API that Sphinx 9 deprecates; the Python warning is noise, not a docs problem
