@@ -212,7 +212,10 @@ class Diffusion:
 
     def _mean_output(self, net: nn.Module, lr: Tensor, mask: Tensor, image: Tensor, like: Tensor, *, progress: float,
                      cond: Tensor | None, context: Tensor | None = None):  # fmt: skip
-        t = torch.full((like.shape[0],), self.mean_timestep, dtype=torch.long, device=like.device)
+        # the refiner asks for its mean head one past the last diffusion step; the regression network, which has
+        # nothing else to be asked, is queried at t = 0
+        t = 0 if self.config.objective == "regression" else self.mean_timestep
+        t = torch.full((like.shape[0],), t, dtype=torch.long, device=like.device)
         return self._net(net, torch.zeros_like(like), t, lr, mask, image, progress=progress, cond=cond,
                          context=context)  # fmt: skip
 

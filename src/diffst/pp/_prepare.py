@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import geopandas as gpd
@@ -171,21 +172,65 @@ def prepare(
     writer = ElementWriter(sdata, overwrite=overwrite)
     writer.check_free([names[k] for k in ("lr", "lr_mask", "hr", "tissue", "tiles", "spots", "context")],
                       attrs_key=key_added)  # fmt: skip
-
-    hr_um = lr_um / scale
-    inputs = resolve_inputs(
-        sdata,
-        image_key=image_key,
-        points_key=points_key,
-        table_key=table_key,
-        coordinate_system=coordinate_system,
-        um_per_px=um_per_px,
-        spot_diameter_um=spot_diameter_um,
-        bin_size=bin_size,
-        hr_um=hr_um,
-        spot_pitch_um=spot_pitch_um,
-        region=region,
+    # the stages: the measurement, the grid and the tissue, the genes, the rasters, the split, the normalisation
+    inputs, meas = _measurement(sdata, lr_um / scale, layer=layer, min_qv=min_qv, image_key=image_key,
+                                points_key=points_key, table_key=table_key, coordinate_system=coordinate_system,
+                                um_per_px=um_per_px, spot_diameter_um=spot_diameter_um, bin_size=bin_size,
+                                spot_pitch_um=spot_pitch_um, region=region)  # fmt: skip
+    if meas.kind == "spots" and degradation == "visium":
+        log.info("spot data: LR comes from the measured spots; `degradation` does not apply")
+    area = _grid(meas, inputs, lr_um, scale, tile_um, spot_pitch_um)
+    chosen, selection_info, context = _genes(meas, area, genes, context_genes, gene_selection)
+    rasters = _rasters(meas, inputs, area, chosen, context, degradation, spot_diameter_um, spot_pitch_um)
+    tiles, counts_per_split, block = _split(area, min_tissue, split, split_block_um, seed)
+    norm = _normalisation(rasters, area, tiles, seed)
+    kind, kind_reason = decide_image_kind(sdata, inputs.image_key, image_kind)
+    log.info(f"image {inputs.image_key!r} read as {kind} ({kind_reason}); `image_kind=` overrides")
+    spec = image_spec(
+        sdata.images[inputs.image_key], key=inputs.image_key, cs=inputs.cs, um_per_px=inputs.um_per_px, kind=kind
     )
+    elements = _elements(names, inputs, area, rasters, tiles, chosen, context)
+    grid = area.grid
+    record = PreparedRecord(
+        diffst_version=_version(),
+        coordinate_system=inputs.cs,
+        um_per_px=inputs.um_per_px,
+        um_per_px_source=inputs.um_per_px_source,
+        measurement=meas.kind,
+        sources={**meas.source, "image_key": inputs.image_key},
+        grid=grid,
+        degradation=rasters.degradation_record(),
+        genes=tuple(chosen),
+        gene_selection=selection_info,
+        normalisation=norm.record(),
+        coexpression=norm.coexpression_record(),
+        image=ImageRecord(spec, inputs.image_um_per_px, kind_reason),
+        tile_um=float(area.tile_um),
+        min_tissue=float(min_tissue),
+        split=SplitRecord(
+            tuple(float(s) for s in split), float(block), int(seed), {k: int(v) for k, v in counts_per_split.items()}
+        ),
+        elements={k: v for k, v in names.items() if v in elements},
+        context=None if norm.context_scale is None else {"genes": list(context),
+                                                          "lr_scale": [float(v) for v in norm.context_scale]},
+    )  # fmt: skip
+    writer.commit(elements, attrs={key_added: record.to_dict()}, stale=names.values())
+    log.info(
+        f"prepared {len(chosen)} genes on {grid.lr_shape[0]}×{grid.lr_shape[1]} LR / "
+        f"{grid.hr_shape[0]}×{grid.hr_shape[1]} HR pixels ({lr_um:g} → {lr_um / scale:g} µm), {len(tiles)} tiles of "
+        f"{area.tile_um:g} µm (train {counts_per_split['train']}, val {counts_per_split['val']}, test "
+        f"{counts_per_split['test']}; "
+        + ", ".join(f"{k} {a:.3f} mm²" for k, a in _split_areas(tiles, area.tile_um).items())
+        + f") in {time.perf_counter() - t_start:.1f} s → sdata.attrs[{key_added!r}]"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The stages of prepare
+# --------------------------------------------------------------------------------------------------------------------
+def _measurement(sdata: SpatialData, hr_um: float, *, layer, min_qv, **inputs_kw) -> tuple[Any, Measurement]:
+    """Which image and measurement, in which coordinate system and units (logged), and the measurement read."""
+    inputs = resolve_inputs(sdata, hr_um=hr_um, **inputs_kw)
     log.info(
         f"{inputs.kind} from {inputs.points_key or inputs.table_key!r}, image {inputs.image_key!r} "
         f"({inputs.image_um_per_px:.4g} µm/px) in coordinate system {inputs.cs!r}; "
@@ -194,13 +239,31 @@ def prepare(
     _warn_coarse_image(inputs.image_key, inputs.image_um_per_px, hr_um)
     meas = read_measurement(sdata, inputs, layer=layer, min_qv=min_qv)
     _check_not_empty(meas)
+    if meas.kind == "spots":
+        _check_spots_under_image(meas, inputs)
+    return inputs, meas
+
+
+@dataclass
+class _Area:
+    """The grid (whole tiles), the tissue on it, the tile side and the LR counts of every gene."""
+
+    grid: Grid
+    tissue: np.ndarray
+    all_lr: np.ndarray
+    coverage: np.ndarray
+    tile_um: float
+
+    @property
+    def tile_lr(self) -> int:
+        return int(round(self.tile_um / self.grid.lr_um))
+
+
+def _grid(meas: Measurement, inputs, lr_um: float, scale: int, tile_um: float | None, spot_pitch_um) -> _Area:
+    """The LR/HR grid over the data, the tissue and every gene's LR counts; default tiles shrink to a small crop."""
     default_tile = tile_um is None
     if default_tile:
         tile_um = default_tile_um(lr_um, inputs.spot_pitch_um if meas.kind == "spots" else spot_pitch_um)
-    if meas.kind == "spots":
-        _check_spots_under_image(meas, inputs)
-    if meas.kind == "spots" and degradation == "visium":
-        log.info("spot data: LR comes from the measured spots; `degradation` does not apply")
     grid, tissue, all_lr, coverage = _grid_and_tissue(meas, inputs, lr_um, scale, tile_um)
     span = _tissue_span(tissue)
     if default_tile and tile_um > span * lr_um:
@@ -208,50 +271,64 @@ def prepare(
         log.info(f"the tissue spans {span * lr_um:g} µm: tiles of {span * lr_um:g} µm instead of {tile_um:g} µm")
         tile_um = float(span * lr_um)
         grid, tissue, all_lr, coverage = _grid_and_tissue(meas, inputs, lr_um, scale, tile_um)
-    tile_lr = int(round(tile_um / lr_um))
-    _check_tile_fits(tissue, tile_lr, tile_um)
+    _check_tile_fits(tissue, int(round(tile_um / lr_um)), tile_um)
+    return _Area(grid, tissue, all_lr, coverage, float(tile_um))
 
+
+def _genes(meas: Measurement, area: _Area, genes, context_genes, criterion) -> tuple[list[str], dict, list[str]]:
+    """The genes to predict (and how they were chosen) and the panel-context genes."""
+    grid = area.grid
     rows, cols = np.nonzero(np.ones(grid.lr_shape, dtype=bool))
     xy = np.column_stack(grid.pixel_centre_um(rows, cols, level="lr"))
-    flat_all = all_lr.reshape(len(meas.gene_names), -1)
-    density_all = flat_all / np.maximum(coverage.reshape(-1), 1e-9)[None]
-    chosen, selection_info = select_genes(
-        genes,
-        names=meas.gene_names,
-        lr_counts=flat_all,
-        lr_density=density_all,
-        tissue=tissue.reshape(-1),
-        xy_um=xy,
-        criterion=gene_selection,
-    )
-    gene_idx = np.array([meas.gene_names.index(g) for g in chosen])
+    flat_all = area.all_lr.reshape(len(meas.gene_names), -1)
+    density_all = flat_all / np.maximum(area.coverage.reshape(-1), 1e-9)[None]
+    chosen, selection_info = select_genes(genes, names=meas.gene_names, lr_counts=flat_all, lr_density=density_all,
+                                          tissue=area.tissue.reshape(-1), xy_um=xy, criterion=criterion)  # fmt: skip
     log.info(
         f"{len(chosen)} genes ({selection_info['method']}): {', '.join(chosen[:8])}{' …' if len(chosen) > 8 else ''}"
     )
-    context = _context_genes(context_genes, chosen, meas.gene_names, flat_all, density_all, tissue, xy,
-                             gene_selection)  # fmt: skip
+    context = _context_genes(context_genes, chosen, meas.gene_names, flat_all, density_all, area.tissue, xy,
+                             criterion)  # fmt: skip
+    return chosen, selection_info, context
 
-    # HR rasters and the degradation
-    hr = None
-    op = None
-    spot_centres = None
-    spot_d = None
-    spot_pitch = None
+
+@dataclass
+class _Rasters:
+    """The LR (and HR) counts of the chosen genes, the observed fraction of each LR pixel, how LR arises from HR."""
+
+    lr: np.ndarray
+    hr: np.ndarray | None
+    coverage: np.ndarray
+    degradation: str
+    spot_centres: np.ndarray | None = None
+    spot_diameter: float | None = None
+    spot_pitch: float | None = None
+    context_lr: np.ndarray | None = None
+
+    def degradation_record(self) -> DegradationRecord:
+        d, p = self.spot_diameter, self.spot_pitch
+        return DegradationRecord(self.degradation, None if d is None else float(d), None if p is None else float(p))
+
+
+def _rasters(meas: Measurement, inputs, area: _Area, chosen: list[str], context: list[str], degradation: str,
+             spot_diameter_um, spot_pitch_um) -> _Rasters:  # fmt: skip
+    """HR counts of the chosen genes (transcripts, bins) and their LR: the spots measured, or the HR degraded."""
+    grid = area.grid
+    gene_idx = np.array([meas.gene_names.index(g) for g in chosen])
     if meas.kind == "spots":
-        lr = all_lr[gene_idx].astype(np.float32)
-        deg_name = "spots"
-        spot_d = meas.spot_diameter_um
-        spot_pitch = inputs.spot_pitch_um
         x0, y0, x1, y1 = grid.extent_um
         c = meas.centres_um
-        spot_centres = c[(c[:, 0] >= x0) & (c[:, 0] < x1) & (c[:, 1] >= y0) & (c[:, 1] < y1)]
+        inside = (c[:, 0] >= x0) & (c[:, 0] < x1) & (c[:, 1] >= y0) & (c[:, 1] < y1)
+        out = _Rasters(area.all_lr[gene_idx].astype(np.float32), None, area.coverage, "spots", c[inside],
+                       meas.spot_diameter_um, inputs.spot_pitch_um)  # fmt: skip
+        op = None
     else:
         hr = _hr_raster(meas, grid, gene_idx)
         if degradation == "bin":
-            op = BinDegradation(scale)
-            coverage = op.coverage(grid.lr_shape)
+            op = BinDegradation(grid.scale)
+            out = _Rasters(np.empty(0), hr, op.coverage(grid.lr_shape), "bin")
         else:
-            pitch = spot_pitch = float(spot_pitch_um) if spot_pitch_um is not None else float(lr_um)
+            pitch = float(spot_pitch_um) if spot_pitch_um is not None else float(grid.lr_um)
             spot_d = (
                 float(spot_diameter_um)
                 if spot_diameter_um is not None
@@ -260,24 +337,25 @@ def prepare(
             if spot_d >= pitch:
                 msg = f"spot_diameter_um={spot_d:g} must be smaller than the lattice pitch {pitch:g} µm (spots may not overlap)."
                 raise ValueError(msg)
-            spot_centres = hex_lattice(grid, pitch)
-            op = SpotDegradation(grid, spot_centres, spot_d)
-            coverage = op.coverage()
-        lr = op.degrade(hr).astype(np.float32)
-        deg_name = degradation
-    context_lr = None
+            centres = hex_lattice(grid, pitch)
+            op = SpotDegradation(grid, centres, spot_d)
+            out = _Rasters(np.empty(0), hr, op.coverage(), degradation, centres, spot_d, pitch)
+        out.lr = op.degrade(hr).astype(np.float32)
     if context:
         ctx_idx = np.array([meas.gene_names.index(g) for g in context])
         # measured the same way as the genes' LR: the spots (or bins) as they are, simulated spots through `op`
-        context_lr = (all_lr[ctx_idx] if op is None or isinstance(op, BinDegradation)
-                      else op.degrade(_hr_raster(meas, grid, ctx_idx))).astype(np.float32)  # fmt: skip
+        out.context_lr = (area.all_lr[ctx_idx] if op is None or isinstance(op, BinDegradation)
+                          else op.degrade(_hr_raster(meas, grid, ctx_idx))).astype(np.float32)  # fmt: skip
+    return out
 
-    # tiles, split
+
+def _split(area: _Area, min_tissue: float, split, split_block_um, seed: int):
+    """Tiles over the tissue with a spatially blocked split; the tiles per split; the block side (µm)."""
+    tile_um = area.tile_um
     block = split_block_um if split_block_um is not None else 2 * tile_um
     block_tiles = max(1, int(round(block / tile_um)))
-    tiles = make_tiles(
-        grid, tissue, tile_lr=tile_lr, min_tissue=min_tissue, split=split, block_tiles=block_tiles, seed=seed
-    )
+    tiles = make_tiles(area.grid, area.tissue, tile_lr=area.tile_lr, min_tissue=min_tissue, split=split,
+                       block_tiles=block_tiles, seed=seed)  # fmt: skip
     if tiles.empty:
         msg = (
             f"No {tile_um:g} µm tile has at least {min_tissue:.0%} tissue. Use smaller tiles (`tile_um`) or a lower "
@@ -298,98 +376,81 @@ def prepare(
             f"no test tile among the {len(tiles)} tiles of {tile_um:g} µm: `dst.tl.evaluate` has nothing to score; for "
             "a held-out test region prepare with a smaller `tile_um`"
         )
+    return tiles, counts_per_split, block
 
-    # normalisation and co-expression from the training tiles only
-    train_lr = _tile_mask(grid.lr_shape, tiles[tiles["split"] == "train"], tile_lr) & tissue
-    density = lr / np.maximum(coverage * scale * scale, 1e-9)[None]
-    observed_train = train_lr & (coverage > 0)
-    lr_scale = robust_scale(density[:, observed_train], floor=1e-2)
-    context_scale = None
-    if context_lr is not None:
-        ctx_density = context_lr / np.maximum(coverage * scale * scale, 1e-9)[None]
-        context_scale = robust_scale(ctx_density[:, observed_train], floor=1e-2)
-    if hr is not None:
-        train_hr = np.kron(train_lr, np.ones((scale, scale), dtype=bool))
-        hr_scale = np.concatenate(
-            [robust_scale(hr[g0 : g0 + _GENE_CHUNK][:, train_hr], floor=1.0) for g0 in range(0, len(hr), _GENE_CHUNK)]
+
+@dataclass
+class _Normalisation:
+    """Per-gene scales and the co-expression intensity, from the training tiles only."""
+
+    lr_scale: np.ndarray
+    hr_scale: np.ndarray | None
+    context_scale: np.ndarray | None
+    coexpr: np.ndarray
+    reference: str
+
+    def record(self) -> NormalisationRecord:
+        return NormalisationRecord(
+            lr_scale=tuple(float(v) for v in self.lr_scale),
+            hr_scale=None if self.hr_scale is None else tuple(float(v) for v in self.hr_scale),
+            reference=self.reference,
+            description="x = 2·log1p(counts per HR pixel)/scale_g − 1; LR is first divided by the observed HR-pixel area",
         )
-        rows_px, cols_px = np.nonzero(train_hr)
-        pick = _subsample(len(rows_px), _MAX_COEXPR_PIXELS, seed)
-        coexpr = coexpression_intensity(hr[:, rows_px[pick], cols_px[pick]])
-        reference = "hr"
-    else:
-        hr_scale = None
-        coexpr = coexpression_intensity(lr[:, observed_train])
-        reference = "lr"
 
-    kind, kind_reason = decide_image_kind(sdata, inputs.image_key, image_kind)
-    log.info(f"image {inputs.image_key!r} read as {kind} ({kind_reason}); `image_kind=` overrides")
-    spec = image_spec(
-        sdata.images[inputs.image_key], key=inputs.image_key, cs=inputs.cs, um_per_px=inputs.um_per_px, kind=kind
+    def coexpression_record(self) -> dict[str, Any]:
+        return {
+            "definition": "I_ij = (p(i|j) + p(j|i))/2, p(i|j) = share of gene j's counts in pixels where gene i is detected",
+            "pixels": "HR pixels of training tiles"
+            if self.reference == "hr"
+            else "observed LR pixels of training tiles",
+            "matrix": [[float(v) for v in row] for row in self.coexpr],
+        }
+
+
+def _normalisation(rasters: _Rasters, area: _Area, tiles, seed: int) -> _Normalisation:
+    grid, scale, coverage = area.grid, area.grid.scale, rasters.coverage
+    train_lr = _tile_mask(grid.lr_shape, tiles[tiles["split"] == "train"], area.tile_lr) & area.tissue
+    observed_train = train_lr & (coverage > 0)
+
+    def scale_of(lr: np.ndarray) -> np.ndarray:
+        density = lr / np.maximum(coverage * scale * scale, 1e-9)[None]
+        return robust_scale(density[:, observed_train], floor=1e-2)
+
+    context_scale = None if rasters.context_lr is None else scale_of(rasters.context_lr)
+    hr = rasters.hr
+    if hr is None:
+        return _Normalisation(scale_of(rasters.lr), None, context_scale,
+                              coexpression_intensity(rasters.lr[:, observed_train]), "lr")  # fmt: skip
+    train_hr = np.kron(train_lr, np.ones((scale, scale), dtype=bool))
+    hr_scale = np.concatenate(
+        [robust_scale(hr[g0 : g0 + _GENE_CHUNK][:, train_hr], floor=1.0) for g0 in range(0, len(hr), _GENE_CHUNK)]
     )
+    rows_px, cols_px = np.nonzero(train_hr)
+    pick = _subsample(len(rows_px), _MAX_COEXPR_PIXELS, seed)
+    coexpr = coexpression_intensity(hr[:, rows_px[pick], cols_px[pick]])
+    return _Normalisation(scale_of(rasters.lr), hr_scale, context_scale, coexpr, "hr")
 
-    # elements
-    cs = inputs.cs
-    u = inputs.um_per_px
-    elements: dict[str, tuple[str, Any]] = {}
-    elements[names["lr"]] = ("images", _image(lr, chosen, grid.transform(u, "lr"), cs))
-    elements[names["lr_mask"]] = ("images", _image(coverage[None], ["observed"], grid.transform(u, "lr"), cs))
-    if hr is not None:
-        elements[names["hr"]] = ("images", _image(hr, chosen, grid.transform(u, "hr"), cs))
+
+def _elements(names: dict[str, str], inputs, area: _Area, rasters: _Rasters, tiles, chosen, context) -> dict:
+    """The new SpatialData elements, each with its transformation to the source coordinate system."""
+    cs, u, grid = inputs.cs, inputs.um_per_px, area.grid
+    lr_t, hr_t = grid.transform(u, "lr"), grid.transform(u, "hr")
+    elements: dict[str, tuple[str, Any]] = {
+        names["lr"]: ("images", _image(rasters.lr, chosen, lr_t, cs)),
+        names["lr_mask"]: ("images", _image(rasters.coverage[None], ["observed"], lr_t, cs)),
+    }
+    if rasters.hr is not None:
+        elements[names["hr"]] = ("images", _image(rasters.hr, chosen, hr_t, cs))
     elements[names["tissue"]] = (
         "labels",
-        Labels2DModel.parse(tissue.astype(np.uint8), dims=("y", "x"), transformations={cs: grid.transform(u, "lr")}),
+        Labels2DModel.parse(area.tissue.astype(np.uint8), dims=("y", "x"), transformations={cs: lr_t}),
     )
-    elements[names["tiles"]] = ("shapes", _tiles_shapes(tiles, grid, tile_lr, cs, u))
-    if spot_centres is not None:
-        elements[names["spots"]] = ("shapes", _spots_shapes(spot_centres, spot_d, grid, cs, u))
-    if context_lr is not None:
-        elements[names["context"]] = ("images", _image(context_lr, context, grid.transform(u, "lr"), cs))
-
-    record = PreparedRecord(
-        diffst_version=_version(),
-        coordinate_system=cs,
-        um_per_px=u,
-        um_per_px_source=inputs.um_per_px_source,
-        measurement=meas.kind,
-        sources={**meas.source, "image_key": inputs.image_key},
-        grid=grid,
-        degradation=DegradationRecord(
-            deg_name, None if spot_d is None else float(spot_d), None if spot_pitch is None else float(spot_pitch)
-        ),
-        genes=tuple(chosen),
-        gene_selection=selection_info,
-        normalisation=NormalisationRecord(
-            lr_scale=tuple(float(v) for v in lr_scale),
-            hr_scale=None if hr_scale is None else tuple(float(v) for v in hr_scale),
-            reference=reference,
-            description="x = 2·log1p(counts per HR pixel)/scale_g − 1; LR is first divided by the observed HR-pixel area",
-        ),
-        coexpression={
-            "definition": "I_ij = (p(i|j) + p(j|i))/2, p(i|j) = share of gene j's counts in pixels where gene i is detected",
-            "pixels": "HR pixels of training tiles" if reference == "hr" else "observed LR pixels of training tiles",
-            "matrix": [[float(v) for v in row] for row in coexpr],
-        },
-        image=ImageRecord(spec, inputs.image_um_per_px, kind_reason),
-        tile_um=float(tile_um),
-        min_tissue=float(min_tissue),
-        split=SplitRecord(
-            tuple(float(s) for s in split), float(block), int(seed), {k: int(v) for k, v in counts_per_split.items()}
-        ),
-        elements={k: v for k, v in names.items() if v in elements},
-        context=None
-        if context_scale is None
-        else {"genes": list(context), "lr_scale": [float(v) for v in context_scale]},
-    )
-    writer.commit(elements, attrs={key_added: record.to_dict()}, stale=names.values())
-    log.info(
-        f"prepared {len(chosen)} genes on {grid.lr_shape[0]}×{grid.lr_shape[1]} LR / "
-        f"{grid.hr_shape[0]}×{grid.hr_shape[1]} HR pixels ({lr_um:g} → {hr_um:g} µm), {len(tiles)} tiles of {tile_um:g} µm "
-        f"(train {counts_per_split['train']}, val {counts_per_split['val']}, test {counts_per_split['test']}; "
-        + ", ".join(f"{k} {a:.3f} mm²" for k, a in _split_areas(tiles, tile_um).items())
-        + ") "
-        f"in {time.perf_counter() - t_start:.1f} s → sdata.attrs[{key_added!r}]"
-    )
+    elements[names["tiles"]] = ("shapes", _tiles_shapes(tiles, grid, area.tile_lr, cs, u))
+    if rasters.spot_centres is not None:
+        elements[names["spots"]] = ("shapes", _spots_shapes(rasters.spot_centres, rasters.spot_diameter, grid, cs, u))
+    if rasters.context_lr is not None:
+        elements[names["context"]] = ("images", _image(rasters.context_lr, context, lr_t, cs))
+    return elements
 
 
 def _context_genes(context, chosen, names, flat_all, density_all, tissue, xy, criterion) -> list[str]:
