@@ -278,26 +278,7 @@ def resolve_inputs(
         element = sdata.shapes[shapes_key]
         _check_shapes(element, shapes_key, table_key, kind)
 
-    # coordinate system shared by the image and the measurement
-    shared = [c for c in element_cs(image) if c in element_cs(element)]
-    if coordinate_system is not None:
-        if coordinate_system not in shared:
-            msg = (
-                f"Coordinate system {coordinate_system!r} (from `coordinate_system`) is not shared by image "
-                f"{image_key!r} and the {kind}; the shared ones are {shared}.{suggest(coordinate_system, shared)}"
-            )
-            raise ValueError(msg)
-        cs = coordinate_system
-    elif not shared:
-        msg = (
-            f"Image {image_key!r} (coordinate systems {element_cs(image)}) and the {kind} (coordinate systems "
-            f"{element_cs(element)}) share no coordinate system, so they cannot be aligned. Register them first "
-            "(e.g. `spatialdata.transformations.set_transformation`)."
-        )
-        raise ValueError(msg)
-    else:
-        preferred = [c for c in shared if c == "global"] + [c for c in shared if "downscaled" not in c] + shared
-        cs = preferred[0]
+    cs = _shared_cs(image, image_key, element, kind, coordinate_system)
 
     # µm per unit of the coordinate system
     spot_d = None
@@ -376,6 +357,30 @@ def _transcript_units(sdata: SpatialData, points: Any, points_key: str, image: A
         )
         raise ValueError(msg)
     return um, f"CosMx pixel coordinates; a {shape[0]} × {shape[1]} px FOV image is {um:g} µm per pixel"
+
+
+def _shared_cs(image: Any, image_key: str, element: Any, kind: str, coordinate_system: str | None) -> str:
+    """The coordinate system the image and the measurement share (``global`` first); errors name the fix."""
+    shared = [c for c in element_cs(image) if c in element_cs(element)]
+    if coordinate_system is not None:
+        if coordinate_system not in shared:
+            msg = (
+                f"Coordinate system {coordinate_system!r} (from `coordinate_system`) is not shared by image "
+                f"{image_key!r} and the {kind}; the shared ones are {shared}.{suggest(coordinate_system, shared)}"
+            )
+            raise ValueError(msg)
+        cs = coordinate_system
+    elif not shared:
+        msg = (
+            f"Image {image_key!r} (coordinate systems {element_cs(image)}) and the {kind} (coordinate systems "
+            f"{element_cs(element)}) share no coordinate system, so they cannot be aligned. Register them first "
+            "(e.g. `spatialdata.transformations.set_transformation`)."
+        )
+        raise ValueError(msg)
+    else:
+        preferred = [c for c in shared if c == "global"] + [c for c in shared if "downscaled" not in c] + shared
+        cs = preferred[0]
+    return cs
 
 
 def _check_not_segmentation_only(sdata: SpatialData) -> None:
