@@ -385,8 +385,8 @@ def test_std_map_has_no_window_border_structure(prepared, monkeypatch):
     model.info["guard"] = {"alpha": [1.0] * g, "std_scale": [1.5] * g, "std_noise": "poisson"}
     out = dst.tl.super_resolve(prepared, model=model, n_samples=4, consistency=False, inplace=False, tile_overlap=0.5)
     assert np.allclose(out["std"].values[:, tissue], 4.5, atol=1e-5)
-    # a guard fitted before the Poisson term keeps scaling the spread alone
-    model.info["guard"] = {"alpha": [1.0] * g, "std_scale": [1.5] * g}
+    # a guard whose std is the spread alone (std_noise=None: spots alone, or fit_guard(std_noise=None)) scales it
+    model.info["guard"] = {"alpha": [1.0] * g, "std_scale": [1.5] * g, "std_noise": None}
     out = dst.tl.super_resolve(prepared, model=model, n_samples=4, consistency=False, inplace=False, tile_overlap=0.5)
     assert np.allclose(out["std"].values[:, tissue], 3.0, atol=1e-5)
 

@@ -276,16 +276,8 @@ def fit_guard(validation: Validation | Sequence[Validation], model: DiffST, *, n
     where = f"{n_px} HR pixels" + (f" of {len(found)} sections" if len(found) > 1 else "")
     table = _report(scores, f"validation ({where}, {len(genes)} genes; PCC / RMSE on the normalised scale)")
     _warn_below_floor(table, alpha, len(genes))
-    return {
-        "alpha": alpha,
-        "std_scale": std_scale,
-        "validation": table,
-        "coverage_val": float(np.mean(covered)) if covered else None,
-        "std_noise": std_noise,
-        "n_samples": int(n_samples),
-        "average_flips": bool(average_flips),
-        "pixels": int(n_px),
-    }
+    return _guard_record(alpha, std_scale, table, coverage_val=float(np.mean(covered)) if covered else None,
+                         std_noise=std_noise, n_samples=n_samples, average_flips=average_flips, pixels=n_px)  # fmt: skip
 
 
 def spot_blend(maps: dict[str, np.ndarray], alpha: float | np.ndarray, gene_scale: np.ndarray) -> np.ndarray:
@@ -334,14 +326,31 @@ def _fit_on_spots(sections: list[Validation], model: DiffST, *, seed: int) -> di
     table = _report(scores, f"validation ({n} held-out spots, each predicted while hidden from the image and the "
                             f"other spots; {len(genes)} genes; PCC / RMSE on the normalised scale)")  # fmt: skip
     _warn_below_floor(table, alpha, len(genes))
+    # no HR truth to calibrate a std on: the spread of the leave-spots-out maps is written as it is
+    return _guard_record(alpha, [1.0] * len(genes), table, coverage_val=None, std_noise=None, n_samples=1,
+                         average_flips=False, spots=n)  # fmt: skip
+
+
+def _guard_record(alpha: list[float], std_scale: list[float], table: dict, *, coverage_val: float | None,
+                  std_noise: str | None, n_samples: int, average_flips: bool, pixels: int = 0,
+                  spots: int = 0) -> dict[str, Any]:  # fmt: skip
+    """What a guard records, the same keys whichever data it was fitted on (``model.info["guard"]``).
+
+    ``alpha`` and ``std_scale`` per gene; ``validation``: the comparison table; ``coverage_val``: the share of
+    validation counts within mean ± 2 std after calibration (``None`` without HR truth); ``std_noise``: ``"poisson"``
+    when the std adds Poisson counting noise to the sample spread, ``None`` when it is the spread alone; the
+    validation ``pixels`` (HR truth) or held-out ``spots`` (spots alone) it was fitted on.
+    """
     return {
-        "alpha": alpha,
-        "std_scale": [1.0] * len(genes),
+        "alpha": [float(a) for a in alpha],
+        "std_scale": [float(c) for c in std_scale],
         "validation": table,
-        "coverage_val": None,
-        "n_samples": 1,
-        "pixels": 0,
-        "spots": int(n),
+        "coverage_val": coverage_val,
+        "std_noise": std_noise,
+        "n_samples": int(n_samples),
+        "average_flips": bool(average_flips),
+        "pixels": int(pixels),
+        "spots": int(spots),
     }
 
 

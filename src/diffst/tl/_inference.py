@@ -94,7 +94,7 @@ class GuardBlend:
 
         idx = [model.genes.index(g) for g in genes]
         alpha = np.asarray(guard["alpha"], dtype=np.float32)[idx][:, None, None]
-        scale = np.asarray(guard.get("std_scale", [1.0] * len(model.genes)), dtype=np.float32)[idx][:, None, None]
+        scale = np.asarray(guard["std_scale"], dtype=np.float32)[idx][:, None, None]
         floor = None
         if np.any(alpha < 1):
             floor = slide_floor(sdata, prep)[[prep.genes.index(g) for g in genes]]
@@ -102,7 +102,7 @@ class GuardBlend:
                 f"guard: {int(np.sum(alpha[:, 0, 0] < 1))} of {len(genes)} genes blended with the image floor "
                 "(weights fitted on validation, see sdata.attrs[key_added]['guard'])"
             )
-        return cls(alpha=alpha, std_scale=scale, poisson=guard.get("std_noise") == "poisson", floor=floor)
+        return cls(alpha=alpha, std_scale=scale, poisson=guard["std_noise"] == "poisson", floor=floor)
 
     @property
     def floor_only(self) -> bool:
