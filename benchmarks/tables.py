@@ -222,6 +222,41 @@ def readme_real() -> str:
     return markdown(pd.DataFrame(rows)) + "\n\n" + _provenance("real.csv", command=REAL_COMMAND)
 
 
+def readme_speed() -> str:
+    """The README's time and memory of a whole slide, default arguments and with the calibrated std."""
+    df = _csv("slides.csv")
+    sr = df[df.what == "super_resolve"]
+    rows = [{
+        "whole slide, 25 genes at 10 µm": f"{r.side_mm:g} mm × {r.side_mm:g} mm",
+        "`super_resolve` defaults": f"{r.seconds:.0f} s, {r.peak_rss_gib:.1f} GiB",
+    } for r in sr[sr.n_samples == 1].itertuples()]  # fmt: skip
+    with_std = {r.side_mm: f"{r.seconds:.0f} s, {r.peak_rss_gib:.1f} GiB" for r in sr[sr.n_samples == 4].itertuples()}
+    for row, side in zip(rows, sr[sr.n_samples == 1].side_mm, strict=True):
+        row["with the std (`n_samples=4`)"] = with_std.get(side, "")
+    return (
+        markdown(pd.DataFrame(rows))
+        + "\n\n"
+        + _provenance("slides.csv", command="python benchmarks/bench_super_resolve.py --only slides")
+    )
+
+
+def readme_curve() -> str:
+    """One sentence of the learning curve: the gain over the floor at the smallest and the largest training area."""
+    df = _csv("curve.csv")
+    piv = df.pivot_table(index=["dataset", "scale", "side", "seed"], columns="method", values="pcc")
+    gain = (piv["Diff-ST"] - piv["image floor"]).groupby(level=[0, 1, 2]).mean()
+    area = df[df.method == "Diff-ST"].groupby(["dataset", "scale", "side"]).train_mm2.mean()
+    parts = []
+    for (dataset, scale), g in gain.groupby(level=[0, 1]):
+        a = area.loc[dataset, scale].sort_values()
+        small, large = a.index[0], a.index[-1]
+        name = "MERFISH" if dataset == "merfish" else "synthetic Xenium"
+        parts.append(f"{name} {scale}×: {g[dataset, scale, small]:+.3f} PCC over the floor from {a[small]:.2f} mm² of "
+                     f"training tissue, {g[dataset, scale, large]:+.3f} from {a[large]:.2f} mm²")  # fmt: skip
+    return ("**How much tissue it needs** (the learning curve of the benchmark page): " + "; ".join(parts) + ".\n\n"
+            + _provenance("curve.csv", command="cd benchmarks && python bench_quality.py curve --budget none ..."))  # fmt: skip
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "real": real,
     "real-levers": real_levers,
@@ -230,6 +265,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "her2st-pooled": her2st_pooled,
     "slides": slides,
     "readme-real": readme_real,
+    "readme-speed": readme_speed,
+    "readme-curve": readme_curve,
 }
 
 
@@ -242,7 +279,10 @@ def render(text: str) -> tuple[str, list[str]]:
         if name not in TABLES:
             msg = f"unknown table {name!r} (known: {sorted(TABLES)})"
             raise KeyError(msg)
-        body = TABLES[name]().rstrip() + "\n"
+        try:
+            body = TABLES[name]().rstrip() + "\n"
+        except FileNotFoundError as e:  # a benchmark not run yet: say so instead of a number
+            body = f"*Not measured yet: `{Path(e.filename).name}` is missing from `benchmarks/results/`.*\n"
         if body != m.group("body"):
             changed.append(name)
         return m.group(1) + body + m.group(4)

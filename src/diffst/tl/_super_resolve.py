@@ -32,6 +32,7 @@ def super_resolve(
     model: DiffST | str | Path | None = None,
     genes: str | list[str] | None = None,
     prepared_key: str = "diffst",
+    image_key: str | None = None,
     device: str = "auto",
     sampler: SamplerName = "fast",
     steps: int | None = None,
@@ -76,6 +77,9 @@ def super_resolve(
         genes).
     prepared_key
         Key of the prepared data.
+    image_key
+        The tissue image, when the call prepares the data itself and the SpatialData has several (e.g. a Xenium
+        slide's ``"morphology_focus"`` and its registered ``"he_image"``); see :func:`diffst.pp.prepare`.
     device
         Where the network runs: ``"auto"`` (CUDA when there is a GPU, then Apple's MPS, else the CPU), ``"cpu"``,
         ``"cuda"``, ``"cuda:N"`` or ``"mps"``; the model is moved there. With a ``dask.distributed`` cluster, the
@@ -136,9 +140,9 @@ def super_resolve(
     else:
         # a preparation or a training this call needs goes into a detached copy: `sdata` is left exactly as it was
         sdata = _detached(sdata)
-    model = _model_for(sdata, model, asked, prepared_key)
+    model = _model_for(sdata, model, asked, prepared_key, image_key)
     if not is_prepared(sdata, prepared_key):
-        _prepare_for(sdata, model, prepared_key)
+        _prepare_for(sdata, model, prepared_key, image_key)
     prep = Prepared.from_sdata(sdata, prepared_key)
     want = _resolve_genes(asked, model, prepared_key)
     model.check_compatible(prep, genes=want)
@@ -251,7 +255,8 @@ def _resolve_model(sdata: SpatialData, model: DiffST | str | Path | None, key: s
     return _model_for(sdata, model, None, key)
 
 
-def _model_for(sdata: SpatialData, model: DiffST | str | Path | None, genes: list[str] | None, key: str) -> DiffST:
+def _model_for(sdata: SpatialData, model: DiffST | str | Path | None, genes: list[str] | None, key: str,
+               image_key: str | None = None) -> DiffST:  # fmt: skip
     """The model that predicts ``genes``: given, recorded, or trained now on data prepared with them.
 
     Genes the model (or the prepared data, when a model must be trained on them) does not have are an error that
@@ -288,7 +293,7 @@ def _model_for(sdata: SpatialData, model: DiffST | str | Path | None, genes: lis
     else:
         what = f"the {len(genes)} genes asked for" if genes else "the defaults"
         log.info(f"no prepared data under {key!r}: preparing with {what} (dst.pp.prepare)")
-        prepare(sdata, key_added=key, **({"genes": genes} if genes else {}))
+        prepare(sdata, key_added=key, image_key=image_key, **({"genes": genes} if genes else {}))
     log.info("no trained model for this SpatialData: training one with the defaults (dst.tl.train)")
     return train(sdata, prepared_key=key)
 
@@ -350,7 +355,7 @@ def _detached(sdata: SpatialData) -> SpatialData:
     )
 
 
-def _prepare_for(sdata: SpatialData, model: DiffST, key: str) -> None:
+def _prepare_for(sdata: SpatialData, model: DiffST, key: str, image_key: str | None = None) -> None:
     from ..pp import prepare
 
     u = model.units
@@ -364,6 +369,7 @@ def _prepare_for(sdata: SpatialData, model: DiffST, key: str) -> None:
         degradation=degradation,
         tile_um=model.config.tile_um,
         context_genes=model.context_genes,
+        image_key=image_key,
         key_added=key,
     )
 
