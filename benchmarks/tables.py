@@ -257,6 +257,119 @@ def readme_curve() -> str:
             + _provenance("curve.csv", command="cd benchmarks && python bench_quality.py curve --budget none ..."))  # fmt: skip
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Earlier measurements: every results CSV, summarised the same way
+# --------------------------------------------------------------------------------------------------------------------
+def _summary(name: str, by: list[str], values: list[str], command: str) -> Callable[[], str]:
+    """A table of ``results/<name>``: mean ± std over seeds of ``values`` per ``by`` group, and the seed count."""
+
+    def table() -> str:
+        df = _csv(name)
+        keep = [v for v in values if v in df.columns]
+        g = df.groupby(by, sort=False)[keep]
+        mean, std, n = g.mean(), g.std(), g.size()
+        out = mean.astype(object)
+        for c in keep:
+            whole = bool(np.all(np.mod(df[c].dropna(), 1) == 0))  # counts (steps, parameters, tiles)
+            out[c] = [
+                ""
+                if not np.isfinite(m)
+                else f"{m:,.0f}"
+                if whole
+                else f"{m:.3f} ± {s:.3f}"
+                if np.isfinite(s)
+                else f"{m:.3f}"
+                for m, s in zip(mean[c], std[c], strict=True)
+            ]
+        out["runs"] = n
+        return markdown(out, index=True) + "\n\n" + _provenance(name, command=command)
+
+    return table
+
+
+def accuracy() -> str:
+    """The issue-10 accuracy tables (``bench_quality.py report``): mean ± std, paired against the targets, per seed."""
+    import bench_quality
+
+    return (
+        bench_quality.accuracy_tables(_csv("accuracy.csv"))
+        + "\n\n"
+        + _provenance("accuracy.csv", command="cd benchmarks && python bench_quality.py accuracy report")
+    )
+
+
+def flips() -> str:
+    """The mean head averaged over the 8 rotations/flips minus the plain head, and the averaged model's targets."""
+    import bench_quality
+
+    df = _csv("flips.csv")
+    return (bench_quality.flips_table(df) + "\n\n" + bench_quality.flips_targets(df, _csv("accuracy.csv")) + "\n\n"
+            + _provenance("flips.csv", "accuracy.csv", command="cd benchmarks && python bench_quality.py flips report"))  # fmt: skip
+
+
+_Q = "cd benchmarks && python bench_quality.py"
+_V = "cd benchmarks && python bench_visium.py"
+METRICS = ["pcc", "rmse", "ssim", "lr_consistency"]
+HISTORY: dict[str, Callable[[], str]] = {
+    "history-quality": _summary("quality.csv", ["dataset", "scale", "method"], METRICS, f"{_Q} quality"),
+    "history-ablation": _summary(
+        "ablation.csv", ["dataset", "scale", "variant"], ["pcc", "rmse", "ssim", "params"], f"{_Q} ablation"
+    ),  # fmt: skip
+    "history-ablation-before-issue10": _summary(
+        "ablation_before_issue10.csv", ["scale", "variant"], ["pcc", "rmse", "ssim", "params"], f"{_Q} ablation"
+    ),  # fmt: skip
+    "history-samples": _summary(
+        "samples.csv",
+        ["consistency", "n_samples"],
+        ["pcc", "rmse", "lr_consistency", "within_2std", "seconds"],
+        f"{_Q} samples",
+    ),  # fmt: skip
+    "history-coverage": _summary(
+        "coverage.csv",
+        ["dataset", "scale", "std"],
+        ["within_2std", "coverage_val", "median_std_scale"],
+        f"{_Q} coverage",
+    ),  # fmt: skip
+    "history-base": _summary("base.csv", ["dataset", "scale", "method"], ["pcc", "changed_genes"], f"{_Q} base"),
+    "history-floor-base": _summary(
+        "accuracy_floor_base.csv",
+        ["dataset", "scale", "method"],
+        ["pcc", "rmse", "within_2std"],
+        f"{_Q} accuracy (the previous default)",
+    ),  # fmt: skip
+    "history-bicubic-base": _summary(
+        "accuracy_bicubic_base.csv",
+        ["dataset", "scale", "method"],
+        ["pcc", "rmse", "within_2std"],
+        f"{_Q} accuracy (the residual around bicubic)",
+    ),  # fmt: skip
+    "history-visium-simulated": _summary(
+        "visium_simulated.csv", ["dataset", "method"], ["pcc", "rmse", "ssim"], f"{_V} simulated"
+    ),  # fmt: skip
+    "history-visium-slide": _summary(
+        "visium_slide.csv",
+        ["spots", "stopped_by"],
+        ["train_wall_s", "steps", "pcc_diffst", "pcc_bicubic", "pcc_nearest", "pcc_image_floor"],
+        f"{_V} slide",
+    ),  # fmt: skip
+    "history-features-accuracy": _summary(
+        "features_accuracy.csv",
+        ["dataset", "scale", "encoder"],
+        ["pcc", "rmse", "steps"],
+        "python benchmarks/bench_features.py accuracy",
+    ),  # fmt: skip
+    "history-features-throughput": _summary(
+        "features_throughput.csv",
+        ["encoder", "um_per_px"],
+        ["dim", "tiles", "seconds", "mm2_per_min", "peak_rss_gib"],
+        "python benchmarks/bench_features.py throughput",
+    ),  # fmt: skip
+    "her2st-single": _summary(
+        "visium_her2st.csv", ["section", "method"], ["pcc", "rmse"], f"{_V} her2st --budget none"
+    ),
+}
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "real": real,
     "real-levers": real_levers,
@@ -267,6 +380,9 @@ TABLES: dict[str, Callable[[], str]] = {
     "readme-real": readme_real,
     "readme-speed": readme_speed,
     "readme-curve": readme_curve,
+    "accuracy": accuracy,
+    "flips": flips,
+    **HISTORY,
 }
 
 
