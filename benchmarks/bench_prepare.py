@@ -13,8 +13,9 @@ Target (issue 2): ≤ 60 s and ≤ 4 GiB on a 2-core machine.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from _common import machine, measure
+from _common import append, machine, measure
 
 import diffst as dst
 
@@ -35,12 +36,17 @@ def main() -> None:
     print(f"machine: {machine()}")
     side = 6500.0 if size == "slide" else size
     print(f"slide: {side:g} µm × {side:g} µm, {n_tx:,} transcripts, {panel} genes in the panel")
+    path = Path(__file__).parent / "results" / f"prepare{'_quick' if args.quick else ''}.csv"
+    path.unlink(missing_ok=True)
+    rows = []
     for genes, key in ((25, "top25"), (n_genes, "all")):
         with measure() as m:
             dst.pp.prepare(sdata, genes=genes, image_key="he_image", key_added=key)
         print(
             f"prepare genes={genes:>3}: {m['seconds']:6.1f} s, peak RSS {m['peak_rss_gib']:.2f} GiB (+{m['peak_increase_gib']:.2f} GiB during prepare)"
         )
+        rows.append({"side_um": side, "transcripts": n_tx, "panel": panel, "genes": genes, **m})
+    append(path, rows)
 
 
 if __name__ == "__main__":

@@ -364,6 +364,12 @@ HISTORY: dict[str, Callable[[], str]] = {
         ["dim", "tiles", "seconds", "mm2_per_min", "peak_rss_gib"],
         "python benchmarks/bench_features.py throughput",
     ),  # fmt: skip
+    "prepare": _summary(
+        "prepare.csv",
+        ["side_um", "transcripts", "panel", "genes"],
+        ["seconds", "peak_rss_gib", "peak_increase_gib"],
+        "python benchmarks/bench_prepare.py",
+    ),
     "her2st-single": _summary(
         "visium_her2st.csv", ["section", "method"], ["pcc", "rmse"], f"{_V} her2st --budget none"
     ),

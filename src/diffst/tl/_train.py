@@ -120,7 +120,7 @@ def train(
 
     **Always validated.** Validation uses the prepared validation tiles. Data prepared without any (a region too
     small for a three-way split of its tiles) hold out a spatially blocked band of their training tiles instead
-    (the far rows or columns with about 20 % of the pixels, :func:`diffst.tl._data.holdout`), so model selection,
+    (the far rows or columns with about 20 % of the pixels), so model selection,
     the guard and the std calibration always run; ``model.info["validation"]`` says which.
 
     **Several sections.** ``sdata`` may be a list of SpatialData objects, the sections of one study, each prepared
