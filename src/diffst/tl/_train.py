@@ -55,9 +55,11 @@ from ._run import (
     RunControl,
     StopRequested,
     check_resumable,
+    checkpoint_step,
     interrupt_flag,
     interrupted,
     on_interrupt,
+    periodic_checkpoint,
     run_directory,
 )
 
@@ -596,7 +598,8 @@ class _Fit:
         )  # fmt: skip
         early = L.pytorch.callbacks.EarlyStopping(monitor=MONITOR, patience=self.patience, mode="max")
         # progress before control: the line of the last step is printed before an interrupt stops the run
-        callbacks = [history, progress, control, checkpoint, *([early] if plan.n_val else [])]
+        callbacks = [history, progress, control, checkpoint, periodic_checkpoint(ckpt_dir),
+                     *([early] if plan.n_val else [])]  # fmt: skip
         with _quiet_lightning():
             trainer = L.Trainer(**self._trainer_args(callbacks))
         log.info(plan.describe(sections, self.time_budget, ckpt_dir, self.resumed))
@@ -709,7 +712,8 @@ class _Fit:
             # caught itself (a second Ctrl-C); both become one message that says where the checkpoint is
             if isinstance(e, SystemExit) and not control.interrupted:
                 raise
-            exc = interrupted(int(trainer.global_step), control.saved_step, ckpt_dir / "last.ckpt")
+            last = ckpt_dir / "last.ckpt"
+            exc = interrupted(int(trainer.global_step), checkpoint_step(last), last)
             log.warn(str(exc))
             raise exc from None
 
