@@ -625,8 +625,10 @@ def test_xenium_prepare_train_super_resolve_alignment(xenium, tmp_path):
     assert attrs["coordinate_system"] == "global"
     assert attrs["um_per_px"] == pytest.approx(ps)
 
-    # every transcript of a gene lands in the HR pixel whose footprint holds it
+    # every transcript of a gene kept by the default quality filter (qv >= 20) lands in the HR pixel holding it
     tx = xenium.truth["transcripts"]
+    assert (tx["qv"] < 20).any()
+    tx = tx[tx["qv"] >= 20]
     hr = sdata["diffst_hr"]
     for gene in attrs["genes"][:2]:
         sel = tx["feature_name"] == gene
