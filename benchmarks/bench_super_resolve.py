@@ -100,7 +100,7 @@ def slide_model(sdata):
     untrained, since the time of inference does not depend on the weights."""
     from diffst._contract import Prepared
     from diffst.model import DiffSTConfig, DiffSTNet
-    from diffst.tl._model import DiffST, data_units, fingerprint
+    from diffst.tl._model import DiffST, ModelUnits, fingerprint
 
     prep = Prepared.from_sdata(sdata, "diffst")
     torch.manual_seed(0)
@@ -110,7 +110,7 @@ def slide_model(sdata):
     guard = {"alpha": [1.0 if i % 2 else 0.7 for i in range(g)], "std_scale": [1.2] * g, "std_noise": "poisson",
              "validation": {}}  # fmt: skip
     return DiffST(config=cfg, net=DiffSTNet(cfg, coexpr=torch.tensor(prep.coexpression)), genes=list(prep.genes),
-                  gene_scale=prep.hr_scale, lr_scale=prep.lr_scale, units=data_units(prep, cfg.image_um),
+                  gene_scale=prep.hr_scale, lr_scale=prep.lr_scale, units=ModelUnits.of(prep, cfg.image_um),
                   info={"prepared_fingerprint": fingerprint(prep), "guard": guard})  # fmt: skip
 
 

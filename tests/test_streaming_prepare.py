@@ -72,10 +72,11 @@ def test_no_step_holds_every_transcript_at_once(monkeypatch, log_lines):
         return read(self, df)
 
     monkeypatch.setattr(_transcripts._Reader, "__call__", spy)
-    sdata, _ = _slide(8)
+    monkeypatch.setattr(_transcripts, "ROWS_AT_ONCE", 1000)
+    sdata, _ = _slide(8)  # partitions of 2,500
     dst.pp.prepare(sdata, genes=3, **PREPARE)
-    assert max(seen) <= N // 8 + 1  # a partition at a time, never the whole frame
-    assert len(seen) >= 3 * 8  # the passes: the scan, every gene's LR counts, the chosen genes' HR counts
+    assert max(seen) == 1000  # a slice of a partition at a time, never the whole frame
+    assert len(seen) >= 3 * 8 * 3  # the passes (the scan, every gene's LR counts, the chosen genes' HR counts)
     assert any(f"quality filter: {N // 5:,} of {N:,} transcripts have qv < 20" in line for line in log_lines)
 
 

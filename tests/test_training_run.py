@@ -238,7 +238,7 @@ def test_progress_lines_carry_step_loss_validation_and_time_left(prepared, tmp_p
 # --------------------------------------------------------------------------------------------------------------------
 def test_a_model_trained_on_bins_warns_on_spot_data(prepared):
     model = untrained(Prepared.from_sdata(prepared, "diffst"))  # the contract, not the weights, is under test
-    assert model.units["degradation"] == "bin" and model.units["spot_diameter_um"] is None
+    assert model.units.degradation == "bin" and model.units.spot_diameter_um is None
     spots = toy_xenium(size_um=800, n=60_000, seed=0)
     dst.pp.prepare(spots, genes=model.genes, lr_um=40, scale=4, tile_um=160, degradation="visium")
     with pytest.warns(UserWarning, match=r"square bins \(degradation='bin'\).*22 µm spot discs 40 µm apart"):
@@ -246,7 +246,7 @@ def test_a_model_trained_on_bins_warns_on_spot_data(prepared):
     assert model.degradation_mismatch(Prepared.from_sdata(prepared, "diffst")) is None
     # a spot model on spots of another size
     spot_model = untrained(Prepared.from_sdata(spots, "diffst"))
-    assert spot_model.units["spot_diameter_um"] == pytest.approx(22.0)
+    assert spot_model.units.spot_diameter_um == pytest.approx(22.0)
     wide = toy_xenium(size_um=800, n=60_000, seed=0)
     dst.pp.prepare(wide, genes=model.genes, lr_um=40, scale=4, tile_um=160, degradation="visium", spot_diameter_um=30)
     assert "sizes differ" in spot_model.degradation_mismatch(Prepared.from_sdata(wide, "diffst"))

@@ -13,7 +13,7 @@ they run on its workers and only the reductions travel back.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -26,6 +26,8 @@ from diffst._spatial import transform_points
 
 #: Partitions computed together per round (memory: that many partitions at once).
 PARTITIONS_AT_ONCE = max(1, min(4, os.cpu_count() or 1))
+#: Rows of a partition turned into positions and binned at a time (memory: a few arrays of this length).
+ROWS_AT_ONCE = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -92,20 +94,20 @@ class Transcripts:
     def filtered(self) -> bool:
         return self.reader.min_qv is not None
 
-    def map_partitions(self, fn: Callable[..., Any]) -> list[Any]:
-        """``fn(x_um, y_um, codes)`` of every partition, a few partitions in memory at a time."""
-        parts = [dask.delayed(_apply)(p, self.reader, fn) for p in self.frame.to_delayed()]
-        out: list[Any] = []
-        for i in range(0, len(parts), PARTITIONS_AT_ONCE):
-            out.extend(dask.compute(*parts[i : i + PARTITIONS_AT_ONCE]))
-        return out
+    def map_partitions(self, fn: Callable[..., Any]) -> Iterator[Any]:
+        """``fn(df)`` of every slice of ``ROWS_AT_ONCE`` rows of every partition.
+
+        Computed a few partitions at a time and yielded as they come: the caller reduces them, so nothing of slide
+        size accumulates.
+        """
+        tasks = [dask.delayed(_apply)(p, fn) for p in self.frame.to_delayed()]
+        for i in range(0, len(tasks), PARTITIONS_AT_ONCE):
+            for results in dask.compute(*tasks[i : i + PARTITIONS_AT_ONCE]):
+                yield from results
 
     def scan(self) -> Scan:
         """Counts and extent of the kept transcripts, and how many the quality filter drops (one pass)."""
-        stats = [dask.delayed(_scan)(p, self.reader) for p in self.frame.to_delayed()]
-        parts: list[dict] = []
-        for i in range(0, len(stats), PARTITIONS_AT_ONCE):
-            parts.extend(dask.compute(*stats[i : i + PARTITIONS_AT_ONCE]))
+        parts = list(self.map_partitions(partial(_scan, reader=self.reader)))
         boxes = np.array([p["box"] for p in parts if p["box"] is not None]).reshape(-1, 4)
         extent = (
             (float(boxes[:, 0].min()), float(boxes[:, 1].min()), float(boxes[:, 2].max()), float(boxes[:, 3].max()))
@@ -127,14 +129,15 @@ class Transcripts:
         out = np.zeros(n * shape[0] * shape[1], dtype=dtype)
         if n == 0:
             return out.reshape(0, *shape)
-        fn = partial(_bin_partition, pixel_index=pixel_index, shape=shape, remap=remap, size=out.size)
+        fn = partial(_bin_partition, reader=self.reader, pixel_index=pixel_index, shape=shape, remap=remap,
+                     size=out.size)  # fmt: skip
         for idx, counts in self.map_partitions(fn):
             out[idx] += counts
         return out.reshape(n, *shape)
 
 
-def _apply(df: pd.DataFrame, reader: _Reader, fn: Callable[..., Any]) -> Any:
-    return fn(*reader(df))
+def _apply(df: pd.DataFrame, fn: Callable[[pd.DataFrame], Any]) -> list[Any]:
+    return [fn(df.iloc[i : i + ROWS_AT_ONCE]) for i in range(0, len(df), ROWS_AT_ONCE)]
 
 
 def _scan(df: pd.DataFrame, reader: _Reader) -> dict[str, Any]:
@@ -146,9 +149,10 @@ def _scan(df: pd.DataFrame, reader: _Reader) -> dict[str, Any]:
             "box": box}  # fmt: skip
 
 
-def _bin_partition(x: np.ndarray, y: np.ndarray, codes: np.ndarray, *, pixel_index, shape, remap,
+def _bin_partition(df: pd.DataFrame, *, reader: _Reader, pixel_index, shape, remap,
                    size: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """The non-zero entries ``(flat index, count)`` of one partition's ``(genes, H, W)`` counts."""
+    """The non-zero entries ``(flat index, count)`` of the ``(genes, H, W)`` counts of a slice of a partition."""
+    x, y, codes = reader(df)
     h, w = shape
     g = codes if remap is None else remap[codes]
     r, c = pixel_index(x, y)

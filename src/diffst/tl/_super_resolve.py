@@ -359,13 +359,13 @@ def _prepare_for(sdata: SpatialData, model: DiffST, key: str, image_key: str | N
     from ..pp import prepare
 
     u = model.units
-    degradation = u["degradation"] if u["degradation"] in ("bin", "visium") else "bin"
+    degradation = u.degradation if u.degradation in ("bin", "visium") else "bin"
     log.info(f"preparing the data under {key!r} with the model's {len(model.genes)} genes and units")
     prepare(
         sdata,
         genes=model.genes,
-        lr_um=u["lr_um"],
-        scale=u["scale"],
+        lr_um=u.lr_um,
+        scale=u.scale,
         degradation=degradation,
         tile_um=model.config.tile_um,
         context_genes=model.context_genes,

@@ -47,7 +47,7 @@ from ._data import (
 from ._features import features_for_training, model_record
 from ._guard import Validation, fit_guard, guard_summary
 from ._lightning import DiffSTModule, History
-from ._model import DiffST, data_units, fingerprint
+from ._model import DiffST, ModelUnits, fingerprint
 from ._run import (
     Interrupted,
     ProgressLog,
@@ -730,7 +730,7 @@ def _model_from(module: DiffSTModule, best: str | None, sections: list[Section],
     net.load_state_dict(ema_state)
     prep = sections[0].prep
     return DiffST(config=module.config, net=net, genes=list(prep.genes), gene_scale=sections[0].gene_scale,
-                  lr_scale=prep.lr_scale, units=data_units(prep, module.config.image_um), history=list(history),
+                  lr_scale=prep.lr_scale, units=ModelUnits.of(prep, module.config.image_um), history=list(history),
                   info=info)  # fmt: skip
 
 
