@@ -40,6 +40,10 @@ class DiffST:
         The units, image and measurement of the training data, a frozen record: ``hr_um``, ``lr_um``, ``scale``,
         ``image_um``, the image ``kind`` ("rgb" or "fluorescence") and ``channels``, the ``degradation`` (with
         ``spot_diameter_um`` and ``spot_pitch_um``), the ``measurement`` and the ``context_genes``.
+    guard
+        What validation decided: the per-gene blend with the image floor and the std calibration (a frozen record,
+        ``Guard``: ``alpha``, ``std_scale``, ``std_noise``, the ``validation`` table …); ``None`` for a model not
+        compared with the floor.
     history
         Per-epoch training metrics.
     info
@@ -55,6 +59,7 @@ class DiffST:
     gene_scale: np.ndarray
     lr_scale: np.ndarray
     units: ModelUnits
+    guard: Guard | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
@@ -101,6 +106,7 @@ class DiffST:
             "gene_scale": [float(v) for v in self.gene_scale],
             "lr_scale": [float(v) for v in self.lr_scale],
             "units": self.units.to_dict(),
+            "guard": None if self.guard is None else self.guard.to_dict(),
             "history": copy.deepcopy(self.history),
             "info": copy.deepcopy(self.info),
         }
@@ -133,6 +139,7 @@ class DiffST:
             gene_scale=np.asarray(payload["gene_scale"], dtype=np.float32),
             lr_scale=np.asarray(payload["lr_scale"], dtype=np.float32),
             units=ModelUnits.from_dict(payload["units"]),
+            guard=None if payload["guard"] is None else Guard.from_dict(payload["guard"]),
             history=list(payload["history"]),
             info=dict(payload["info"]),
             path=path,
@@ -243,6 +250,50 @@ class DiffST:
         else:
             ratio = self.gene_scale / np.maximum(self.lr_scale, 1e-6)
         return (prep.lr_scale[idx] * ratio).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Guard:
+    """What validation decided for a model (:attr:`DiffST.guard`), fitted by :func:`~diffst.tl._guard.fit_guard`.
+
+    ``alpha``: per gene, the weight of the model's map against the image floor (``mean = α·model + (1 − α)·floor``);
+    ``std_scale``: per gene, the factor that calibrates the std; ``std_noise``: ``"poisson"`` when the std adds
+    Poisson counting noise to the sample spread, ``None`` when it is the spread alone; ``validation``: the comparison
+    table (``method → {"pcc", "rmse"}``, methods ``model``, ``guarded``, ``bicubic``, ``image_floor``; ``None`` for
+    the floor fallback); ``coverage_val``: the share of validation counts within mean ± 2 std after calibration
+    (``None`` without HR truth); ``n_samples`` and ``average_flips``: the maps it was fitted on; ``pixels``: the
+    validation pixels (HR truth) or ``spots``: the held-out spots (spots alone) it was fitted on; ``fallback``: why
+    the model is replaced by the floor, for a model never validated (``None`` otherwise).
+    """
+
+    alpha: tuple[float, ...]
+    std_scale: tuple[float, ...]
+    std_noise: str | None
+    validation: dict[str, dict[str, float]] | None
+    coverage_val: float | None = None
+    n_samples: int = 1
+    average_flips: bool = False
+    pixels: int = 0
+    spots: int = 0
+    fallback: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "alpha", tuple(float(a) for a in self.alpha))
+        object.__setattr__(self, "std_scale", tuple(float(c) for c in self.std_scale))
+
+    @classmethod
+    def floor_only(cls, n_genes: int, why: str) -> Guard:
+        """Every gene the image floor (``α = 0``) with a Poisson std: what a model never validated is replaced by."""
+        return cls(alpha=(0.0,) * n_genes, std_scale=(1.0,) * n_genes, std_noise="poisson", validation=None,
+                   fallback=why)  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (saved with the model)."""
+        return {**asdict(self), "alpha": list(self.alpha), "std_scale": list(self.std_scale)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Guard:
+        return cls(**d)
 
 
 @dataclass(frozen=True)

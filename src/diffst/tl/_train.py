@@ -252,12 +252,12 @@ def train(
     else:
         log.info(f"the training in {run_dir} has finished: fitting its guard (no training)")
     model.to(target)
-    model.info["guard"] = None
+    model.guard = None
     if guard:
         kept = f"the trained weights are saved in {model.path}"
         how = "`dst.tl.train(..., resume=True)` fits the guard on them without training again"
         with on_interrupt("fitting the guard on the validation data", kept, how):
-            model.info["guard"] = fit_guard([s.validation for s in sections], model, seed=seed)
+            model.guard = fit_guard([s.validation for s in sections], model, seed=seed)
     model.info["stage"] = "complete"
     with on_interrupt("saving the model", "the trained weights are in " + str(model.path), "run the call again"):
         model.save(run_dir / "model.pt")
@@ -265,7 +265,7 @@ def train(
             _record(s.sdata, prepared_key, model)
     log.info(
         f"trained {model.info['steps']} steps in {model.info['seconds']:.0f} s ({model.info['stopped_by']}; "
-        f"{_summary(model.info)}); model saved to {model.path}"
+        f"{_summary(model)}); model saved to {model.path}"
     )
     return model
 
@@ -795,9 +795,10 @@ def _best(rows: list[dict[str, float]], name: str) -> float | None:
     return float(min(values)) if values else None
 
 
-def _summary(info: dict[str, Any]) -> str:
-    if info.get("guard"):
-        return guard_summary(info["guard"])
+def _summary(model: DiffST) -> str:
+    info = model.info
+    if model.guard is not None:
+        return guard_summary(model.guard)
     if info.get("best_val_pcc") is not None:
         return f"best val PCC {info['best_val_pcc']:.3f}, no guard"
     return "not validated"
