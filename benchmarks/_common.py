@@ -99,3 +99,11 @@ def run_experiments(args, prefix: str, experiments: dict) -> None:
         if args.fresh and exp != "report":
             (results / f"{prefix}_{exp}{'_quick' if args.quick else ''}.csv").unlink(missing_ok=True)
         experiments[exp](args)
+
+
+def guard_dict(model) -> dict:
+    """The model's guard as plain values (``{}`` without one; ``validation`` ``{}`` without a table), for the
+    result tables."""
+    if model.guard is None:
+        return {}
+    return {**model.guard.to_dict(), "validation": model.guard.validation or {}}

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from _common import append, machine, markdown, measure, run_experiments
+from _common import append, guard_dict, machine, markdown, measure, run_experiments
 
 import diffst as dst
 
@@ -82,7 +82,7 @@ def accuracy(args) -> None:
                                      overwrite=True, time_budget=args.budget, image_encoder=encoder, **extra)  # fmt: skip
                 dst.tl.super_resolve(sdata, model=model, seed=seed, key_added="sr", overwrite=True)
                 row = dst.tl.evaluate(sdata, key="sr").loc["mean"]
-                guard = (model.info.get("guard") or {}).get("validation", {})
+                guard = guard_dict(model).get("validation", {})
                 rows.append({"dataset": dataset, "scale": scale, "seed": seed, "encoder": encoder,
                              "pcc": float(row["pcc"]), "rmse": float(row["rmse"]), "steps": model.info["steps"],
                              "train_s": model.info["seconds"], "stopped_by": model.info["stopped_by"],

@@ -52,7 +52,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-from _common import append, machine, markdown
+from _common import append, guard_dict, machine, markdown
 
 import diffst as dst
 
@@ -214,7 +214,7 @@ def accuracy(args) -> None:
     for sdata, labels, rows in cells("accuracy", args.datasets, args):
         dataset, scale, seed = labels["dataset"], labels["scale"], labels["seed"]
         model = train(sdata, seed, args.quick, f"acc_{dataset}{scale}_{seed}")
-        guard = model.info.get("guard") or {}
+        guard = guard_dict(model)
         val = guard.get("validation", {})
         dst.tl.super_resolve(sdata, model=model, n_samples=4, seed=seed, key_added="diffst_sr")
         rows.append(score(
@@ -263,7 +263,7 @@ def real(args) -> None:
                     prepare_kw, config = VARIANTS[variant]
                     sdata = load(dataset, scale, seed, args.quick, **prepare_kw)
                     model = train(sdata, seed, args.quick, f"real_{dataset}{scale}_{seed}_{variant}", config or None)
-                    guard = model.info.get("guard") or {}
+                    guard = guard_dict(model)
                     val = guard.get("validation") or {}
                     dst.tl.super_resolve(sdata, model=model, seed=seed, key_added="diffst_sr")
                     rows = [score(sdata, "diffst_sr", method="Diff-ST", train_s=model.info["seconds"],
@@ -343,11 +343,11 @@ def coverage(args) -> None:
         model = train(sdata, seed, args.quick, f"acc_{dataset}{scale}_{seed}")
         prep = Prepared.from_sdata(sdata, "diffst")
         for name, noise in (("sample spread, scaled", None), ("predictive (Poisson)", "poisson")):
-            model.info["guard"] = fit_guard(Validation(sdata, prep), model, n_samples=4, seed=seed, std_noise=noise)
+            model.guard = fit_guard(Validation(sdata, prep), model, n_samples=4, seed=seed, std_noise=noise)
             dst.tl.super_resolve(sdata, model=model, n_samples=4, seed=seed, key_added="diffst_sr", overwrite=True)
             rows.append({**labels, "std": name, "within_2std": calibration(sdata, "diffst_sr"),
-                         "coverage_val": model.info["guard"]["coverage_val"],
-                         "median_std_scale": float(np.median(model.info["guard"]["std_scale"]))})  # fmt: skip
+                         "coverage_val": model.guard.coverage_val,
+                         "median_std_scale": float(np.median(model.guard.std_scale))})  # fmt: skip
 
 
 def flips(args) -> None:
@@ -365,11 +365,11 @@ def flips(args) -> None:
             model = train(sdata, seed, args.quick, f"acc_{dataset}{scale}_{seed}{tag}", config)
             for average in (False, True):
                 t0 = time.perf_counter()
-                model.info["guard"] = fit_guard(Validation(sdata, prep), model, n_samples=4, seed=seed,
+                model.guard = fit_guard(Validation(sdata, prep), model, n_samples=4, seed=seed,
                                                 average_flips=average)  # fmt: skip
                 dst.tl.super_resolve(sdata, model=model, n_samples=n, seed=seed, key_added="sr", overwrite=True,
                                      average_flips=average)  # fmt: skip
-                val = (model.info["guard"] or {}).get("validation", {})
+                val = guard_dict(model).get("validation", {})
                 rows.append(score(sdata, "sr", method=method, average_flips=average, train_s=model.info["seconds"],
                                   steps=model.info["steps"], val_pcc=val.get("guarded", {}).get("pcc"),
                                   val_pcc_model=val.get("model", {}).get("pcc"),

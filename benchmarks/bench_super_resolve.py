@@ -100,18 +100,17 @@ def slide_model(sdata):
     untrained, since the time of inference does not depend on the weights."""
     from diffst._contract import Prepared
     from diffst.model import DiffSTConfig, DiffSTNet
-    from diffst.tl._model import DiffST, data_units, fingerprint
+    from diffst.tl._model import DiffST, Guard, ModelUnits, fingerprint
 
     prep = Prepared.from_sdata(sdata, "diffst")
     torch.manual_seed(0)
     cfg = DiffSTConfig.preset("default", n_genes=len(prep.genes), image_channels=3, hr_um=prep.grid.hr_um,
                               scale=prep.grid.scale, tile_um=prep.record.tile_um, image_kind="rgb")  # fmt: skip
     g = len(prep.genes)
-    guard = {"alpha": [1.0 if i % 2 else 0.7 for i in range(g)], "std_scale": [1.2] * g, "std_noise": "poisson",
-             "validation": {}}  # fmt: skip
+    guard = Guard([1.0 if i % 2 else 0.7 for i in range(g)], [1.2] * g, std_noise="poisson", validation={})
     return DiffST(config=cfg, net=DiffSTNet(cfg, coexpr=torch.tensor(prep.coexpression)), genes=list(prep.genes),
-                  gene_scale=prep.hr_scale, lr_scale=prep.lr_scale, units=data_units(prep, cfg.image_um),
-                  info={"prepared_fingerprint": fingerprint(prep), "guard": guard})  # fmt: skip
+                  gene_scale=prep.hr_scale, lr_scale=prep.lr_scale, units=ModelUnits.of(prep, cfg.image_um),
+                  guard=guard, info={"prepared_fingerprint": fingerprint(prep)})  # fmt: skip
 
 
 def run_slide(path: str, n_samples: int) -> None:

@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from _common import append, markdown, run_experiments
+from _common import append, guard_dict, markdown, run_experiments
 
 import diffst as dst
 from diffst.metrics import pearson, rmse
@@ -105,7 +105,7 @@ def simulated(args) -> None:
             for name, supervision in (("Diff-ST (spots only)", "lr"), ("Diff-ST (HR truth)", "hr")):
                 model = train(sdata, f"visium_{dataset}_{seed}_{supervision}", seed, args, supervision)
                 dst.tl.super_resolve(sdata, model=model, seed=seed, key_added="sr", overwrite=True)
-                guard = model.info.get("guard") or {}
+                guard = guard_dict(model)
                 rows.append(score(sdata, "sr", method=name, steps=model.info["steps"], train_s=model.info["seconds"],
                                   stopped_by=model.info["stopped_by"],
                                   val_pcc=guard.get("validation", {}).get("model", {}).get("pcc"), **labels))  # fmt: skip
@@ -173,7 +173,7 @@ def her2st(args) -> None:
                 extra = {}
             maps = heldout_spots(sdata, prep, model, split="test", seed=seed, extra=extra)
             labels = {"section": section, "seed": seed, "spots": int(maps["truth"].shape[1])}
-            alpha = (model.info.get("guard") or {}).get("alpha")
+            alpha = guard_dict(model).get("alpha")
             if alpha is not None:  # what super_resolve writes: each gene blended with the floor by validation's α
                 maps["guarded"] = spot_blend(maps, alpha, model.gene_scale_for(prep))
             rows = spot_rows(maps, model, labels)
@@ -273,7 +273,7 @@ def her2st_loso(args) -> None:
                 everywhere[r0 : r0 + t, c0 : c0 + t] = True
             for scope, where in (("test tiles", {"split": "test"}), ("all spots", {"region": everywhere})):
                 maps = heldout_spots(held, prep, model, seed=seed, extra=tesla, **where)
-                alpha = (model.info.get("guard") or {}).get("alpha")
+                alpha = guard_dict(model).get("alpha")
                 if alpha is not None:
                     maps["guarded"] = spot_blend(maps, alpha, model.gene_scale_for(prep))
                 labels = {"section": section, "seed": seed, "scope": scope, "spots": int(maps["truth"].shape[1])}

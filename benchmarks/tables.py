@@ -366,8 +366,8 @@ HISTORY: dict[str, Callable[[], str]] = {
     ),  # fmt: skip
     "prepare": _summary(
         "prepare.csv",
-        ["side_um", "transcripts", "panel", "genes"],
-        ["seconds", "peak_rss_gib", "peak_increase_gib"],
+        ["transcripts_m", "panel", "side_mm", "genes"],
+        ["seconds", "peak_rss_gib"],
         "python benchmarks/bench_prepare.py",
     ),
     "her2st-single": _summary(

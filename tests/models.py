@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from diffst.model import DiffSTConfig, DiffSTNet
 from diffst.tl._data import Prepared
-from diffst.tl._model import DiffST, data_units, fingerprint
+from diffst.tl._model import DiffST, ModelUnits, fingerprint
 
 
 def untrained(prep: Prepared, **overrides) -> DiffST:
@@ -25,6 +25,6 @@ def untrained(prep: Prepared, **overrides) -> DiffST:
         genes=list(prep.genes),
         gene_scale=prep.hr_scale if prep.hr_scale is not None else prep.lr_scale,
         lr_scale=prep.lr_scale,
-        units=data_units(prep, cfg.image_um),
+        units=ModelUnits.of(prep, cfg.image_um),
         info={"prepared_fingerprint": fingerprint(prep)},
     )

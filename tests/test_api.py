@@ -86,3 +86,38 @@ def test_the_tools_have_no_import_circle():
     assert graph["_guard"] >= {"_inference"} and "_super_resolve" not in graph["_guard"]
     assert _cycle(graph) is None, " → ".join(_cycle(graph))
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the check finds one
+
+
+#: The longest a function of the tools and the model may be, in lines of code (docstring, comments and blank lines
+#: left out). The simulators (``datasets/``) and ``pl.gene_maps`` are not held to it yet.
+MAX_FUNCTION_LINES = 120
+
+
+def test_no_function_is_a_wall_of_code():
+    import ast
+    import io
+    import tokenize
+    from pathlib import Path
+
+    long = []
+    package = Path(dst.__file__).parent
+    for path in sorted(
+        p for folder in ("pp", "tl", "get", "model", "features") for p in (package / folder).rglob("*.py")
+    ):
+        source = path.read_text()
+        code_lines = {
+            tok.start[0]
+            for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+            if tok.type not in (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT)
+        }
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                body = node.body
+                if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                    doc = set(range(body[0].lineno, body[0].end_lineno + 1))
+                else:
+                    doc = set()
+                n = len([ln for ln in range(node.lineno, node.end_lineno + 1) if ln in code_lines and ln not in doc])
+                if n > MAX_FUNCTION_LINES:
+                    long.append(f"{path.name}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, long

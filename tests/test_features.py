@@ -264,6 +264,6 @@ def test_weight_free_features_on_a_dapi_image():
 def test_the_guard_runs_the_model_on_its_features(tmp_path):
     sdata = _he_with_square()
     model = dst.tl.train(sdata, image_encoder="stain", checkpoint_dir=tmp_path / "run", **{**FAST, "guard": True})
-    table = model.info["guard"]["validation"]
+    table = model.guard.validation
     assert set(table) >= {"model", "guarded", "image_floor"} and np.isfinite(table["model"]["pcc"])
-    assert len(model.info["guard"]["alpha"]) == len(model.genes)
+    assert len(model.guard.alpha) == len(model.genes)

@@ -13,6 +13,7 @@ import torch
 
 import diffst as dst
 from diffst.tl._data import Prepared
+from diffst.tl._model import Guard
 
 from .models import untrained
 from .toy import toy_visium, toy_xenium
@@ -43,12 +44,7 @@ def test_transcript_slide_maps_are_pinned():
     dst.pp.prepare(sdata, genes=3, lr_um=40.0, scale=4, tile_um=160.0)
     prep = Prepared.from_sdata(sdata, "diffst")
     model = _model(prep)
-    model.info["guard"] = {
-        "alpha": [1.0, 0.5, 0.2],
-        "std_scale": [1.0, 1.5, 2.0],
-        "std_noise": "poisson",
-        "validation": {},
-    }
+    model.guard = Guard(alpha=[1.0, 0.5, 0.2], std_scale=[1.0, 1.5, 2.0], std_noise="poisson", validation={})
     out = dst.tl.super_resolve(sdata, model=model, n_samples=3, seed=3, inplace=False)
     np.testing.assert_allclose(_digest(out), [2963.000017, 15049.90531, 1.3066108, 2790.46767, 7444.017195], rtol=2e-5)
 

@@ -256,7 +256,7 @@ def test_visium_slide_alone_trains_from_its_spots_and_super_resolves(tmp_path):
     dst.pp.prepare(sdata, genes=5, lr_um=100, scale=10, tile_um=400)
     model = dst.tl.train(sdata, preset="tiny", max_epochs=2, time_budget=None, checkpoint_dir=tmp_path / "run")
     assert model.config.supervision == "lr"
-    assert model.info["guard"]["spots"] > 0
+    assert model.guard.spots > 0
     dst.tl.super_resolve(sdata, model=model, n_samples=2)
     prep = Prepared.from_sdata(sdata, "diffst")
     mean = np.asarray(_level0(sdata.images["diffst_sr"]).values, dtype=np.float64)

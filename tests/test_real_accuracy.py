@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -29,6 +30,7 @@ from diffst.model.upsample import upsample_lr
 from diffst.tl._data import Prepared, TileSource, WindowDataset, choose_window, tiled_origins, window_origins
 from diffst.tl._guard import coverage_scale, predictive_std, tile_blocks, validation_maps
 from diffst.tl._inference import DEFAULT_BLOCK_LR, InferencePipeline
+from diffst.tl._model import Guard
 
 from .models import untrained
 from .toy import FAST, toy_xenium
@@ -382,11 +384,11 @@ def test_std_map_has_no_window_border_structure(prepared, monkeypatch):
 
     # a guard writes the predictive std c · sqrt(spread² + mean): still flat, 1.5 · sqrt(2² + 5) = 4.5
     g = len(model.genes)
-    model.info["guard"] = {"alpha": [1.0] * g, "std_scale": [1.5] * g, "std_noise": "poisson"}
+    model.guard = Guard([1.0] * g, [1.5] * g, std_noise="poisson", validation=None)
     out = dst.tl.super_resolve(prepared, model=model, n_samples=4, consistency=False, inplace=False, tile_overlap=0.5)
     assert np.allclose(out["std"].values[:, tissue], 4.5, atol=1e-5)
     # a guard whose std is the spread alone (std_noise=None: spots alone, or fit_guard(std_noise=None)) scales it
-    model.info["guard"] = {"alpha": [1.0] * g, "std_scale": [1.5] * g, "std_noise": None}
+    model.guard = Guard([1.0] * g, [1.5] * g, std_noise=None, validation=None)
     out = dst.tl.super_resolve(prepared, model=model, n_samples=4, consistency=False, inplace=False, tile_overlap=0.5)
     assert np.allclose(out["std"].values[:, tissue], 3.0, atol=1e-5)
 
@@ -444,12 +446,12 @@ def test_training_selects_on_validation_pcc_and_records_the_baselines(trained):
     # image is one DAPI channel)
     assert trained.config.base == "fitted" and trained.config.image_kind == "fluorescence"
     assert np.asarray(trained.config.stain_exponents).shape == (len(trained.genes), trained.config.image_channels)
-    guard = trained.info["guard"]
-    assert len(guard["alpha"]) == len(trained.genes)
-    assert all(0.0 <= a <= 1.0 for a in guard["alpha"])
-    assert all(c >= 1.0 for c in guard["std_scale"]) and guard["std_noise"] == "poisson"
-    assert 0.9 <= guard["coverage_val"] <= 1.0
-    table = guard["validation"]
+    guard = trained.guard
+    assert len(guard.alpha) == len(trained.genes)
+    assert all(0.0 <= a <= 1.0 for a in guard.alpha)
+    assert all(c >= 1.0 for c in guard.std_scale) and guard.std_noise == "poisson"
+    assert 0.9 <= guard.coverage_val <= 1.0
+    table = guard.validation
     # the guarded map is at least as good as the model alone and as the floor on validation (α = 1 and 0 are tried)
     assert table["guarded"]["pcc"] >= table["model"]["pcc"] - 1e-6
     assert table["guarded"]["pcc"] >= table["image_floor"]["pcc"] - 0.02
@@ -508,7 +510,7 @@ def test_validation_maps_are_the_tile_by_tile_maps_with_fewer_windows(prepared, 
 def test_super_resolve_blends_with_the_floor_by_the_guard(prepared, trained):
     model = dst.DiffST.load(trained.path)
     g = len(model.genes)
-    model.info["guard"] = {**model.info["guard"], "alpha": [0.0] * g}
+    model.guard = dataclasses.replace(model.guard, alpha=[0.0] * g)
     dst.tl.super_resolve(prepared, model=model, key_added="guarded_sr", overwrite=True)
     dst.tl.upsample(prepared, method="image", key_added="floor_sr", overwrite=True)
     a = np.asarray(image_levels(prepared.images["guarded_sr"])[0].values)

@@ -130,10 +130,10 @@ def test_spot_data_train_from_the_spots_alone(trained_visium):
     assert not prep.has_hr
     assert model.config.supervision == "lr" and model.config.objective == "regression"
     np.testing.assert_array_equal(model.gene_scale, prep.lr_scale)
-    guard = model.info["guard"]
-    assert guard["spots"] > 20 and guard["coverage_val"] is None
-    assert set(guard["validation"]) == {"model", "guarded", "bicubic", "image_floor"}
-    assert all(0.0 <= a <= 1.0 for a in guard["alpha"])
+    guard = model.guard
+    assert guard.spots > 20 and guard.coverage_val is None
+    assert set(guard.validation) == {"model", "guarded", "bicubic", "image_floor"}
+    assert all(0.0 <= a <= 1.0 for a in guard.alpha)
     rows = [r for r in model.history if "val_pcc" in r]
     assert rows and {"val_pcc_floor", "val_pcc_bicubic", "val_pcc_nearest"} <= set(rows[-1])
 

@@ -314,7 +314,7 @@ def test_raw_spatialdata_is_prepared_with_the_models_genes_and_units(trained):
     raw = toy_xenium(size_um=800, n=60_000, seed=9)
     dst.tl.super_resolve(raw, model=model)
     assert raw.attrs["diffst"]["genes"] == model.genes
-    assert raw.attrs["diffst"]["hr_um"] == model.units["hr_um"]
+    assert raw.attrs["diffst"]["hr_um"] == model.units.hr_um
     assert _mean(raw).shape[0] == len(model.genes)
 
 

@@ -73,8 +73,8 @@ def test_a_small_region_without_validation_tiles_is_validated_on_a_held_out_band
     info = model.info
     assert info["validation"] == "held-out band of the training tiles"
     assert info["validated"] and info["best_val_pcc"] is not None  # model selection ran
-    assert info["guard"] is not None and info["guard"]["pixels"] > 0  # so did the guard and the std calibration
-    assert len(info["guard"]["std_scale"]) == 3
+    assert model.guard is not None and model.guard.pixels > 0  # so did the guard and the std calibration
+    assert len(model.guard.std_scale) == 3
     section = info["sections"][0]
     assert 0 < section["val_mm2"] < 0.35 * section["train_mm2"]
     dst.tl.super_resolve(sdata, model=model, n_samples=2)
@@ -85,7 +85,7 @@ def test_a_small_region_without_validation_tiles_is_validated_on_a_held_out_band
 def test_a_model_never_validated_falls_back_to_the_image_floor_with_a_warning(tmp_path, log_lines):
     sdata = _prepared()
     model = dst.tl.train(sdata, checkpoint_dir=tmp_path, guard=False, **FAST)
-    assert model.info["guard"] is None
+    assert model.guard is None
     model.info["validated"] = False  # as a run that stopped before any validation and skipped the guard
     dst.tl.super_resolve(sdata, model=model, key_added="fallback", n_samples=2)
     assert any("never validated" in line for line in log_lines)
@@ -117,7 +117,7 @@ def test_one_model_learns_from_several_sections_each_with_its_own_normalisation(
     assert len(sections) == 2
     np.testing.assert_allclose(model.gene_scale_for(pa), pa.hr_scale)
     np.testing.assert_allclose(model.gene_scale_for(pb), pb.hr_scale)
-    assert model.info["guard"]["pixels"] > 0
+    assert model.guard.pixels > 0
     for sdata in (a, b):  # recorded in both, applied to both
         assert sdata.attrs["diffst"]["model"]["path"] == str(model.path)
         dst.tl.super_resolve(sdata)
@@ -233,12 +233,12 @@ def test_ctrl_c_in_the_guard_keeps_the_weights_and_the_next_call_goes_straight_t
     with pytest.raises(dst.Interrupted, match="while fitting the guard.*trained weights are saved in.*resume=True"):
         dst.tl.train(sdata, checkpoint_dir=tmp_path, **FAST)
     saved = dst.DiffST.load(tmp_path / "model.pt")
-    assert saved.info["stage"] == "trained" and "guard" not in saved.info
+    assert saved.info["stage"] == "trained" and saved.guard is None
     monkeypatch.undo()
     monkeypatch.setattr(_train._Fit, "run", lambda *a, **k: pytest.fail("trained again"))
     model = dst.tl.train(sdata, checkpoint_dir=tmp_path, resume=True, **FAST)
-    assert model.info["guard"] is not None and model.info["stage"] == "complete"
-    assert dst.DiffST.load(tmp_path / "model.pt").info["guard"] == model.info["guard"]
+    assert model.guard is not None and model.info["stage"] == "complete"
+    assert dst.DiffST.load(tmp_path / "model.pt").guard == model.guard
     assert sdata.attrs["diffst"]["model"]["path"] == str(tmp_path / "model.pt")
 
 

@@ -77,13 +77,13 @@ def main() -> None:
         res = {}
         for name, exponents in (("training-free floor", None), ("fitted floor", full)):
             EXPONENTS["value"] = exponents
-            model.info["guard"] = fit_guard(Validation(sdata, prep), model, n_samples=4, seed=seed)
+            model.guard = fit_guard(Validation(sdata, prep), model, n_samples=4, seed=seed)
             dst.tl.super_resolve(sdata, model=model, n_samples=4, seed=seed, key_added="diffst_sr", overwrite=True)
             r = bq.score(sdata, "diffst_sr")
-            v = model.info["guard"]["validation"]
+            v = model.guard.validation
             res[name] = {"test pcc": round(r["pcc"], 4), "test rmse": round(r["rmse"], 4),
                          "val guarded": round(v["guarded"]["pcc"], 4), "val partner": round(v["image_floor"]["pcc"], 4),
-                         "blended genes": int(sum(a < 1 for a in model.info["guard"]["alpha"]))}  # fmt: skip
+                         "blended genes": int(sum(a < 1 for a in model.guard.alpha))}  # fmt: skip
         print(spec, res, flush=True)
 
 

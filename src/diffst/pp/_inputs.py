@@ -44,6 +44,8 @@ from diffst._spatial import (
     transform_points,
 )
 
+from ._transcripts import Transcripts
+
 if TYPE_CHECKING:
     from spatialdata import SpatialData
 
@@ -62,10 +64,10 @@ class Measurement:
 
     kind: Literal["transcripts", "spots", "bins"]
     gene_names: list[str]
-    # transcripts: positions and gene code per transcript
-    x_um: np.ndarray | None = None
-    y_um: np.ndarray | None = None
-    codes: np.ndarray | None = None
+    # transcripts: read lazily, partition by partition; how many and where (from the first pass)
+    transcripts: Transcripts | None = None
+    n_transcripts: int = 0
+    transcript_extent_um: tuple[float, float, float, float] | None = None
     # spots / bins: centres and a (n, genes) count matrix
     centres_um: np.ndarray | None = None
     counts: sp.csr_matrix | None = None
@@ -77,7 +79,7 @@ class Measurement:
     def extent_um(self) -> tuple[float, float, float, float]:
         """Bounding box of the measurement (spot discs and bins included)."""
         if self.kind == "transcripts":
-            return float(self.x_um.min()), float(self.y_um.min()), float(self.x_um.max()), float(self.y_um.max())
+            return self.transcript_extent_um
         pad = (self.spot_diameter_um or 0.0) / 2.0 if self.kind == "spots" else (self.bin_um or 0.0) / 2.0
         c = self.centres_um
         return (
@@ -600,36 +602,27 @@ def _read_transcripts(sdata: SpatialData, inputs: Inputs, min_qv: float | None =
             "Parse them with `PointsModel.parse(..., feature_key=<gene column>)`."
         )
         raise ValueError(msg)
-    filtered = min_qv is not None and "qv" in points.columns
-    df = points[["x", "y", feature_key, *(["qv"] if filtered else [])]].compute()
-    if filtered:
-        keep = df["qv"].to_numpy() >= min_qv
+    tx = Transcripts.from_points(points, feature_key, affine_to_cs(points, inputs.cs), inputs.um_per_px, min_qv)
+    scan = tx.scan()
+    if tx.filtered:
         log.info(
-            f"quality filter: {int((~keep).sum()):,} of {len(df):,} transcripts have qv < {min_qv:g} and are left out "
-            "(`min_qv=None` keeps them)"
+            f"quality filter: {scan.dropped:,} of {scan.n + scan.dropped:,} transcripts have qv < {min_qv:g} and are "
+            "left out (`min_qv=None` keeps them)"
         )
-        df = df[keep]
-    genes = df[feature_key]
-    if not isinstance(genes.dtype, pd.CategoricalDtype):
-        genes = genes.astype("category")
-    if genes.isna().any():
-        msg = f"{int(genes.isna().sum())} transcripts in {inputs.points_key!r} have no gene name ({feature_key!r} is NaN)."
+    if scan.no_gene:
+        msg = f"{scan.no_gene} transcripts in {inputs.points_key!r} have no gene name ({feature_key!r} is NaN)."
         raise ValueError(msg)
-    x = df["x"].to_numpy(dtype=np.float64)
-    y = df["y"].to_numpy(dtype=np.float64)
-    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+    if scan.non_finite:
         msg = (
             f"Points {inputs.points_key!r} have non-finite (NaN or infinite) coordinates; drop those transcripts first."
         )
         raise ValueError(msg)
-    m = affine_to_cs(points, inputs.cs)
-    xc, yc = transform_points(m, x, y)
     return Measurement(
         kind="transcripts",
-        gene_names=[str(c) for c in genes.cat.categories],
-        x_um=xc * inputs.um_per_px,
-        y_um=yc * inputs.um_per_px,
-        codes=genes.cat.codes.to_numpy().astype(np.int64),
+        gene_names=tx.gene_names,
+        transcripts=tx,
+        n_transcripts=scan.n,
+        transcript_extent_um=scan.extent_um,
         source={"points_key": inputs.points_key, "feature_key": feature_key},
     )
 

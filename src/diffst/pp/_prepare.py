@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import geopandas as gpd
@@ -552,7 +553,7 @@ def _check_arguments(genes, scale, lr_um, degradation, tile_um, min_tissue, spli
 
 
 def _check_not_empty(meas: Measurement) -> None:
-    n = len(meas.x_um) if meas.kind == "transcripts" else meas.counts.shape[0]
+    n = meas.n_transcripts if meas.kind == "transcripts" else meas.counts.shape[0]
     if n == 0:
         what = "transcripts" if meas.kind == "transcripts" else meas.kind
         msg = f"The measurement has no {what}; there is nothing to prepare."
@@ -617,10 +618,7 @@ def _lr_all_genes(meas: Measurement, grid: Grid) -> tuple[np.ndarray, np.ndarray
     h, w = grid.lr_shape
     n_genes = len(meas.gene_names)
     if meas.kind == "transcripts":
-        r, c = grid.pixel_index(meas.x_um, meas.y_um, level="lr")
-        ok = (r >= 0) & (r < h) & (c >= 0) & (c < w)
-        lin = meas.codes[ok] * (h * w) + r[ok] * w + c[ok]
-        out = np.bincount(lin, minlength=n_genes * h * w).reshape(n_genes, h, w).astype(np.float64)
+        out = meas.transcripts.bin(partial(grid.pixel_index, level="lr"), (h, w))
         return out, np.ones((h, w), dtype=np.float32)
     r, c = grid.pixel_index(meas.centres_um[:, 0], meas.centres_um[:, 1], level="lr")
     ok = (r >= 0) & (r < h) & (c >= 0) & (c < w)
@@ -635,21 +633,20 @@ def _lr_all_genes(meas: Measurement, grid: Grid) -> tuple[np.ndarray, np.ndarray
 
 
 def _hr_raster(meas: Measurement, grid: Grid, gene_idx: np.ndarray) -> np.ndarray:
-    """HR counts ``(genes, H, W)`` float32 of the selected genes, built a few genes at a time to bound memory."""
+    """HR counts ``(genes, H, W)`` float32 of the selected genes.
+
+    Transcripts are binned partition by partition, bins a few genes at a time, to bound memory.
+    """
     hh, ww = grid.hr_shape
     n = len(gene_idx)
     remap = np.full(len(meas.gene_names), -1, dtype=np.int64)
     remap[gene_idx] = np.arange(n)
     if meas.kind == "transcripts":
-        g = remap[meas.codes]
-        r, c = grid.pixel_index(meas.x_um, meas.y_um, level="hr")
-        ok = (g >= 0) & (r >= 0) & (r < hh) & (c >= 0) & (c < ww)
-        gene, pix, weights = g[ok], r[ok] * ww + c[ok], None
-    else:
-        r, c = grid.pixel_index(meas.centres_um[:, 0], meas.centres_um[:, 1], level="hr")
-        ok_bins = (r >= 0) & (r < hh) & (c >= 0) & (c < ww)
-        coo = meas.counts[np.flatnonzero(ok_bins)][:, gene_idx].tocoo()
-        gene, pix, weights = coo.col.astype(np.int64), (r[ok_bins] * ww + c[ok_bins])[coo.row], coo.data
+        return meas.transcripts.bin(partial(grid.pixel_index, level="hr"), (hh, ww), remap=remap, dtype=np.float32)
+    r, c = grid.pixel_index(meas.centres_um[:, 0], meas.centres_um[:, 1], level="hr")
+    ok_bins = (r >= 0) & (r < hh) & (c >= 0) & (c < ww)
+    coo = meas.counts[np.flatnonzero(ok_bins)][:, gene_idx].tocoo()
+    gene, pix, weights = coo.col.astype(np.int64), (r[ok_bins] * ww + c[ok_bins])[coo.row], coo.data
     out = np.empty((n, hh, ww), dtype=np.float32)
     order = np.argsort(gene, kind="stable")
     bounds = np.searchsorted(gene[order], np.arange(n + 1))
@@ -657,8 +654,7 @@ def _hr_raster(meas: Measurement, grid: Grid, gene_idx: np.ndarray) -> np.ndarra
         g1 = min(n, g0 + _GENE_CHUNK)
         sel = order[bounds[g0] : bounds[g1]]
         lin = (gene[sel] - g0) * (hh * ww) + pix[sel]
-        w = None if weights is None else weights[sel]
-        out[g0:g1] = np.bincount(lin, weights=w, minlength=(g1 - g0) * hh * ww).reshape(g1 - g0, hh, ww)
+        out[g0:g1] = np.bincount(lin, weights=weights[sel], minlength=(g1 - g0) * hh * ww).reshape(g1 - g0, hh, ww)
     return out
 
 

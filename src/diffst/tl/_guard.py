@@ -18,7 +18,7 @@ as much as Poisson counts do, and a validation region with few counts cannot nar
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from ..metrics import pearson, rmse
 from ._baselines import _interpolate, _project, slide_floor
 from ._features import feature_key
 from ._inference import DEFAULT_BLOCK_LR, InferencePipeline, predictive_std
+from ._model import Guard
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -209,7 +210,7 @@ def heldout_spots(sdata: SpatialData, prep: Prepared, model: DiffST, *, split: s
 
 
 def fit_guard(validation: Validation | Sequence[Validation], model: DiffST, *, n_samples: int = 4, seed: int = 0,
-              std_noise: Literal["poisson"] | None = "poisson", average_flips: bool = True) -> dict | None:  # fmt: skip
+              std_noise: Literal["poisson"] | None = "poisson", average_flips: bool = True) -> Guard | None:  # fmt: skip
     """Fit the per-gene floor blend and std scale on validation; print the comparison table. ``None`` without any.
 
     ``validation``: where the model is validated, on one section or on each of several (their pixels pooled, each
@@ -276,8 +277,9 @@ def fit_guard(validation: Validation | Sequence[Validation], model: DiffST, *, n
     where = f"{n_px} HR pixels" + (f" of {len(found)} sections" if len(found) > 1 else "")
     table = _report(scores, f"validation ({where}, {len(genes)} genes; PCC / RMSE on the normalised scale)")
     _warn_below_floor(table, alpha, len(genes))
-    return _guard_record(alpha, std_scale, table, coverage_val=float(np.mean(covered)) if covered else None,
-                         std_noise=std_noise, n_samples=n_samples, average_flips=average_flips, pixels=n_px)  # fmt: skip
+    return Guard(alpha, std_scale, std_noise=std_noise, validation=table,
+                 coverage_val=float(np.mean(covered)) if covered else None, n_samples=n_samples,
+                 average_flips=average_flips, pixels=n_px)  # fmt: skip
 
 
 def spot_blend(maps: dict[str, np.ndarray], alpha: float | np.ndarray, gene_scale: np.ndarray) -> np.ndarray:
@@ -296,7 +298,7 @@ def spot_blend(maps: dict[str, np.ndarray], alpha: float | np.ndarray, gene_scal
     return to_units(a * mean + (1 - a) * floor, scale)[0, :, :, 0].numpy()
 
 
-def _fit_on_spots(sections: list[Validation], model: DiffST, *, seed: int) -> dict | None:
+def _fit_on_spots(sections: list[Validation], model: DiffST, *, seed: int) -> Guard | None:
     found = []
     for v in sections:
         maps = heldout_spots(v.sdata, v.prep, model, split=v.split, region=v.region, seed=seed)
@@ -327,31 +329,8 @@ def _fit_on_spots(sections: list[Validation], model: DiffST, *, seed: int) -> di
                             f"other spots; {len(genes)} genes; PCC / RMSE on the normalised scale)")  # fmt: skip
     _warn_below_floor(table, alpha, len(genes))
     # no HR truth to calibrate a std on: the spread of the leave-spots-out maps is written as it is
-    return _guard_record(alpha, [1.0] * len(genes), table, coverage_val=None, std_noise=None, n_samples=1,
-                         average_flips=False, spots=n)  # fmt: skip
-
-
-def _guard_record(alpha: list[float], std_scale: list[float], table: dict, *, coverage_val: float | None,
-                  std_noise: str | None, n_samples: int, average_flips: bool, pixels: int = 0,
-                  spots: int = 0) -> dict[str, Any]:  # fmt: skip
-    """What a guard records, the same keys whichever data it was fitted on (``model.info["guard"]``).
-
-    ``alpha`` and ``std_scale`` per gene; ``validation``: the comparison table; ``coverage_val``: the share of
-    validation counts within mean ± 2 std after calibration (``None`` without HR truth); ``std_noise``: ``"poisson"``
-    when the std adds Poisson counting noise to the sample spread, ``None`` when it is the spread alone; the
-    validation ``pixels`` (HR truth) or held-out ``spots`` (spots alone) it was fitted on.
-    """
-    return {
-        "alpha": [float(a) for a in alpha],
-        "std_scale": [float(c) for c in std_scale],
-        "validation": table,
-        "coverage_val": coverage_val,
-        "std_noise": std_noise,
-        "n_samples": int(n_samples),
-        "average_flips": bool(average_flips),
-        "pixels": int(pixels),
-        "spots": int(spots),
-    }
+    return Guard(alpha, [1.0] * len(genes), std_noise=None, validation=table, n_samples=1, average_flips=False,
+                 spots=n)  # fmt: skip
 
 
 def _report(scores: dict[str, dict[str, list[float]]], title: str) -> dict[str, dict[str, float]]:
@@ -382,11 +361,11 @@ def _warn_below_floor(table: dict[str, dict[str, float]], alpha: list[float], n_
         )
 
 
-def guard_summary(guard: dict[str, Any] | None) -> str:
+def guard_summary(guard: Guard | None) -> str:
     """One line: validation PCC of the model, the floor and bicubic."""
-    if not guard:
+    if guard is None or guard.validation is None:
         return "no validation"
-    t = guard["validation"]
+    t = guard.validation
     return (
         f"val PCC {t['guarded']['pcc']:.3f} (model {t['model']['pcc']:.3f}, image floor "
         f"{t['image_floor']['pcc']:.3f}, bicubic {t['bicubic']['pcc']:.3f})"

@@ -46,6 +46,7 @@ from .._settings import settings
 from ..model import Diffusion
 from ._data import TileSource
 from ._features import feature_key
+from ._model import Guard
 from ._run import format_duration
 
 if TYPE_CHECKING:
@@ -89,12 +90,14 @@ class GuardBlend:
     floor: np.ndarray | None
 
     @classmethod
-    def from_guard(cls, guard: dict, sdata: SpatialData, prep: Prepared, model: DiffST, genes: list[str]) -> GuardBlend:
+    def from_guard(
+        cls, guard: Guard, sdata: SpatialData, prep: Prepared, model: DiffST, genes: list[str]
+    ) -> GuardBlend:
         from ._baselines import slide_floor
 
         idx = [model.genes.index(g) for g in genes]
-        alpha = np.asarray(guard["alpha"], dtype=np.float32)[idx][:, None, None]
-        scale = np.asarray(guard["std_scale"], dtype=np.float32)[idx][:, None, None]
+        alpha = np.asarray(guard.alpha, dtype=np.float32)[idx][:, None, None]
+        scale = np.asarray(guard.std_scale, dtype=np.float32)[idx][:, None, None]
         floor = None
         if np.any(alpha < 1):
             floor = slide_floor(sdata, prep)[[prep.genes.index(g) for g in genes]]
@@ -102,7 +105,7 @@ class GuardBlend:
                 f"guard: {int(np.sum(alpha[:, 0, 0] < 1))} of {len(genes)} genes blended with the image floor "
                 "(weights fitted on validation, see sdata.attrs[key_added]['guard'])"
             )
-        return cls(alpha=alpha, std_scale=scale, poisson=guard["std_noise"] == "poisson", floor=floor)
+        return cls(alpha=alpha, std_scale=scale, poisson=guard.std_noise == "poisson", floor=floor)
 
     @property
     def floor_only(self) -> bool:
@@ -158,10 +161,10 @@ class InferencePipeline:
     def from_model(cls, sdata: SpatialData, prep: Prepared, model: DiffST, genes: list[str], *, sampler: str = "fast",
                    steps: int | None = None, n_samples: int = 1, average_flips: bool = True, consistency: bool = True,
                    tile_overlap: float = 0.25, batch_size: int = 16, seed: int = 0, block_lr: int = DEFAULT_BLOCK_LR,
-                   guard: bool | dict = True) -> InferencePipeline:  # fmt: skip
+                   guard: bool | Guard = True) -> InferencePipeline:  # fmt: skip
         """The pipeline of ``model`` over the prepared slide, writing ``genes``.
 
-        ``guard``: ``True`` applies the guard fitted in ``model.info`` (none without one), a dict applies that one,
+        ``guard``: ``True`` applies the model's guard (none without one), a ``Guard`` applies that one,
         ``False`` leaves out step 6 (the raw model maps, which the guard itself is fitted on).
         """
         cfg = model.config
@@ -194,7 +197,7 @@ class InferencePipeline:
         source.lr = lr_all  # small: keep it in the task instead of re-reading the store
         source.hr = None
         gene_scale = model.gene_scale_for(prep)
-        fitted = guard if isinstance(guard, dict) else (model.info.get("guard") if guard else None)
+        fitted = guard if isinstance(guard, Guard) else (model.guard if guard else None)
         pipe = cls(
             source=source,
             net=model.net.eval(),

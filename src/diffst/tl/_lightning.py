@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import numpy as np
@@ -14,6 +14,9 @@ from ..model import DiffSTConfig, DiffSTNet, Diffusion, weak
 from ..model.diffusion import dihedral, undihedral
 from ..model.floor import floor_model_units
 from ..model.upsample import upsample_lr
+
+if TYPE_CHECKING:
+    from diffusers.training_utils import EMAModel
 
 VAL_SEED = 12345  # validation noise and timesteps are the same every epoch, so val_loss is comparable
 
@@ -69,7 +72,10 @@ class DiffSTModule(L.LightningModule):
         self.save_hyperparameters()
         self.config = DiffSTConfig.from_dict(config)
         self.net = DiffSTNet(self.config, coexpr=torch.tensor(np.asarray(coexpr, dtype=np.float32)))
+        #: The weight average used for validation and kept as the model; diffusers' ``EMAModel`` (:attr:`averager`)
+        #: computes it and copies it here after every step, so it is saved with the module's weights.
         self.ema = copy.deepcopy(self.net).requires_grad_(False)
+        self.averager: EMAModel | None = None
         self.diffusion = Diffusion(self.config, gene_scale=None if gene_scale is None else torch.tensor(gene_scale))
         self._val: dict[str, list[torch.Tensor]] = {}
         #: Windows of LR alone over all the tissue (with their degradation footprint), for ``config.lr_weight``.
@@ -165,18 +171,21 @@ class DiffSTModule(L.LightningModule):
         """The windows' panel-context maps, for a network that reads them."""
         return batch["context"] if self.config.context_genes else None
 
+    def on_train_start(self) -> None:
+        # made here, after a resumed run's weights (the average among them) are loaded, on the module's device; its
+        # step count is the optimiser's, so the warm-up continues where it was
+        from diffusers.training_utils import EMAModel  # a second of imports, for training only
+
+        self.averager = EMAModel(self.ema.parameters(), decay=self.config.ema_decay)
+        self.averager.optimization_step = int(self.global_step)
+
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        # the EMA is updated with the step it follows (not in on_train_batch_end, which runs after the callbacks'
-        # hook): a checkpoint written by a callback at the end of a batch then holds the EMA of that batch
-        self._update_ema(self.global_step + 1)
-
-    def _update_ema(self, step: int) -> None:
-        # EMA with a warm-up, so short trainings are not dominated by the random initial weights
-        decay = min(self.config.ema_decay, (1.0 + step) / (10.0 + step))
+        # the average follows the step it averages (not on_train_batch_end, which runs after the callbacks'): a
+        # checkpoint written by a callback at the end of a batch then holds the average of that batch
+        self.averager.step(self.net.parameters())
+        self.averager.copy_to(self.ema.parameters())
         with torch.no_grad():
-            for p_ema, p in zip(self.ema.parameters(), self.net.parameters(), strict=True):
-                p_ema.lerp_(p.detach(), 1.0 - decay)
             for b_ema, b in zip(self.ema.buffers(), self.net.buffers(), strict=True):
                 b_ema.copy_(b)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,8 +37,13 @@ class DiffST:
         The same statistic of the training data's LR counts per HR pixel; used to normalise another slide
         (``gene_scale · lr_scale_new / lr_scale``) when the model is transferred.
     units
-        ``hr_um``, ``lr_um``, ``scale``, ``image_um``, the image ``kind`` ("rgb" or "fluorescence") and channel names,
-        and the degradation and measurement of the training data.
+        The units, image and measurement of the training data, a frozen record: ``hr_um``, ``lr_um``, ``scale``,
+        ``image_um``, the image ``kind`` ("rgb" or "fluorescence") and ``channels``, the ``degradation`` (with
+        ``spot_diameter_um`` and ``spot_pitch_um``), the ``measurement`` and the ``context_genes``.
+    guard
+        What validation decided: the per-gene blend with the image floor and the std calibration (a frozen record,
+        ``Guard``: ``alpha``, ``std_scale``, ``std_noise``, the ``validation`` table …); ``None`` for a model not
+        compared with the floor.
     history
         Per-epoch training metrics.
     info
@@ -53,7 +58,8 @@ class DiffST:
     genes: list[str]
     gene_scale: np.ndarray
     lr_scale: np.ndarray
-    units: dict[str, Any]
+    units: ModelUnits
+    guard: Guard | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
@@ -66,14 +72,14 @@ class DiffST:
         n = sum(p.numel() for p in self.net.parameters())
         where = f", saved at {self.path}" if self.path else ""
         return (
-            f"DiffST({len(self.genes)} genes, {self.units['lr_um']:g} → {self.units['hr_um']:g} µm, "
-            f"{self.units['kind']} image at {self.config.image_um:g} µm/px, {n / 1e6:.2f} M parameters{where})"
+            f"DiffST({len(self.genes)} genes, {self.units.lr_um:g} → {self.units.hr_um:g} µm, "
+            f"{self.units.kind} image at {self.config.image_um:g} µm/px, {n / 1e6:.2f} M parameters{where})"
         )
 
     @property
     def context_genes(self) -> list[str]:
         """The panel-context genes whose LR the model reads besides its genes' (empty for none)."""
-        return list(self.units.get("context_genes", []))
+        return list(self.units.context_genes)
 
     @property
     def device(self) -> torch.device:
@@ -99,7 +105,8 @@ class DiffST:
             "genes": list(self.genes),
             "gene_scale": [float(v) for v in self.gene_scale],
             "lr_scale": [float(v) for v in self.lr_scale],
-            "units": copy.deepcopy(self.units),
+            "units": self.units.to_dict(),
+            "guard": None if self.guard is None else self.guard.to_dict(),
             "history": copy.deepcopy(self.history),
             "info": copy.deepcopy(self.info),
         }
@@ -131,7 +138,8 @@ class DiffST:
             genes=list(payload["genes"]),
             gene_scale=np.asarray(payload["gene_scale"], dtype=np.float32),
             lr_scale=np.asarray(payload["lr_scale"], dtype=np.float32),
-            units=dict(payload["units"]),
+            units=ModelUnits.from_dict(payload["units"]),
+            guard=None if payload["guard"] is None else Guard.from_dict(payload["guard"]),
             history=list(payload["history"]),
             info=dict(payload["info"]),
             path=path,
@@ -156,23 +164,23 @@ class DiffST:
                 f"the prepared data lack the panel-context genes {lacking[:10]} the model reads; prepare them with "
                 "`context_genes=model.context_genes`"
             )
-        if not np.isclose(prep.grid.hr_um, self.units["hr_um"], rtol=1e-6) or prep.grid.scale != self.units["scale"]:
+        if not np.isclose(prep.grid.hr_um, self.units.hr_um, rtol=1e-6) or prep.grid.scale != self.units.scale:
             problems.append(
                 f"the data are prepared at {prep.grid.lr_um:g} → {prep.grid.hr_um:g} µm (scale {prep.grid.scale}), "
-                f"the model was trained at {self.units['lr_um']:g} → {self.units['hr_um']:g} µm (scale {self.units['scale']})"
+                f"the model was trained at {self.units.lr_um:g} → {self.units.hr_um:g} µm (scale {self.units.scale})"
             )
-        if prep.image.kind != self.units["kind"]:
+        if prep.image.kind != self.units.kind:
             why = prep.record.image.kind_reason
             problems.append(
                 f"the data's image is {prep.image.kind}"
                 + (f" ({why})" if why else "")
-                + f", the model was trained on {self.units['kind']} images; if the image is in fact "
-                f"{self.units['kind']}, prepare the data with `image_kind={self.units['kind']!r}` (and `overwrite=True`)"
+                + f", the model was trained on {self.units.kind} images; if the image is in fact "
+                f"{self.units.kind}, prepare the data with `image_kind={self.units.kind!r}` (and `overwrite=True`)"
             )
         elif len(prep.image.channels) != self.config.image_channels:
             problems.append(
                 f"the data's image has {len(prep.image.channels)} channels {list(prep.image.channels)}, the model "
-                f"expects {self.config.image_channels} ({self.units['channels']})"
+                f"expects {self.config.image_channels} ({list(self.units.channels)})"
             )
         if problems:
             msg = "This model cannot be applied to these data: " + "; ".join(problems) + "."
@@ -188,9 +196,7 @@ class DiffST:
         binned transcripts applied to Visium spots), its maps are not what it was validated on.
         """
         d = prep.record.degradation
-        trained, here = self.units.get("degradation"), d.name
-        if trained is None:
-            return None
+        trained, here = self.units.degradation, d.name
 
         def describe(name: str, diameter: float | None, pitch: float | None) -> str:
             if name == "bin":
@@ -199,7 +205,7 @@ class DiffST:
             return size + (f" {pitch:g} µm apart" if pitch else "") + f" ({name})"
 
         spots = {"visium", "spots"}
-        mine = describe(trained, self.units.get("spot_diameter_um"), self.units.get("spot_pitch_um"))
+        mine = describe(trained, self.units.spot_diameter_um, self.units.spot_pitch_um)
         theirs = describe(here, d.spot_diameter_um, d.spot_pitch_um)
         if (trained == "bin") != (here == "bin"):
             fix = (
@@ -212,7 +218,7 @@ class DiffST:
                 f"The model was trained on LR measured by {mine}, these data's LR is measured by {theirs}: it was never "
                 f"trained or validated on this kind of measurement, so its maps may be wrong; {fix}."
             )
-        a, b = self.units.get("spot_diameter_um"), d.spot_diameter_um
+        a, b = self.units.spot_diameter_um, d.spot_diameter_um
         if trained in spots and a and b and abs(a - b) > 0.1 * max(a, b):
             return (
                 f"The model was trained on LR measured by {mine}, these data's LR is measured by {theirs}: the spot "
@@ -246,21 +252,90 @@ class DiffST:
         return (prep.lr_scale[idx] * ratio).astype(np.float32)
 
 
-def data_units(prep: Prepared, image_um: float) -> dict[str, Any]:
-    """The units and image type of prepared data, as a model records them (:attr:`DiffST.units`)."""
-    return {
-        "hr_um": prep.grid.hr_um,
-        "lr_um": prep.grid.lr_um,
-        "scale": prep.grid.scale,
-        "image_um": image_um,
-        "kind": prep.image.kind,
-        "channels": list(prep.image.channels),
-        "degradation": prep.record.degradation.name,
-        "spot_diameter_um": prep.record.degradation.spot_diameter_um,
-        "spot_pitch_um": prep.record.degradation.spot_pitch_um,
-        "measurement": prep.record.measurement,
-        "context_genes": list(prep.context_genes),
-    }
+@dataclass(frozen=True)
+class Guard:
+    """What validation decided for a model (:attr:`DiffST.guard`), fitted by :func:`~diffst.tl._guard.fit_guard`.
+
+    ``alpha``: per gene, the weight of the model's map against the image floor (``mean = α·model + (1 − α)·floor``);
+    ``std_scale``: per gene, the factor that calibrates the std; ``std_noise``: ``"poisson"`` when the std adds
+    Poisson counting noise to the sample spread, ``None`` when it is the spread alone; ``validation``: the comparison
+    table (``method → {"pcc", "rmse"}``, methods ``model``, ``guarded``, ``bicubic``, ``image_floor``; ``None`` for
+    the floor fallback); ``coverage_val``: the share of validation counts within mean ± 2 std after calibration
+    (``None`` without HR truth); ``n_samples`` and ``average_flips``: the maps it was fitted on; ``pixels``: the
+    validation pixels (HR truth) or ``spots``: the held-out spots (spots alone) it was fitted on; ``fallback``: why
+    the model is replaced by the floor, for a model never validated (``None`` otherwise).
+    """
+
+    alpha: tuple[float, ...]
+    std_scale: tuple[float, ...]
+    std_noise: str | None
+    validation: dict[str, dict[str, float]] | None
+    coverage_val: float | None = None
+    n_samples: int = 1
+    average_flips: bool = False
+    pixels: int = 0
+    spots: int = 0
+    fallback: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "alpha", tuple(float(a) for a in self.alpha))
+        object.__setattr__(self, "std_scale", tuple(float(c) for c in self.std_scale))
+
+    @classmethod
+    def floor_only(cls, n_genes: int, why: str) -> Guard:
+        """Every gene the image floor (``α = 0``) with a Poisson std: what a model never validated is replaced by."""
+        return cls(alpha=(0.0,) * n_genes, std_scale=(1.0,) * n_genes, std_noise="poisson", validation=None,
+                   fallback=why)  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (saved with the model)."""
+        return {**asdict(self), "alpha": list(self.alpha), "std_scale": list(self.std_scale)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Guard:
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ModelUnits:
+    """The units, image and measurement of the data a model was trained on (:attr:`DiffST.units`).
+
+    Data the model is applied to must match them (:meth:`DiffST.check_compatible`).
+    """
+
+    hr_um: float
+    lr_um: float
+    scale: int
+    image_um: float
+    #: "rgb" (brightfield) or "fluorescence"
+    kind: str
+    channels: tuple[str, ...]
+    #: how LR arises from HR in the training data ("bin", "visium", "spots") and the spot size and pitch
+    degradation: str
+    spot_diameter_um: float | None
+    spot_pitch_um: float | None
+    #: "transcripts", "spots" or "bins"
+    measurement: str
+    #: the panel-context genes whose LR the model reads besides its genes'
+    context_genes: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, prep: Prepared, image_um: float) -> ModelUnits:
+        """The units of prepared data, as a model trained on them records them."""
+        d = prep.record.degradation
+        return cls(hr_um=float(prep.grid.hr_um), lr_um=float(prep.grid.lr_um), scale=int(prep.grid.scale),
+                   image_um=float(image_um), kind=str(prep.image.kind), channels=tuple(map(str, prep.image.channels)),
+                   degradation=str(d.name), spot_diameter_um=d.spot_diameter_um, spot_pitch_um=d.spot_pitch_um,
+                   measurement=str(prep.record.measurement), context_genes=tuple(map(str, prep.context_genes)))  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (saved with the model)."""
+        d = asdict(self)
+        return {**d, "channels": list(self.channels), "context_genes": list(self.context_genes)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelUnits:
+        return cls(**{**d, "channels": tuple(d["channels"]), "context_genes": tuple(d["context_genes"])})
 
 
 def fingerprint(prep: Prepared) -> str:

@@ -1,8 +1,9 @@
 """Running a training that a user can leave alone: progress lines, a time budget, checkpoints, Ctrl-C, resuming.
 
-- :class:`RunControl` (a Lightning callback) seeds each step from ``(seed, step)``, keeps the training clock across
-  resumes, stops at the time budget, writes ``last.ckpt`` at least every :data:`CHECKPOINT_EVERY` seconds and, after
-  Ctrl-C, at the end of the current step before raising :class:`StopRequested`.
+- :class:`RunControl` (Lightning's ``Timer``: the clock across resumes and the time budget) seeds each step from
+  ``(seed, step)``, keeps the position in the epoch for an exact resume and writes ``last.ckpt`` when the budget
+  stops the run and, after Ctrl-C, at the end of the current step before raising :class:`StopRequested`;
+  :func:`periodic_checkpoint` writes it at least every :data:`CHECKPOINT_EVERY` seconds.
 - :class:`ProgressLog` prints plain lines (a log file is as good as a terminal): the plan with the measured speed
   after the first steps, then step, loss, the latest validation and an ETA every ``dst.settings.progress_every``
   seconds.
@@ -16,13 +17,14 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 
 from .. import _logging as log
 from .._settings import settings
@@ -86,8 +88,18 @@ def resume_hint(steps: int, saved_step: int | None, checkpoint: Path, how: str) 
     return f"interrupted after {steps} steps; checkpoint at {checkpoint}{at}; resume with {how}"
 
 
-class RunControl(L.Callback):
-    """Seed, clock, budget, periodic and interrupt checkpoints of one training run.
+class RunControl(Timer):
+    """Lightning's ``Timer`` (the training clock, kept across resumes, and the time budget), and exact resuming.
+
+    The :class:`~lightning.pytorch.callbacks.Timer` does the clock; this adds what it cannot do:
+
+    - Step ``k`` runs with the global torch seed derived from ``(seed, k)``: noise, timesteps and augmentation of a
+      step do not depend on whether the run was resumed before it.
+    - The position in the epoch is kept in the checkpoint and handed to the sampler on resume, so a run resumed
+      mid-epoch draws the batches it had not drawn (Lightning restarts a plain DataLoader's epoch).
+    - ``last.ckpt`` is written at the end of the step that used up the budget, and after Ctrl-C at the end of the
+      current step (then :class:`StopRequested` ends ``fit``); the periodic checkpoints are a
+      :class:`~lightning.pytorch.callbacks.ModelCheckpoint` with ``train_time_interval`` (:func:`periodic_checkpoint`).
 
     Parameters
     ----------
@@ -99,69 +111,70 @@ class RunControl(L.Callback):
     batch_size
         Windows per step (to skip the done part of an epoch).
     seed
-        Seed of the run; step ``k`` runs with the global torch seed derived from ``(seed, k)``.
+        Seed of the run.
     time_budget
         Seconds of training (across resumes) after which training stops; ``None`` for none.
 
     """
 
     def __init__(self, last: Path, sampler: Any, batch_size: int, seed: int, time_budget: float | None = None) -> None:
+        super().__init__(duration=None if time_budget is None else timedelta(seconds=time_budget), verbose=False)
         self.last, self.sampler, self.batch_size, self.seed = Path(last), sampler, int(batch_size), int(seed)
         self.time_budget = time_budget
         self.epoch = 0
         self.batches = 0  # batches of ``epoch`` done
-        self.offset = 0.0  # seconds trained before this session
         self.interrupted = False
-        self.out_of_time = False
-        self.saved_step: int | None = None
-        self._t0: float | None = None
-        self._last_save = 0.0
 
-    # ------------------------------------------------------------------ clock
     @property
     def seconds(self) -> float:
         """Seconds trained so far, earlier sessions of a resumed run included."""
-        return self.offset + (time.perf_counter() - self._t0 if self._t0 is not None else 0.0)
+        return self.time_elapsed("train")
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._t0 = self._last_save = time.perf_counter()
+    @property
+    def out_of_time(self) -> bool:
+        """Whether the time budget is used up."""
+        remaining = self.time_remaining()
+        return remaining is not None and remaining <= 0
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.offset, self._t0 = self.seconds, None
+    @property
+    def offset(self) -> float:
+        """Seconds trained before this session."""
+        return float(self._offset)
 
-    # ------------------------------------------------------------------ steps
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int):
-        # noise, timesteps and augmentation of step k depend on (seed, k) only, so a resumed run repeats them
         torch.manual_seed(int(np.random.SeedSequence([self.seed, int(trainer.global_step)]).generate_state(1)[0]))
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self.epoch, self.batches = int(trainer.current_epoch), int(batch_idx) + 1
-        now = time.perf_counter()
-        if self.time_budget is not None and self.seconds >= self.time_budget:
-            self.out_of_time = True
-            trainer.should_stop = True
-            self.save(trainer)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # the Timer: stop at the budget
+        if self.out_of_time:
+            trainer.save_checkpoint(self.last)
         elif self.interrupted:
-            self.save(trainer)
+            trainer.save_checkpoint(self.last)
             raise StopRequested
-        elif now - self._last_save >= CHECKPOINT_EVERY:
-            self.save(trainer)
 
-    def save(self, trainer: L.Trainer) -> None:
-        trainer.save_checkpoint(self.last)
-        self.saved_step = int(trainer.global_step)
-        self._last_save = time.perf_counter()
-
-    # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batches": self.batches, "seconds": self.seconds}
+        return super().state_dict() | {"epoch": self.epoch, "batches": self.batches}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
         self.epoch, self.batches = int(state_dict["epoch"]), int(state_dict["batches"])
-        self.offset = float(state_dict.get("seconds", 0.0))
         self.sampler.skip(self.epoch, self.batches * self.batch_size)
+
+
+def periodic_checkpoint(directory: Path) -> ModelCheckpoint:
+    """``last.ckpt`` in ``directory`` at least every :data:`CHECKPOINT_EVERY` seconds of training."""
+    return ModelCheckpoint(dirpath=directory, save_last=True, save_top_k=0,
+                           train_time_interval=timedelta(seconds=CHECKPOINT_EVERY))  # fmt: skip
+
+
+def checkpoint_step(checkpoint: Path) -> int | None:
+    """The step of the checkpoint at ``checkpoint``; ``None`` when there is none."""
+    if not Path(checkpoint).exists():
+        return None
+    return int(torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)["global_step"])
 
 
 class ProgressLog(L.Callback):
@@ -385,7 +398,7 @@ def check_resumable(
         raise ValueError(msg)
     steps = int(ckpt.get("global_step", 0))
     state = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("RunControl")), {})
-    seconds = float(state.get("seconds", 0.0))
+    seconds = float(state.get("time_elapsed", {}).get("train", 0.0))
     early = next((v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("EarlyStopping")), {})
     why = None
     if early.get("stopped_epoch", 0) > 0:

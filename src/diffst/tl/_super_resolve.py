@@ -15,7 +15,7 @@ from .._contract import Prepared, is_prepared, read_record
 from .._device import resolve_device
 from .._genes import GeneError, resolve_genes
 from ._inference import DEFAULT_BLOCK_LR, SAMPLERS, InferencePipeline, compute, scratch_beside
-from ._model import DiffST, fingerprint
+from ._model import DiffST, Guard, fingerprint
 from ._output import Units, check_sr_free, sr_image, write_sr
 from ._run import on_interrupt
 
@@ -158,7 +158,7 @@ def super_resolve(
     pipe = InferencePipeline.from_model(sdata, prep, model, want, sampler=sampler, steps=steps, n_samples=n_samples,
                                         average_flips=average_flips, consistency=consistency,
                                         tile_overlap=tile_overlap, batch_size=batch_size, seed=seed,
-                                        block_lr=block_lr, guard=guard or False)  # fmt: skip
+                                        block_lr=block_lr, guard=guard if guard is not None else False)  # fmt: skip
     log.info(
         f"super-resolving {len(want)} genes over {len(pipe.windows)} windows of {model.config.tile_um:g} µm "
         + (
@@ -210,17 +210,17 @@ def super_resolve(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _guard_params(guard: dict | None, model: DiffST, want: list[str]) -> dict | None:
-    if not guard:
+def _guard_params(guard: Guard | None, model: DiffST, want: list[str]) -> dict | None:
+    if guard is None:
         return None
     idx = [model.genes.index(g) for g in want]
     return {
-        "alpha": {g: float(guard["alpha"][i]) for g, i in zip(want, idx, strict=True)},
-        "std_scale": {g: float(guard["std_scale"][i]) for g, i in zip(want, idx, strict=True)},
+        "alpha": {g: guard.alpha[i] for g, i in zip(want, idx, strict=True)},
+        "std_scale": {g: guard.std_scale[i] for g, i in zip(want, idx, strict=True)},
         "definition": "mean = alpha * model + (1 - alpha) * image floor; "
         + (
             "std = std_scale * sqrt((alpha * model std)^2 + mean), the sample spread plus Poisson counting noise"
-            if guard.get("std_noise") == "poisson"
+            if guard.std_noise == "poisson"
             else "std = alpha * std_scale * model std"
         ),
     }
@@ -316,12 +316,11 @@ def _check_model_genes(model: DiffST, genes: list[str] | None, key: str) -> None
     raise GeneError(msg)
 
 
-def _guard_to_apply(model: DiffST) -> dict | None:
+def _guard_to_apply(model: DiffST) -> Guard | None:
     """The guard ``super_resolve`` applies: the model's; for a model never validated, the image floor (warned)."""
-    info = model.info
-    if "steps" not in info or info.get("guard"):
-        return info.get("guard")  # guarded, or built by hand (advanced use: applied as it is)
-    if info.get("validated"):
+    if model.guard is not None or "steps" not in model.info:
+        return model.guard  # guarded, or a model built by hand, not by `train` (advanced use: applied as it is)
+    if model.info.get("validated"):
         log.warn(
             "the model was not compared with the training-free image floor on validation (trained with guard=False): "
             "its maps are written as trained, unchecked. `dst.tl.train(..., resume=True)` with the guard on fits it."
@@ -332,13 +331,7 @@ def _guard_to_apply(model: DiffST) -> dict | None:
         "image floor instead of its maps (as `dst.tl.upsample(sdata, method='image')`), with a Poisson std. Train it "
         "with validation (the default `dst.tl.train` always holds some out) to use the model."
     )
-    return {
-        "alpha": [0.0] * len(model.genes),
-        "std_scale": [1.0] * len(model.genes),
-        "std_noise": "poisson",
-        "validation": None,
-        "fallback": "image floor: the model was not validated",
-    }
+    return Guard.floor_only(len(model.genes), "image floor: the model was not validated")
 
 
 def _detached(sdata: SpatialData) -> SpatialData:
@@ -359,13 +352,13 @@ def _prepare_for(sdata: SpatialData, model: DiffST, key: str, image_key: str | N
     from ..pp import prepare
 
     u = model.units
-    degradation = u["degradation"] if u["degradation"] in ("bin", "visium") else "bin"
+    degradation = u.degradation if u.degradation in ("bin", "visium") else "bin"
     log.info(f"preparing the data under {key!r} with the model's {len(model.genes)} genes and units")
     prepare(
         sdata,
         genes=model.genes,
-        lr_um=u["lr_um"],
-        scale=u["scale"],
+        lr_um=u.lr_um,
+        scale=u.scale,
         degradation=degradation,
         tile_um=model.config.tile_um,
         context_genes=model.context_genes,

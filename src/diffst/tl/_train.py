@@ -47,7 +47,7 @@ from ._data import (
 from ._features import features_for_training, model_record
 from ._guard import Validation, fit_guard, guard_summary
 from ._lightning import DiffSTModule, History
-from ._model import DiffST, data_units, fingerprint
+from ._model import DiffST, ModelUnits, fingerprint
 from ._run import (
     Interrupted,
     ProgressLog,
@@ -55,9 +55,11 @@ from ._run import (
     RunControl,
     StopRequested,
     check_resumable,
+    checkpoint_step,
     interrupt_flag,
     interrupted,
     on_interrupt,
+    periodic_checkpoint,
     run_directory,
 )
 
@@ -250,12 +252,12 @@ def train(
     else:
         log.info(f"the training in {run_dir} has finished: fitting its guard (no training)")
     model.to(target)
-    model.info["guard"] = None
+    model.guard = None
     if guard:
         kept = f"the trained weights are saved in {model.path}"
         how = "`dst.tl.train(..., resume=True)` fits the guard on them without training again"
         with on_interrupt("fitting the guard on the validation data", kept, how):
-            model.info["guard"] = fit_guard([s.validation for s in sections], model, seed=seed)
+            model.guard = fit_guard([s.validation for s in sections], model, seed=seed)
     model.info["stage"] = "complete"
     with on_interrupt("saving the model", "the trained weights are in " + str(model.path), "run the call again"):
         model.save(run_dir / "model.pt")
@@ -263,7 +265,7 @@ def train(
             _record(s.sdata, prepared_key, model)
     log.info(
         f"trained {model.info['steps']} steps in {model.info['seconds']:.0f} s ({model.info['stopped_by']}; "
-        f"{_summary(model.info)}); model saved to {model.path}"
+        f"{_summary(model)}); model saved to {model.path}"
     )
     return model
 
@@ -596,7 +598,8 @@ class _Fit:
         )  # fmt: skip
         early = L.pytorch.callbacks.EarlyStopping(monitor=MONITOR, patience=self.patience, mode="max")
         # progress before control: the line of the last step is printed before an interrupt stops the run
-        callbacks = [history, progress, control, checkpoint, *([early] if plan.n_val else [])]
+        callbacks = [history, progress, control, checkpoint, periodic_checkpoint(ckpt_dir),
+                     *([early] if plan.n_val else [])]  # fmt: skip
         with _quiet_lightning():
             trainer = L.Trainer(**self._trainer_args(callbacks))
         log.info(plan.describe(sections, self.time_budget, ckpt_dir, self.resumed))
@@ -709,7 +712,8 @@ class _Fit:
             # caught itself (a second Ctrl-C); both become one message that says where the checkpoint is
             if isinstance(e, SystemExit) and not control.interrupted:
                 raise
-            exc = interrupted(int(trainer.global_step), control.saved_step, ckpt_dir / "last.ckpt")
+            last = ckpt_dir / "last.ckpt"
+            exc = interrupted(int(trainer.global_step), checkpoint_step(last), last)
             log.warn(str(exc))
             raise exc from None
 
@@ -726,7 +730,7 @@ def _model_from(module: DiffSTModule, best: str | None, sections: list[Section],
     net.load_state_dict(ema_state)
     prep = sections[0].prep
     return DiffST(config=module.config, net=net, genes=list(prep.genes), gene_scale=sections[0].gene_scale,
-                  lr_scale=prep.lr_scale, units=data_units(prep, module.config.image_um), history=list(history),
+                  lr_scale=prep.lr_scale, units=ModelUnits.of(prep, module.config.image_um), history=list(history),
                   info=info)  # fmt: skip
 
 
@@ -791,9 +795,10 @@ def _best(rows: list[dict[str, float]], name: str) -> float | None:
     return float(min(values)) if values else None
 
 
-def _summary(info: dict[str, Any]) -> str:
-    if info.get("guard"):
-        return guard_summary(info["guard"])
+def _summary(model: DiffST) -> str:
+    info = model.info
+    if model.guard is not None:
+        return guard_summary(model.guard)
     if info.get("best_val_pcc") is not None:
         return f"best val PCC {info['best_val_pcc']:.3f}, no guard"
     return "not validated"
