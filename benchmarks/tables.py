@@ -222,6 +222,21 @@ def readme_real() -> str:
     return markdown(pd.DataFrame(rows)) + "\n\n" + _provenance("real.csv", command=REAL_COMMAND)
 
 
+def prepare() -> str:
+    """``prepare``'s wall time and peak memory against the transcript count, and the growth from the smallest slide."""
+    df = _csv("prepare.csv").sort_values("transcripts_m")
+    first = df.iloc[0]
+    rows = [{
+        "transcripts": f"{r.transcripts_m:g} M", "panel": f"{r.panel:,} genes", "slide": f"{r.side_mm:g} mm",
+        "genes prepared": int(r.genes), "wall time": f"{r.seconds:.0f} s", "peak RSS": f"{r.peak_rss_gib:.2f} GiB",
+        f"time / time at {first.transcripts_m:g} M": f"{r.seconds / first.seconds:.1f}×",
+        f"memory / memory at {first.transcripts_m:g} M": f"{r.peak_rss_gib / first.peak_rss_gib:.2f}×",
+    } for r in df.itertuples()]  # fmt: skip
+    return (
+        markdown(pd.DataFrame(rows)) + "\n\n" + _provenance("prepare.csv", command="python benchmarks/bench_prepare.py")
+    )
+
+
 def readme_speed() -> str:
     """The README's time and memory of a whole slide, default arguments and with the calibrated std."""
     df = _csv("slides.csv")
@@ -364,12 +379,7 @@ HISTORY: dict[str, Callable[[], str]] = {
         ["dim", "tiles", "seconds", "mm2_per_min", "peak_rss_gib"],
         "python benchmarks/bench_features.py throughput",
     ),  # fmt: skip
-    "prepare": _summary(
-        "prepare.csv",
-        ["transcripts_m", "panel", "side_mm", "genes"],
-        ["seconds", "peak_rss_gib"],
-        "python benchmarks/bench_prepare.py",
-    ),
+    "prepare": prepare,
     "her2st-single": _summary(
         "visium_her2st.csv", ["section", "method"], ["pcc", "rmse"], f"{_V} her2st --budget none"
     ),
