@@ -73,6 +73,8 @@ nitpick_ignore_regex = [
     # private classes that appear in public signatures' type hints (not documented on purpose)
     (r"py:class", r"diffst\._contract\.Prepared"),
     (r"py:class", r"diffst\._degradation\.(BinDegradation|SpotDegradation)"),
+    # the model's records, whose fields the DiffST docstring lists
+    (r"py:class", r"diffst\.tl\._model\.(Guard|ModelUnits)"),
 ]
 
 # --- MyST and notebooks ------------------------------------------------------------------------------------------
