@@ -162,7 +162,11 @@ def child(args: list[str]) -> dict:
 
 
 def slides(quick: bool) -> None:
+    from _common import append
+
     base = 1500.0 if quick else 6500.0
+    path = Path(__file__).parent / "results" / f"slides{'_quick' if quick else ''}.csv"
+    path.unlink(missing_ok=True)
     results = {}
     for factor in (1, 2):  # side × 2 = area × 4
         size = base * factor
@@ -170,7 +174,11 @@ def slides(quick: bool) -> None:
         if not store.exists():
             subprocess.run([sys.executable, __file__, "--build", str(size), str(store)], check=True)
         for n in (1, 4):
-            results[factor, n] = child(["--run", str(store), str(n)])
+            results[factor, n] = r = child(["--run", str(store), str(n)])
+            # each slide's row as soon as it is measured: a long run stopped midway keeps what it measured
+            append(path, [{"what": "super_resolve", "side_mm": size / 1000, "hr_pixels": r["hr_shape"][0] * r["hr_shape"][1],
+                           "n_samples": n, "seconds": r["seconds"], "peak_rss_gib": r["peak_rss_gib"],
+                           "calls": r["calls"], "windows": r["windows_in_calls"]}])  # fmt: skip
     print("\nwhole-slide super-resolution (25 genes at 10 µm, default preset, zarr-backed, a fresh process each; "
           "default arguments, then n_samples=4 for the calibrated std):")  # fmt: skip
     print("| slide | HR pixels | n_samples | wall s | peak RSS GiB | network calls | windows through the network |")
@@ -184,15 +192,8 @@ def slides(quick: bool) -> None:
         print(f"4× area, n_samples={n}: time × {b['seconds'] / a['seconds']:.2f}, "
               f"peak memory × {b['peak_rss_gib'] / a['peak_rss_gib']:.2f}")  # fmt: skip
     t = child(["--train", str(CACHE / f"slide25_{int(base)}.zarr")])
-    from _common import append
-
-    path = Path(__file__).parent / "results" / f"slides{'_quick' if quick else ''}.csv"
-    path.unlink(missing_ok=True)
-    rows = [{"what": "super_resolve", "side_mm": base * factor / 1000, "hr_pixels": r["hr_shape"][0] * r["hr_shape"][1],
-             "n_samples": n, "seconds": r["seconds"], "peak_rss_gib": r["peak_rss_gib"], "calls": r["calls"],
-             "windows": r["windows_in_calls"]} for (factor, n), r in results.items()]  # fmt: skip
-    rows.append({"what": "train, outside its loop", "side_mm": base / 1000, "seconds": t["outside_seconds"],
-                 "loop_seconds": t["loop_seconds"], "steps": t["steps"], "peak_rss_gib": t["peak_rss_gib"]})  # fmt: skip
+    rows = [{"what": "train, outside its loop", "side_mm": base / 1000, "seconds": t["outside_seconds"],
+              "loop_seconds": t["loop_seconds"], "steps": t["steps"], "peak_rss_gib": t["peak_rss_gib"]}]  # fmt: skip
     append(path, rows)
     print(f"\ntrain(max_epochs=1) on the {base / 1000:g} mm slide: {t['seconds']:.0f} s in all, {t['loop_seconds']:.0f} s "
           f"in its training loop ({t['steps']} steps), {t['outside_seconds']:.0f} s outside it (datasets, fitted floor, "
