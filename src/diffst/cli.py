@@ -646,14 +646,8 @@ def _cmd_evaluate_spots(args: argparse.Namespace) -> int:
     output = _output_file(args.output)
     sdata = _read(args.path)
     df = evaluate_spots(sdata, **_kwargs(args))
-    import pandas as pd
-
-    with pd.option_context("display.width", 160, "display.max_columns", 20, "display.float_format", "{:.4f}".format):
-        print(f"{df.attrs.get('spots')} held-out spots of the {args.split} tiles, each predicted while hidden:")
-        print(df)
-    if output is not None:
-        df.to_csv(output)
-        print(f"wrote {output}")
+    _show_scores(df, f"{df.attrs.get('spots')} held-out spots of the {args.split} tiles, each predicted while hidden:",
+                 output)  # fmt: skip
     return 0
 
 
@@ -687,15 +681,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     output = _output_file(args.output)
     sdata = _read(args.path)
     df = evaluate(sdata, **_kwargs(args))
+    _show_scores(df, f"{args.key} ({df.attrs.get('method')}) on the {args.split} tiles:", output)
+    return 0
+
+
+def _show_scores(df, title: str, output: Path | None) -> None:
+    """Print a table of scores under its title; write it as CSV to ``output`` when given."""
     import pandas as pd
 
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.float_format", "{:.4f}".format):
-        print(f"{args.key} ({df.attrs.get('method')}) on the {args.split} tiles:")
+        print(title)
         print(df)
     if output is not None:
         df.to_csv(output)
         print(f"wrote {output}")
-    return 0
 
 
 # --------------------------------------------------------------------------------------------------------------------
