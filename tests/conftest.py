@@ -52,6 +52,19 @@ def _training_is_marked_slow(request: pytest.FixtureRequest, monkeypatch: pytest
 
 
 @pytest.fixture
+def cluster_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For a test that starts a dask ``LocalCluster``: its nannies set ``OMP_NUM_THREADS=1`` & co. in this process's
+    environment; the variables are restored after the test."""
+    import os
+
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_", "DASK_PARENT"):
+        present = name in os.environ
+        monkeypatch.setenv(name, os.environ.get(name, ""))  # monkeypatch now restores its state at teardown
+        if not present:
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
 def quiet() -> Iterator[None]:
     """``dst.settings.verbosity = 0`` for one test (modules opt in with ``pytestmark = usefixtures("quiet")``)."""
     before = dst.settings.verbosity

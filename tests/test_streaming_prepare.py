@@ -4,8 +4,6 @@ and no step holds every transcript at once."""
 
 from __future__ import annotations
 
-import os
-
 import dask.dataframe as dd
 import numpy as np
 import pytest
@@ -81,14 +79,8 @@ def test_no_step_holds_every_transcript_at_once(monkeypatch, log_lines):
 
 
 @pytest.mark.slow
-def test_a_distributed_cluster_gives_the_same_rasters(monkeypatch):
+def test_a_distributed_cluster_gives_the_same_rasters(cluster_env):
     distributed = pytest.importorskip("distributed")
-    # the cluster's nannies set OMP_NUM_THREADS=1 & co. in this process's environment: undo that after the test
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_", "DASK_PARENT"):
-        present = name in os.environ
-        monkeypatch.setenv(name, os.environ.get(name, ""))
-        if not present:
-            monkeypatch.delenv(name)
     local, _ = _slide(6)
     dst.pp.prepare(local, genes=4, **PREPARE)
     remote, _ = _slide(6)

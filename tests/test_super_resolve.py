@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 
 import numpy as np
 import pandas as pd
@@ -230,14 +229,8 @@ def test_same_seed_same_map_different_seed_different(trained):
 
 
 @pytest.mark.slow
-def test_dask_distributed_cluster_gives_the_same_map(trained, monkeypatch):
+def test_dask_distributed_cluster_gives_the_same_map(trained, cluster_env):
     distributed = pytest.importorskip("distributed")
-    # the cluster's nannies set OMP_NUM_THREADS=1 & co. in this process's environment: undo that after the test
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_", "DASK_PARENT"):
-        present = name in os.environ
-        monkeypatch.setenv(name, os.environ.get(name, ""))  # monkeypatch now restores its state at teardown
-        if not present:
-            monkeypatch.delenv(name)
     sdata, model = trained
     local = dst.tl.super_resolve(sdata, model=model, seed=7, inplace=False, block_lr=8)["mean"].values
     with (
