@@ -60,6 +60,7 @@ def test_offline_weights_file_gives_the_same_encoder(tmp_path):
         TimmEncoder(VIT, weights=tmp_path / "missing.safetensors")
 
 
+@pytest.mark.slow
 def test_timm_features_train_and_refuse_other_weights(tmp_path):
     sdata = _he_with_square()
     dst.pp.image_features(sdata, encoder=_encoder(), n_components=8)
