@@ -57,6 +57,38 @@ def test_holdout_is_a_band_along_the_longer_side_with_a_fifth_of_the_pixels():
     assert train.sum() == 1 and val.sum() == 1
 
 
+def test_the_held_out_band_lies_on_tissue_when_the_tiles_reach_past_it():
+    # two tiles side by side (4 × 8 LR px); tissue covers only the first five columns, as a small crop on a large grid
+    region = np.zeros((8, 8), dtype=bool)
+    region[:4] = True
+    tissue = np.zeros((8, 8), dtype=bool)
+    tissue[:5, :5] = True
+    train, val = holdout(region)
+    assert not (val & tissue).any()  # without the mask the band is the empty far columns: nothing to score
+    train, val = holdout(region, tissue=tissue)
+    assert not (train & val).any() and np.array_equal(train | val, region)
+    on_tissue = (val & tissue).sum() / (region & tissue).sum()
+    assert 0.15 <= on_tissue <= 0.3 and (train & tissue).sum() == 16
+    assert val[:4, 4:].all()  # whole lines of the region, margin included: windows fit in the band
+    assert not val[:, :4].any()
+
+
+def test_train_refuses_validation_without_counts_before_any_work(monkeypatch):
+    sdata = _prepared()
+    prep = Prepared.from_sdata(sdata, "diffst")
+    lr = sdata[prep.elements["lr"]]
+    val = np.zeros(prep.grid.lr_shape, dtype=bool)
+    t = prep.tile_lr
+    for r0, c0 in zip(prep.tiles(sdata, "val")["lr_row0"], prep.tiles(sdata, "val")["lr_col0"], strict=True):
+        val[int(r0) : int(r0) + t, int(c0) : int(c0) + t] = True
+    assert val.any()
+    counts = lr.values.copy()
+    counts[:, val] = 0  # the validation tiles hold nothing
+    lr.data = counts
+    with pytest.raises(ValueError, match="No transcript or count lies in the validation tiles"):
+        dst.tl.train(sdata, **FAST)
+
+
 def test_prepare_does_not_report_a_missing_validation_tile_as_a_problem(log_lines, monkeypatch):
     monkeypatch.setattr(dst.settings, "verbosity", 1)
     _prepared(size_um=240, tile_um=240.0)  # 0.06 mm²: one tile, so no validation and no test tile

@@ -503,6 +503,17 @@ class Prepared:
         """The spatialdata transformation of the HR grid to the prepared coordinate system."""
         return self.grid.transform(self.um_per_px, "hr")
 
+    def tissue(self, sdata: SpatialData) -> np.ndarray:
+        """The prepared tissue mask on the LR grid (bool ``(h, w)``)."""
+        from ._spatial import image_levels
+
+        name = self.elements["tissue"]
+        mask = np.asarray(image_levels(sdata[name])[0].values).squeeze() > 0
+        if mask.shape != self.grid.lr_shape:
+            msg = f"labels[{name!r}] has shape {mask.shape}, not the LR grid {self.grid.lr_shape}; rerun `dst.pp.prepare`."
+            raise ContractError(msg)
+        return mask
+
     def tiles(self, sdata: SpatialData, split: str | None = None) -> gpd.GeoDataFrame:
         """The tiles (optionally of one split)."""
         tiles = sdata[self.elements["tiles"]]

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._spatial import image_levels, transform_points
+from .._spatial import transform_points
 from ..pp._tiles import SPLITS
 from ._source import HRSource, resolve
 
@@ -73,7 +73,7 @@ def pixels(
     affine = src.hr_affine(cs)
     idx, genes = src.gene_index(genes)
 
-    tissue_lr = _tissue_lr(sdata, src)
+    tissue_lr = src.prep.tissue(sdata)
     s = grid.scale
     if tissue_only:
         rows, cols = np.nonzero(np.kron(tissue_lr, np.ones((s, s), dtype=bool)))
@@ -121,16 +121,6 @@ def pixels(
         "tissue_only": bool(tissue_only),
     }
     return adata
-
-
-def _tissue_lr(sdata: SpatialData, src: HRSource) -> np.ndarray:
-    """The prepared tissue mask on the LR grid (bool)."""
-    name = src.prep.elements["tissue"]
-    mask = np.asarray(image_levels(sdata.labels[name])[0].values) > 0
-    if mask.shape != src.prep.grid.lr_shape:
-        msg = f"labels[{name!r}] has shape {mask.shape}, not the LR grid {src.prep.grid.lr_shape}; rerun `dst.pp.prepare`."
-        raise ValueError(msg)
-    return mask
 
 
 def _tile_split(sdata: SpatialData, src: HRSource, lr_rows: np.ndarray, lr_cols: np.ndarray) -> pd.Categorical:

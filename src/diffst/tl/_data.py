@@ -254,27 +254,33 @@ def choose_window(region: np.ndarray | list[np.ndarray], max_size: int, min_posi
 HOLDOUT_SHARE = 0.2
 
 
-def holdout(region: np.ndarray, share: float = HOLDOUT_SHARE) -> tuple[np.ndarray, np.ndarray]:
+def holdout(
+    region: np.ndarray, share: float = HOLDOUT_SHARE, tissue: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Split a training region ``(h, w)`` of LR pixels into a training part and a spatially blocked validation band.
 
-    The band is the last rows (or columns, along the region's longer side) that hold about ``share`` of its pixels,
-    at least one line of them; the rest trains. Neighbouring pixels share structure, so a band (not scattered
-    pixels) is what tells how the model does on tissue it has not seen.
+    The band is the last rows (or columns, along the region's longer side) that hold about ``share`` of its tissue
+    pixels, at least one line of them; the rest trains. Neighbouring pixels share structure, so a band (not scattered
+    pixels) is what tells how the model does on tissue it has not seen. With ``tissue`` (the prepared LR tissue
+    mask), lines are counted over the region's tissue pixels only, so the band never falls in the empty margin of a
+    tile that reaches past the tissue; the band still takes the whole lines of the region (margin included) from its
+    first tissue line to the far end, so validation windows fit in it.
     """
-    rows, cols = np.nonzero(region)
+    inside = region if tissue is None or not (region & tissue).any() else region & tissue
+    rows, cols = np.nonzero(inside)
     if len(rows) < 2:
         return region.copy(), np.zeros_like(region)
     axis = 0 if rows.max() - rows.min() >= cols.max() - cols.min() else 1
     lines = np.sort(np.unique(rows if axis == 0 else cols))[::-1]  # from the far end
-    per_line = np.array([int(region[line].sum() if axis == 0 else region[:, line].sum()) for line in lines])
+    per_line = np.array([int(inside[line].sum() if axis == 0 else inside[:, line].sum()) for line in lines])
     # the number of lines whose pixels come nearest the share (at least one; at least one line left to train on)
     n = int(np.argmin(np.abs(np.cumsum(per_line) - share * len(rows)))) + 1
     n = min(max(1, n), len(lines) - 1)
     val = np.zeros_like(region)
     if axis == 0:
-        val[lines[:n]] = region[lines[:n]]
+        val[lines[n - 1] :] = region[lines[n - 1] :]
     else:
-        val[:, lines[:n]] = region[:, lines[:n]]
+        val[:, lines[n - 1] :] = region[:, lines[n - 1] :]
     return region & ~val, val
 
 

@@ -173,7 +173,7 @@ class InferencePipeline:
         stride = max(1, int(round(window_lr * (1 - tile_overlap))))
         overlap_hr = (window_lr - stride) * grid.scale
         h, w = grid.lr_shape
-        tissue = np.asarray(sdata[prep.elements["tissue"]].values, dtype=bool)
+        tissue = prep.tissue(sdata)
         reach = ndimage.binary_dilation(tissue, iterations=1) if tissue.any() else tissue
         rows = _starts(h, window_lr, stride)
         cols = _starts(w, window_lr, stride)

@@ -31,6 +31,7 @@ from .. import _logging as log
 from .._contract import update_record
 from .._device import lightning_device, resolve_device
 from .._settings import settings
+from .._spatial import image_levels
 from ..features import is_encoder_spec
 from ..model import DiffSTConfig, DiffSTNet
 from ..model.floor import default_exponents, fit_stain_exponents
@@ -327,7 +328,8 @@ def _sections(sdata, key: str, supervision: str, encoder: str) -> list[Section]:
         val_region = split_region(prep, s, "val")
         held_out = not val_region.any()
         if held_out:
-            train_region, val_region = holdout(train_region)
+            train_region, val_region = holdout(train_region, tissue=prep.tissue(s))
+        _check_validation_counts(s, prep, val_region, held_out, f" of section {i}" if len(many) > 1 else "")
         if supervision == "lr":
             _check_spots(prep, train_region)
         gene_scale = prep.hr_scale if supervision == "hr" else prep.lr_scale
@@ -392,6 +394,19 @@ def _supervision(prep: Prepared, key: str, supervision: str) -> str:
                 "alone (supervision='lr'; see dst.tl.train)"
             )
     return supervision
+
+
+def _check_validation_counts(sdata, prep: Prepared, region: np.ndarray, held_out: bool, where: str) -> None:
+    """Refuse validation pixels without a single count (scores, early stopping and the guard would run on nothing)."""
+    total = np.asarray(image_levels(sdata[prep.elements["lr"]])[0].data.sum(axis=0))  # (h, w), the LR grid is small
+    if float(total[region].sum()) > 0:
+        return
+    what = "the band of the training tiles held out for validation" if held_out else "the validation tiles"
+    msg = (
+        f"No transcript or count lies in {what}{where}: validation would score nothing. Prepare again with other "
+        "tiles (a smaller `tile_um`, or `split=` with a validation share) so that validation covers tissue."
+    )
+    raise ValueError(msg)
 
 
 def _check_spots(prep: Prepared, region) -> None:
