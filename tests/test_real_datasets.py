@@ -318,7 +318,7 @@ def test_cosmx_transcripts_land_on_their_cells(cosmx):
 
 @realdata
 @pytest.mark.slow
-def test_her2st_tiles_default_to_four_spot_pitches(log_lines, monkeypatch):
+def test_her2st_tiles_default_to_four_spot_pitches(datadir, log_lines, monkeypatch):
     # The ST array's spots are 200 µm apart: a 400 µm tile would hold about four spots, too few to learn from
     monkeypatch.setattr(diffst.settings, "verbosity", 1)
     st = her2st("C3")

@@ -101,7 +101,7 @@ class Validation:
     def blocks(self, window_lr: int) -> list[tuple[int, int, int, int]]:
         """Rectangles of LR pixels ``(r0, c0, r1, c1)`` that cover the validation pixels exactly.
 
-        Of a large slide's validation tiles, an evenly spread subset of :data:`MAX_GUARD_MM2` at most: enough pixels
+        Of a held-out band, its tissue pixels. Of a large slide's validation tiles, an evenly spread subset of :data:`MAX_GUARD_MM2` at most: enough pixels
         to fit a weight and a std scale per gene, at a bounded cost.
         """
         if self.region is None:
@@ -112,7 +112,9 @@ class Validation:
             if len(origins) > keep:
                 origins = [origins[i] for i in np.unique(np.linspace(0, len(origins) - 1, keep).round().astype(int))]
             return tile_blocks(origins, self.prep.tile_lr, DEFAULT_BLOCK_LR)
-        return tile_blocks(map(tuple, np.argwhere(self.region)), 1, DEFAULT_BLOCK_LR)
+        # the held-out band's tissue pixels: its windows may reach into the empty margin of a tile, its scores do not
+        on_tissue = self.region & self.prep.tissue(self.sdata)
+        return tile_blocks(map(tuple, np.argwhere(on_tissue if on_tissue.any() else self.region)), 1, DEFAULT_BLOCK_LR)
 
     def window_origins(self, window_lr: int) -> np.ndarray:
         """Fixed model windows over the validation pixels (the tiles', or inside the held-out region)."""
