@@ -377,6 +377,37 @@ def flips(args) -> None:
                                   seconds=time.perf_counter() - t0, **labels))  # fmt: skip
 
 
+def precision(args) -> None:
+    """Paired on the models of ``real`` (the default path, cached): ``super_resolve`` with its default arguments in
+    float32 and in bfloat16 (``precision=``), same model, seed and tiles: test scores, wall time and the largest change
+    of the map. The guard is the one training fitted (in float32)."""
+    path = RESULTS / f"precision{'_quick' if args.quick else ''}.csv"
+    prev = done(path)
+    for dataset in args.datasets:
+        for scale in args.scales:
+            for seed in args.seeds:
+                labels = {"dataset": dataset, "scale": scale, "seed": seed}
+                if not prev.empty and ((prev.dataset == dataset) & (prev.scale == scale) & (prev.seed == seed)).any():
+                    continue
+                sdata = load(dataset, scale, seed, args.quick)
+                model = train(sdata, seed, args.quick, f"real_{dataset}{scale}_{seed}_default")
+                rows, maps = [], {}
+                for name in ("float32", "bfloat16"):
+                    t0 = time.perf_counter()
+                    dst.tl.super_resolve(sdata, model=model, seed=seed, precision=name, key_added=f"sr_{name}")
+                    seconds = time.perf_counter() - t0
+                    maps[name] = np.asarray(sdata[f"sr_{name}"].values)
+                    rows.append(score(sdata, f"sr_{name}", precision=name, seconds=seconds, **labels))
+                diff = float(np.abs(maps["bfloat16"] - maps["float32"]).max())
+                rows = [{**r, "max_abs_diff_counts": diff} for r in rows]
+                append(path, rows)
+                print(
+                    f"precision {dataset} {scale}× seed {seed}: "
+                    + ", ".join(f"{r['precision']} PCC {r['pcc']:.4f} {r['seconds']:.0f} s" for r in rows),
+                    flush=True,
+                )
+
+
 def _arm(flips: pd.DataFrame, averaged: bool) -> pd.DataFrame:
     """The rows of ``flips`` with the head averaged (``True``) or plain (the CSV may read the flag as text)."""
     return flips[flips.average_flips.astype(str) == str(averaged)]
@@ -679,7 +710,19 @@ def main() -> None:
     parser.add_argument(
         "experiments",
         nargs="+",
-        choices=["accuracy", "base", "coverage", "curve", "flips", "quality", "ablation", "real", "samples", "report"],
+        choices=[
+            "accuracy",
+            "base",
+            "coverage",
+            "curve",
+            "flips",
+            "precision",
+            "quality",
+            "ablation",
+            "real",
+            "samples",
+            "report",
+        ],
     )
     parser.add_argument(
         "--datasets",
@@ -714,7 +757,7 @@ def main() -> None:
         if args.fresh and exp != "report":
             (RESULTS / f"{exp}{'_quick' if args.quick else ''}.csv").unlink(missing_ok=True)
         experiments = {"accuracy": accuracy, "base": base, "coverage": coverage, "curve": curve, "flips": flips,
-                       "quality": quality, "ablation": ablation, "real": real, "samples": samples,
+                       "precision": precision, "quality": quality, "ablation": ablation, "real": real, "samples": samples,
                        "report": report}  # fmt: skip
         experiments[exp](args)
 

@@ -6,7 +6,8 @@
 2. Slide: ``dst.tl.super_resolve`` with its default arguments (the mean head averaged over the 8 rotations/flips,
    the guard's blend with the floor, one sample: no std) and with ``n_samples=4`` (the calibrated std), of 25 genes at
    10 µm over a 6.5 mm × 6.5 mm synthetic slide read from a zarr store (results written back to the store), and of a
-   slide with 4× the area, each in a fresh process: wall time, peak resident memory, network calls. The model is a
+   slide with 4× the area, each in a fresh process: wall time, peak resident memory, network calls; on the first slide
+   also with ``precision="float32"`` where the default (``"auto"``) chose bfloat16. The model is a
    default-preset one with a guard, untrained (the weights do not change the time). Then one epoch of
    ``dst.tl.train`` on the 6.5 mm slide: the time outside its training loop (datasets, fitted floor, guard, saving).
 
@@ -113,9 +114,9 @@ def slide_model(sdata):
                   guard=guard, info={"prepared_fingerprint": fingerprint(prep)})  # fmt: skip
 
 
-def run_slide(path: str, n_samples: int) -> None:
-    """Child process: super-resolve a stored slide with the defaults (and ``n_samples``); print JSON with time, memory
-    and network calls."""
+def run_slide(path: str, n_samples: int, precision: str = "auto") -> None:
+    """Child process: super-resolve a stored slide with the defaults (and ``n_samples``, ``precision``); print JSON
+    with time, memory, network calls and the precision used."""
     import spatialdata as sd
     from _common import measure
 
@@ -134,9 +135,10 @@ def run_slide(path: str, n_samples: int) -> None:
 
     model.net.forward = counted
     with measure() as m:
-        dst.tl.super_resolve(sdata, model=model, n_samples=n_samples, overwrite=True)
+        dst.tl.super_resolve(sdata, model=model, n_samples=n_samples, precision=precision, overwrite=True)
     hr = sdata.attrs["diffst"]["grid"]["hr_shape"]
-    print(json.dumps({**m, "calls": len(calls), "windows_in_calls": sum(calls), "hr_shape": hr}))
+    used = sdata.attrs["diffst_sr"]["precision"]
+    print(json.dumps({**m, "calls": len(calls), "windows_in_calls": sum(calls), "hr_shape": hr, "precision": used}))
 
 
 def run_train(path: str) -> None:
@@ -173,24 +175,39 @@ def slides(quick: bool) -> None:
         store = CACHE / f"slide25_{int(size)}.zarr"
         if not store.exists():
             subprocess.run([sys.executable, __file__, "--build", str(size), str(store)], check=True)
-        for n in (1, 4):
-            results[factor, n] = r = child(["--run", str(store), str(n)])
+        # the defaults; n_samples=4 (the calibrated std); on the first slide also float32, where "auto" chose
+        # bfloat16 (this CPU computes it natively; a laptop CPU without bfloat16 units runs float32)
+        for n, precision in ((1, "auto"), (4, "auto"), *([(1, "float32")] if factor == 1 else [])):
+            r = child(["--run", str(store), str(n), precision])
+            if precision == "float32" and r["precision"] == results[factor, 1]["precision"]:
+                continue  # "auto" was float32 already
+            results[factor, n, precision] = r
             # each slide's row as soon as it is measured: a long run stopped midway keeps what it measured
             append(path, [{"what": "super_resolve", "side_mm": size / 1000, "hr_pixels": r["hr_shape"][0] * r["hr_shape"][1],
-                           "n_samples": n, "seconds": r["seconds"], "peak_rss_gib": r["peak_rss_gib"],
-                           "calls": r["calls"], "windows": r["windows_in_calls"]}])  # fmt: skip
+                           "n_samples": n, "precision_asked": precision, "precision": r["precision"], "seconds": r["seconds"],
+                           "peak_rss_gib": r["peak_rss_gib"], "calls": r["calls"],
+                           "windows": r["windows_in_calls"]}])  # fmt: skip
+            if precision == "auto":
+                results[factor, n] = r
     print("\nwhole-slide super-resolution (25 genes at 10 µm, default preset, zarr-backed, a fresh process each; "
           "default arguments, then n_samples=4 for the calibrated std):")  # fmt: skip
-    print("| slide | HR pixels | n_samples | wall s | peak RSS GiB | network calls | windows through the network |")
-    print("|---|---|---|---|---|---|---|")
-    for (factor, n), r in results.items():
-        side = base * factor / 1000
-        print(f"| {side:g} mm × {side:g} mm | {r['hr_shape'][0]}×{r['hr_shape'][1]} | {n} | {r['seconds']:.0f} | "
-              f"{r['peak_rss_gib']:.2f} | {r['calls']} | {r['windows_in_calls']} |")  # fmt: skip
+    print(
+        "| slide | HR pixels | n_samples | precision | wall s | peak RSS GiB | network calls | windows through the network |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for key, r in results.items():
+        if len(key) == 2:
+            continue
+        side = base * key[0] / 1000
+        print(f"| {side:g} mm × {side:g} mm | {r['hr_shape'][0]}×{r['hr_shape'][1]} | {key[1]} | {r['precision']} | "
+              f"{r['seconds']:.0f} | {r['peak_rss_gib']:.2f} | {r['calls']} | {r['windows_in_calls']} |")  # fmt: skip
     for n in (1, 4):
         a, b = results[1, n], results[2, n]
         print(f"4× area, n_samples={n}: time × {b['seconds'] / a['seconds']:.2f}, "
               f"peak memory × {b['peak_rss_gib'] / a['peak_rss_gib']:.2f}")  # fmt: skip
+    if (1, 1, "float32") in results:
+        print(f"bfloat16 against float32 (6.5 mm, n_samples=1): time × "
+              f"{results[1, 1]['seconds'] / results[1, 1, 'float32']['seconds']:.2f}")  # fmt: skip
     t = child(["--train", str(CACHE / f"slide25_{int(base)}.zarr")])
     rows = [{"what": "train, outside its loop", "side_mm": base / 1000, "seconds": t["outside_seconds"],
               "loop_seconds": t["loop_seconds"], "steps": t["steps"], "peak_rss_gib": t["peak_rss_gib"]}]  # fmt: skip
@@ -205,7 +222,7 @@ def main() -> None:
         build_store(float(sys.argv[2]), sys.argv[3])
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--run":
-        run_slide(sys.argv[2], int(sys.argv[3]))
+        run_slide(sys.argv[2], int(sys.argv[3]), *sys.argv[4:5])
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--train":
         run_train(sys.argv[2])

@@ -186,24 +186,46 @@ def her2st_pooled() -> str:
 # Speed
 # --------------------------------------------------------------------------------------------------------------------
 def slides() -> str:
-    """Whole-slide super-resolution with the defaults and with n_samples=4, and train's time outside its loop."""
+    """Whole-slide super-resolution with the defaults, with n_samples=4 and in float32, and train's time outside its
+    loop."""
     df = _csv("slides.csv")
     sr = df[df.what == "super_resolve"]
     rows = [{
-        "slide": f"{r.side_mm:g} mm × {r.side_mm:g} mm", "n_samples": int(r.n_samples), "wall time": f"{r.seconds:.0f} s",
-        "peak memory": f"{r.peak_rss_gib:.2f} GiB", "network calls": int(r.calls), "windows through the network": int(r.windows),
+        "slide": f"{r.side_mm:g} mm × {r.side_mm:g} mm", "n_samples": int(r.n_samples),
+        "precision": r.precision + (" (default)" if r.precision_asked == "auto" else ""),
+        "wall time": f"{r.seconds:.0f} s", "peak memory": f"{r.peak_rss_gib:.2f} GiB", "network calls": int(r.calls),
+        "windows through the network": int(r.windows),
     } for r in sr.itertuples()]  # fmt: skip
-    t = df[df.what != "super_resolve"].iloc[0]
+    t = df[df.what != "super_resolve"]
     note = (
-        f"`train(max_epochs=1)` on the {t.side_mm:g} mm slide: {t.seconds:.0f} s outside its training loop (datasets, "
-        f"fitted floor, guard, saving), {t.loop_seconds:.0f} s in it ({int(t.steps)} steps)."
+        ""
+        if t.empty
+        else f"`train(max_epochs=1)` on the {t.iloc[0].side_mm:g} mm slide: {t.iloc[0].seconds:.0f} s outside its "
+        f"training loop (datasets, fitted floor, guard, saving), {t.iloc[0].loop_seconds:.0f} s in it "
+        f"({int(t.iloc[0].steps)} steps).\n\n"
     )
     return (
         markdown(pd.DataFrame(rows))
         + "\n\n"
         + note
-        + "\n\n"
         + _provenance("slides.csv", command="python benchmarks/bench_super_resolve.py --only slides")
+    )
+
+
+def precision() -> str:
+    """bfloat16 against float32 on the same real-tissue models: test PCC and the largest change of a map."""
+    df = _csv("precision.csv")
+    piv = df.pivot_table(index=["dataset", "scale", "seed"], columns="precision", values="pcc")
+    diff = df.groupby(["dataset", "scale", "seed"])["max_abs_diff_counts"].first()
+    rows = [{
+        "data, seed": f"{REAL_NAMES.get(d, d)}, {sc}×, seed {seed}", "PCC float32": f"{r['float32']:.4f}",
+        "PCC bfloat16": f"{r['bfloat16']:.4f}", "ΔPCC": f"{r['bfloat16'] - r['float32']:+.4f}",
+        "largest change of a pixel (counts)": f"{diff[d, sc, seed]:.3f}",
+    } for (d, sc, seed), r in piv.iterrows()]  # fmt: skip
+    return (
+        markdown(pd.DataFrame(rows))
+        + "\n\n"
+        + _provenance("precision.csv", command="cd benchmarks && python bench_quality.py precision --datasets merfish")
     )
 
 
@@ -238,16 +260,20 @@ def prepare() -> str:
 
 
 def readme_speed() -> str:
-    """The README's time and memory of a whole slide, default arguments and with the calibrated std."""
+    """The README's time and memory of a whole slide: default arguments, with the calibrated std, in float32."""
     df = _csv("slides.csv")
     sr = df[df.what == "super_resolve"]
+    default = sr[sr.precision_asked == "auto"]
+    cell = {
+        (r.side_mm, r.n_samples, r.precision_asked): f"{r.seconds:.0f} s, {r.peak_rss_gib:.1f} GiB"
+        for r in sr.itertuples()
+    }
     rows = [{
-        "whole slide, 25 genes at 10 µm": f"{r.side_mm:g} mm × {r.side_mm:g} mm",
-        "`super_resolve` defaults": f"{r.seconds:.0f} s, {r.peak_rss_gib:.1f} GiB",
-    } for r in sr[sr.n_samples == 1].itertuples()]  # fmt: skip
-    with_std = {r.side_mm: f"{r.seconds:.0f} s, {r.peak_rss_gib:.1f} GiB" for r in sr[sr.n_samples == 4].itertuples()}
-    for row, side in zip(rows, sr[sr.n_samples == 1].side_mm, strict=True):
-        row["with the std (`n_samples=4`)"] = with_std.get(side, "")
+        "whole slide, 25 genes at 10 µm": f"{side:g} mm × {side:g} mm",
+        f"`super_resolve` defaults ({default.precision.iloc[0]} here)": cell.get((side, 1, "auto"), ""),
+        "with the std (`n_samples=4`)": cell.get((side, 4, "auto"), ""),
+        "defaults in float32 (a CPU without bfloat16)": cell.get((side, 1, "float32"), "same"),
+    } for side in default.side_mm.unique()]  # fmt: skip
     return (
         markdown(pd.DataFrame(rows))
         + "\n\n"
@@ -393,6 +419,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "her2st-loso": her2st_loso,
     "her2st-pooled": her2st_pooled,
     "slides": slides,
+    "precision": precision,
     "readme-real": readme_real,
     "readme-speed": readme_speed,
     "readme-curve": readme_curve,

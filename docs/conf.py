@@ -69,7 +69,7 @@ nitpick_ignore_regex = [
         r"|Identity|Scale|Translation|Ellipsis)",
     ),
     # public type aliases (Literal[...]) shown by name in signatures
-    (r"py:(class|obj|data)", r"(GeneSelection|Sampler|SamplerName|PresetName|Preset|Units|UpsampleMethod|SizeUm|Resume|Supervision)"),
+    (r"py:(class|obj|data)", r"(GeneSelection|Sampler|SamplerName|Precision|PresetName|Preset|Units|UpsampleMethod|SizeUm|Resume|Supervision)"),
     # private classes that appear in public signatures' type hints (not documented on purpose)
     (r"py:class", r"diffst\._contract\.Prepared"),
     (r"py:class", r"diffst\._degradation\.(BinDegradation|SpotDegradation)"),

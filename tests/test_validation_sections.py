@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import diffst as dst
-from diffst._device import lightning_device, resolve_device
+from diffst import _device
+from diffst._device import lightning_device, resolve_device, resolve_precision
 from diffst._spatial import image_levels
 from diffst.tl import _inference, _train
 from diffst.tl._data import Prepared, holdout
@@ -239,6 +240,40 @@ def test_the_device_is_resolved_and_checked_before_any_work():
             dst.tl.train(sdata, device="cuda", **FAST)
     out = dst.tl.super_resolve(sdata, model=model, device="cpu", inplace=False)
     assert model.device == torch.device("cpu") and out["mean"].shape[0] == 3
+
+
+def test_the_precision_is_resolved_per_device_and_checked_before_any_work(monkeypatch):
+    cpu = torch.device("cpu")
+    assert resolve_precision("float32", cpu) is None
+    assert resolve_precision("bfloat16", cpu) is torch.bfloat16
+    monkeypatch.setattr(_device, "native_bf16", lambda device: False)
+    assert resolve_precision("auto", cpu) is None  # a laptop CPU without bfloat16 units: float32
+    monkeypatch.setattr(_device, "native_bf16", lambda device: True)
+    assert resolve_precision("auto", cpu) is torch.bfloat16
+    with pytest.raises(ValueError, match="not supported on MPS"):
+        resolve_precision("bfloat16", torch.device("mps"))
+    with pytest.raises(ValueError, match="`precision` must be one of"):
+        resolve_precision("fp8", cpu)
+    sdata = _prepared()
+    from .models import untrained
+
+    model = untrained(Prepared.from_sdata(sdata, "diffst"))
+    with pytest.raises(ValueError, match="`precision` must be one of"):
+        dst.tl.super_resolve(sdata, model=model, precision="half")
+    assert "diffst_sr" not in sdata.images
+
+
+@pytest.mark.slow
+def test_bfloat16_maps_stay_close_to_float32_and_are_recorded(tmp_path):
+    sdata = _prepared()
+    model = dst.tl.train(sdata, checkpoint_dir=tmp_path, **FAST)
+    dst.tl.super_resolve(sdata, model=model, precision="float32", key_added="f32")
+    dst.tl.super_resolve(sdata, model=model, precision="bfloat16", key_added="bf16")
+    assert sdata.attrs["f32"]["precision"] == "float32" and sdata.attrs["bf16"]["precision"] == "bfloat16"
+    a, b = _values(sdata, "f32"), _values(sdata, "bf16")
+    assert not np.array_equal(a, b)  # the network did run in bfloat16
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.999
+    assert np.abs(a - b).max() <= 0.05 * a.max()
 
 
 def test_a_model_saved_from_another_device_loads_on_the_cpu(tmp_path, monkeypatch):

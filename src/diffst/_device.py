@@ -59,6 +59,39 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+#: Precisions ``super_resolve`` accepts.
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively.
+
+    A CUDA GPU that supports it, or a CPU with AVX512-BF16/AMX (oneDNN's check); elsewhere bfloat16 is emulated and
+    slower than float32.
+    """
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the network's forward passes at inference: ``None`` for float32.
+
+    ``"auto"``: bfloat16 where the device computes it natively (:func:`native_bf16`), else float32.
+    """
+    if precision not in PRECISIONS:
+        msg = f"`precision` must be one of {PRECISIONS}; got {precision!r}."
+        raise ValueError(msg)
+    if precision == "float32" or (precision == "auto" and not native_bf16(device)):
+        return None
+    if device.type == "mps":
+        msg = "`precision='bfloat16'` is not supported on MPS; pass 'float32' or 'auto'."
+        raise ValueError(msg)
+    return torch.bfloat16
+
+
 def lightning_device(device: torch.device, devices: int | list[int]) -> dict[str, Any]:
     """Lightning's ``accelerator`` and ``devices`` for a resolved device (``devices``: how many, for DDP)."""
     if device.type == "cuda":

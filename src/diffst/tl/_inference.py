@@ -154,6 +154,8 @@ class InferencePipeline:
     batch_size: int
     seed: int
     guard: GuardBlend | None = None
+    #: Autocast dtype of the network's forward passes (``None``: float32); see :func:`diffst._device.resolve_precision`.
+    autocast: torch.dtype | None = None
     #: Maps of windows that reach several chunks, kept until their last chunk has used them (see :class:`_Shared`).
     shared: _Shared = field(default_factory=lambda: _Shared({}))
 
@@ -161,7 +163,7 @@ class InferencePipeline:
     def from_model(cls, sdata: SpatialData, prep: Prepared, model: DiffST, genes: list[str], *, sampler: str = "fast",
                    steps: int | None = None, n_samples: int = 1, average_flips: bool = True, consistency: bool = True,
                    tile_overlap: float = 0.25, batch_size: int = 16, seed: int = 0, block_lr: int = DEFAULT_BLOCK_LR,
-                   guard: bool | Guard = True) -> InferencePipeline:  # fmt: skip
+                   guard: bool | Guard = True, autocast: torch.dtype | None = None) -> InferencePipeline:  # fmt: skip
         """The pipeline of ``model`` over the prepared slide, writing ``genes``.
 
         ``guard``: ``True`` applies the model's guard (none without one), a ``Guard`` applies that one,
@@ -223,6 +225,7 @@ class InferencePipeline:
             batch_size=int(batch_size),
             seed=int(seed),
             guard=GuardBlend.from_guard(fitted, sdata, prep, model, genes) if fitted else None,
+            autocast=autocast,
         )
         pipe.shared = _Shared(pipe.chunks_per_window())
         return pipe
@@ -358,7 +361,7 @@ class InferencePipeline:
         n, g = len(group), len(self.gene_scale)
         if self.diffusion.config.supervision == "lr":
             return self._leave_out_windows(group, items, lr, mask, image, context)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast(device):
             head = self.diffusion.predict_mean(self.net, lr, mask, image, average_flips=self.average_flips,
                                                max_batch=self.batch_size, context=context)  # fmt: skip
         mean = None if head is None else to_counts(head.float().cpu().numpy(), self.gene_scale)
@@ -372,7 +375,7 @@ class InferencePipeline:
         gen = torch.Generator().manual_seed(window_seed(self.seed, int(group[0][0]), int(group[0][1])) + 1)
         rep = {"lr": lr, "mask": mask, "image": image, **({} if context is None else {"context": context})}
         rep = {name: v.repeat_interleave(k, 0) for name, v in rep.items()}
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast(device):
             x = self.diffusion.sample(
                 self.net, rep["lr"], rep["mask"], rep["image"], sampler=self.sampler, steps=self.steps, noise=noise,
                 generator=gen, mean=None if head is None else head.repeat_interleave(k, 0), context=rep.get("context"),
@@ -380,6 +383,12 @@ class InferencePipeline:
         samples = to_counts(x.float().cpu().numpy(), self.gene_scale).reshape(n, k, g, size, size)
         # the refiner's map is its mean head (samples scatter around it); the paper's is the average of samples
         return (samples.mean(axis=1) if mean is None else mean), samples.var(axis=1)
+
+    def _autocast(self, device: torch.device) -> Any:
+        """The forward passes in :attr:`autocast`'s dtype (their outputs are turned back to float32)."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast)
 
     def _leave_out_windows(
         self, group: np.ndarray, items: list[dict], lr, mask, image, context=None
