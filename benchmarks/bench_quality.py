@@ -80,8 +80,8 @@ def load(dataset: str, scale: int, seed: int, quick: bool, **prepare_kw):
     if dataset == "synthetic":
         size = 1500.0 if quick else "default"
         sdata = dst.datasets.synthetic_xenium(size_um=size, seed=seed, boundaries=False)
-        dst.pp.prepare(sdata, genes=25, scale=scale, lr_um=100, tile_um=400, image_key="he_image", seed=seed,
-                       **prepare_kw)  # fmt: skip
+        kw = {"genes": 25, **prepare_kw}
+        dst.pp.prepare(sdata, scale=scale, lr_um=100, tile_um=400, image_key="he_image", seed=seed, **kw)
     else:
         sdata = dst.datasets.merfish_mouse_brain()
         lr_um = 50 if scale == 10 else 25
@@ -375,6 +375,46 @@ def flips(args) -> None:
                                   val_pcc_model=val.get("model", {}).get("pcc"),
                                   within_2std=calibration(sdata, "sr") if n > 1 else None,
                                   seconds=time.perf_counter() - t0, **labels))  # fmt: skip
+
+
+#: Seed offsets of the second training slide (B) and of the slide no model saw (C) in ``sections``.
+SECTION_SEEDS = {"A": 0, "B": 100, "C": 200}
+
+
+def sections(args) -> None:
+    """Issue 26, several sections: a model trained on one synthetic slide (A) against one trained on two (A and B,
+    ``dst.tl.train([A, B])``, each slide with its own normalisation), default path, paired by seed, on A's test tiles;
+    and both applied to a third slide (C) neither saw, on its test tiles. The slides share the panel's gene
+    programmes (a study's sections) but not the tissue. The image floor and LR-consistent bicubic on the same tiles."""
+    path = RESULTS / f"sections{'_quick' if args.quick else ''}.csv"
+    prev = done(path)
+    for scale in args.scales:
+        for seed in args.seeds:
+            if not prev.empty and ((prev.scale == scale) & (prev.seed == seed)).any():
+                continue
+            t0 = time.perf_counter()
+            slides = {"A": load("synthetic", scale, seed, args.quick)}
+            genes = list(slides["A"].attrs["diffst"]["genes"])
+            for name in ("B", "C"):
+                slides[name] = load("synthetic", scale, seed + SECTION_SEEDS[name], args.quick, genes=genes)
+            models = {
+                "one slide (A)": train(slides["A"], seed, args.quick, f"sections_A{scale}_{seed}"),
+                "two slides (A, B)": train([slides["A"], slides["B"]], seed, args.quick, f"sections_AB{scale}_{seed}"),
+            }
+            rows = []
+            for slide in ("A", "C"):
+                sdata = slides[slide]
+                labels = {"scale": scale, "seed": seed, "slide": slide}
+                for trained_on, model in models.items():
+                    dst.tl.super_resolve(sdata, model=model, seed=seed, key_added="sr", overwrite=True)
+                    rows.append(score(sdata, "sr", method="Diff-ST", trained_on=trained_on, train_s=model.info["seconds"],
+                                      steps=model.info["steps"], **labels))  # fmt: skip
+                for name, kw in (("bicubic (LR-consistent)", {"method": "bicubic", "consistency": True}),
+                                 ("image floor", {"method": "image"})):  # fmt: skip
+                    dst.tl.upsample(sdata, key_added="base_sr", overwrite=True, **kw)
+                    rows.append(score(sdata, "base_sr", method=name, **labels))
+            append(path, rows)
+            print(f"sections {scale}× seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def precision(args) -> None:
@@ -757,7 +797,7 @@ def main() -> None:
         if args.fresh and exp != "report":
             (RESULTS / f"{exp}{'_quick' if args.quick else ''}.csv").unlink(missing_ok=True)
         experiments = {"accuracy": accuracy, "base": base, "coverage": coverage, "curve": curve, "flips": flips,
-                       "precision": precision, "quality": quality, "ablation": ablation, "real": real, "samples": samples,
+                       "precision": precision, "quality": quality, "ablation": ablation, "real": real, "samples": samples, "sections": sections,
                        "report": report}  # fmt: skip
         experiments[exp](args)
 
