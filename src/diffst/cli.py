@@ -804,7 +804,7 @@ COMMANDS: dict[str, Command] = {
         "  attrs['diffst_sr']       sampler, steps, seed, model path …\n"
         "(names follow --key-added). A store that was not prepared is prepared with the model's genes and units.",
         (
-            "model genes prepared_key image_key device sampler steps n_samples average_flips consistency tile_overlap batch_size seed units "
+            "model genes prepared_key image_key device precision sampler steps n_samples average_flips consistency tile_overlap batch_size seed units "
             "key_added overwrite block_lr"
         ).split(),
         run=_cmd_super_resolve,

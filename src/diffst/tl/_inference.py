@@ -564,8 +564,9 @@ def scratch_beside(sdata: SpatialData | None):
 def compute(stack: da.Array, scratch: Path | None, windows: int) -> Any:
     """Run the graph: into a scratch zarr store (bounded memory, for zarr-backed data) or into memory.
 
-    Without a ``dask.distributed`` client the chunks run one after the other (torch already uses every core), with a
-    progress bar over the ``windows`` window samplings; on a cluster, its dashboard shows the progress.
+    Without a ``dask.distributed`` client the chunks run one after the other in this thread (torch already uses every
+    core, and the network runs markedly slower in a worker thread than in the calling one), with a progress bar over the ``windows`` window samplings; on a cluster,
+    its dashboard shows the progress.
     """
     try:
         from distributed import get_client
@@ -575,7 +576,7 @@ def compute(stack: da.Array, scratch: Path | None, windows: int) -> Any:
     except (ImportError, ValueError):
         distributed = False
     show = not distributed and settings.verbosity >= 1
-    local = contextlib.nullcontext() if distributed else dask.config.set(scheduler="threads", num_workers=1)
+    local = contextlib.nullcontext() if distributed else dask.config.set(scheduler="synchronous")
     with _progress_bar(windows, show), local:
         if scratch is not None:
             target = str(scratch / "sr.zarr")
