@@ -57,7 +57,15 @@ def append(path, rows: list[dict]) -> None:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(path, mode="a", header=not path.exists(), index=False)
+    new = pd.DataFrame(rows)
+    if path.exists():
+        columns = list(pd.read_csv(path, nrows=0).columns)
+        if set(new.columns) <= set(columns):
+            new.reindex(columns=columns).to_csv(path, mode="a", header=False, index=False)  # by name, not position
+        else:  # new columns: rewrite the file with the union
+            pd.concat([pd.read_csv(path), new], ignore_index=True).to_csv(path, index=False)
+    else:
+        new.to_csv(path, index=False)
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=path.parent, check=True).stdout.strip()  # fmt: skip

@@ -271,8 +271,10 @@ def readme_speed() -> str:
     rows = [{
         "whole slide, 25 genes at 10 µm": f"{side:g} mm × {side:g} mm",
         f"`super_resolve` defaults ({default.precision.iloc[0]} here)": cell.get((side, 1, "auto"), ""),
-        "with the std (`n_samples=4`)": cell.get((side, 4, "auto"), ""),
-        "defaults in float32 (a CPU without bfloat16)": cell.get((side, 1, "float32"), "same"),
+        "with the std (`n_samples=4`)": cell.get((side, 4, "auto"), "not measured"),
+        "defaults in float32 (a CPU without bfloat16)": cell.get(
+            (side, 1, "float32"), "same" if default.precision.iloc[0] == "float32" else "not measured"
+        ),
     } for side in default.side_mm.unique()]  # fmt: skip
     return (
         markdown(pd.DataFrame(rows))
