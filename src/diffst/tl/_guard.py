@@ -18,12 +18,13 @@ as much as Poisson counts do, and a validation region with few counts cannot nar
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from .. import _logging as log
 from .._contract import Prepared
+from .._device import resolve_precision
 from .._normalise import to_model_units
 from ..metrics import pearson, rmse
 from ._baselines import _interpolate, _project, slide_floor
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 #: Blend weights tried per gene (0 = the image floor only, 1 = the model only).
 ALPHAS = np.round(np.linspace(0.0, 1.0, 11), 2)
 #: Most validation area (mm²) the guard runs the model on: beyond it, an evenly spread subset of the tiles.
-MAX_GUARD_MM2 = 2.0
+MAX_GUARD_MM2 = 1.0
 #: Nominal coverage of mean ± 2 std after calibration.
 COVERAGE = 0.95
 
@@ -101,8 +102,8 @@ class Validation:
     def blocks(self, window_lr: int) -> list[tuple[int, int, int, int]]:
         """Rectangles of LR pixels ``(r0, c0, r1, c1)`` that cover the validation pixels exactly.
 
-        Of a held-out band, its tissue pixels. Of a large slide's validation tiles, an evenly spread subset of :data:`MAX_GUARD_MM2` at most: enough pixels
-        to fit a weight and a std scale per gene, at a bounded cost.
+        Of a held-out band, its tissue pixels. Of a large slide's validation tiles, an evenly spread subset of
+        :data:`MAX_GUARD_MM2` at most: enough pixels to fit a weight and a std scale per gene, at a bounded cost.
         """
         if self.region is None:
             tiles = self.prep.tiles(self.sdata, self.split)
@@ -130,20 +131,20 @@ class Validation:
 
 def validation_maps(sdata: SpatialData, prep: Prepared, model: DiffST, *, split: str = "val",
                     region: np.ndarray | None = None, n_samples: int = 4, seed: int = 0,
-                    average_flips: bool = True) -> dict[str, np.ndarray] | None:  # fmt: skip
+                    average_flips: bool = True, autocast: Any = None) -> dict[str, np.ndarray] | None:  # fmt: skip
     """Model mean and std, image floor, LR-consistent bicubic and truth on the validation pixels: ``(G, pixels)``.
 
     The validation pixels are the tiles of ``split``, or the LR pixels of ``region`` (a mask, see
     :class:`Validation`). Genes in the model's order; counts per HR pixel. ``None`` when there are no such pixels or
     the data no HR truth. The model's maps are made as :func:`~diffst.tl.super_resolve` makes them (``average_flips``
-    as there).
+    and ``autocast``, the dtype of its ``precision``, as there).
     """
     where = Validation(sdata, prep, region, split)
     if where.empty() or not prep.has_hr:
         return None
     genes = list(model.genes)
     pipe = InferencePipeline.from_model(sdata, prep, model, genes, n_samples=n_samples, seed=seed,
-                                        average_flips=average_flips, guard=False)  # fmt: skip
+                                        average_flips=average_flips, guard=False, autocast=autocast)  # fmt: skip
     order = [prep.genes.index(g) for g in genes]
     lr = np.asarray(sdata[prep.elements["lr"]].values, dtype=np.float32)
     gene_scale = prep.hr_scale
@@ -212,13 +213,15 @@ def heldout_spots(sdata: SpatialData, prep: Prepared, model: DiffST, *, split: s
 
 
 def fit_guard(validation: Validation | Sequence[Validation], model: DiffST, *, n_samples: int = 4, seed: int = 0,
-              std_noise: Literal["poisson"] | None = "poisson", average_flips: bool = True) -> Guard | None:  # fmt: skip
+              std_noise: Literal["poisson"] | None = "poisson", average_flips: bool = True,
+              precision: str = "auto") -> Guard | None:  # fmt: skip
     """Fit the per-gene floor blend and std scale on validation; print the comparison table. ``None`` without any.
 
     ``validation``: where the model is validated, on one section or on each of several (their pixels pooled, each
     section's scored on its own normalisation). ``std_noise=None`` calibrates the sample spread alone, as before the
     Poisson term (for comparisons). ``average_flips``: the model's maps as :func:`~diffst.tl.super_resolve` makes
-    them by default (recorded).
+    them by default (recorded); ``precision`` likewise (``"auto"``: bfloat16 where the model's device computes it
+    natively, see :func:`~diffst.tl.super_resolve`).
 
     A model trained from the spots alone (``supervision="lr"``) is compared on the validation spots, each predicted
     while hidden (:func:`heldout_spots`); the blend weights are chosen there and the std is not calibrated (there is
@@ -228,9 +231,10 @@ def fit_guard(validation: Validation | Sequence[Validation], model: DiffST, *, n
     if model.config.supervision == "lr":
         return _fit_on_spots(sections, model, seed=seed)
     found = []
+    autocast = resolve_precision(precision, model.device)
     for v in sections:
         maps = validation_maps(v.sdata, v.prep, model, split=v.split, region=v.region, n_samples=n_samples,
-                               seed=seed, average_flips=average_flips)  # fmt: skip
+                               seed=seed, average_flips=average_flips, autocast=autocast)  # fmt: skip
         if maps is not None:
             found.append((maps, np.asarray(model.gene_scale_for(v.prep), dtype=np.float32)))
     if not found:
