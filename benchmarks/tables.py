@@ -120,6 +120,27 @@ def curve() -> str:
     )
 
 
+def sections() -> str:
+    """One synthetic slide against two in one model, on the first slide's test tiles and on a slide neither saw."""
+    df = _csv("sections.csv")
+    df["arm"] = np.where(df.method == "Diff-ST", "Diff-ST, trained on " + df.trained_on.fillna(""), df.method)
+    piv = df.pivot_table(index=["scale", "slide", "seed"], columns="arm", values="pcc")
+    rows = []
+    for (scale, slide), x in piv.groupby(level=[0, 1], sort=False):
+        for arm in [c for c in x.columns if c.startswith("Diff-ST")] + ["image floor", "bicubic (LR-consistent)"]:
+            d = x[arm] - x["image floor"]
+            rows.append({
+                "scored on (test tiles)": f"slide {slide}" + (" (trained on)" if slide == "A" else " (never seen)"),
+                "scale": f"{scale}×", "method": arm, "seeds": len(x), "PCC": f"{x[arm].mean():.3f}",
+                "− image floor": "" if arm == "image floor" else f"{d.mean():+.3f} (min {d.min():+.3f})",
+            })  # fmt: skip
+    return (
+        markdown(pd.DataFrame(rows))
+        + "\n\n"
+        + _provenance("sections.csv", command="cd benchmarks && python bench_quality.py sections --scales 10 --seeds 0")
+    )
+
+
 def _sort_key(v):
     try:
         return float(v)
@@ -421,6 +442,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "her2st-loso": her2st_loso,
     "her2st-pooled": her2st_pooled,
     "slides": slides,
+    "sections": sections,
     "precision": precision,
     "readme-real": readme_real,
     "readme-speed": readme_speed,
