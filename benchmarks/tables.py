@@ -141,6 +141,25 @@ def sections() -> str:
     )
 
 
+def std_steps() -> str:
+    """The calibrated std with the sampler at 20 and at 10 steps, on the same real-tissue models."""
+    df = _csv("std_steps.csv")
+    rows = []
+    for (d, sc, seed), x in df.groupby(["dataset", "scale", "seed"], sort=False):
+        a, b = x[x.steps == 20].iloc[0], x[x.steps == 10].iloc[0]
+        rows.append({
+            "data, seed": f"{REAL_NAMES.get(d, d)}, {sc}×, seed {seed}",
+            "within mean ± 2 std, 20 steps": f"{a.within_2std:.3f}", "10 steps": f"{b.within_2std:.3f}",
+            "test PCC, 20 → 10 steps": f"{a.pcc:.4f} → {b.pcc:.4f}",
+            "`n_samples=4` time, 20 → 10 steps": f"{a.seconds:.1f} → {b.seconds:.1f} s",
+        })  # fmt: skip
+    return (
+        markdown(pd.DataFrame(rows))
+        + "\n\n"
+        + _provenance("std_steps.csv", command="cd benchmarks && python bench_quality.py std_steps --datasets merfish")
+    )
+
+
 def _sort_key(v):
     try:
         return float(v)
@@ -443,6 +462,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "her2st-pooled": her2st_pooled,
     "slides": slides,
     "sections": sections,
+    "std-steps": std_steps,
     "precision": precision,
     "readme-real": readme_real,
     "readme-speed": readme_speed,

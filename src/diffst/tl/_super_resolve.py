@@ -95,7 +95,7 @@ def super_resolve(
         ``"fast"`` (the model's fast sampler, DPM-Solver++), ``"ddim"``, ``"dpmsolver"`` or ``"ddpm"`` (1000 ancestral
         steps, as in the paper; slow).
     steps
-        Sampler steps (default: the model's, 20 for the fast samplers).
+        Sampler steps (default: the model's, 10 for the fast samplers of the ``default`` preset).
     n_samples
         Samples per pixel; more than one adds ``images[key_added + '_std']``. For a model with a guard (trained with
         HR truth and validation tiles), that is the predictive std of a measured count: the spread of the samples plus
