@@ -316,7 +316,7 @@ def test_windows_reaching_several_chunks_are_sampled_once_with_the_same_maps(pre
     alone = run()
     assert len(sampled) > len(set(sampled))
     np.testing.assert_allclose(cached["mean"].values, alone["mean"].values, rtol=1e-6, atol=1e-6)
-    # the samples' spread goes through 20 sampler steps in batches of other sizes: float rounding, no more
+    # the samples' spread goes through the sampler steps in batches of other sizes: float rounding, no more
     std, std_alone = cached["std"].values, alone["std"].values
     assert np.abs(std - std_alone).max() < 1e-4 * std_alone.max()
 
