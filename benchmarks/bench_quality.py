@@ -424,63 +424,39 @@ def std_steps(args) -> None:
     from diffst._contract import Prepared
     from diffst.tl._guard import Validation, fit_guard
 
-    path = RESULTS / f"std_steps{'_quick' if args.quick else ''}.csv"
-    prev = done(path)
-    for dataset in args.datasets:
-        for scale in args.scales:
-            for seed in args.seeds:
-                labels = {"dataset": dataset, "scale": scale, "seed": seed}
-                if not prev.empty and ((prev.dataset == dataset) & (prev.scale == scale) & (prev.seed == seed)).any():
-                    continue
-                sdata = load(dataset, scale, seed, args.quick)
-                model = train(sdata, seed, args.quick, f"real_{dataset}{scale}_{seed}_default")
-                prep = Prepared.from_sdata(sdata, "diffst")
-                rows = []
-                for steps in (20, 10):
-                    model.config.sample_steps = steps
-                    t0 = time.perf_counter()
-                    model.guard = fit_guard(Validation(sdata, prep), model, seed=seed)
-                    guard_s = time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    dst.tl.super_resolve(sdata, model=model, n_samples=4, seed=seed, key_added="sr", overwrite=True)
-                    rows.append(score(sdata, "sr", steps=steps, within_2std=calibration(sdata, "sr"),
-                                      median_std_scale=float(np.median(model.guard.std_scale)), guard_s=guard_s,
-                                      seconds=time.perf_counter() - t0, **labels))  # fmt: skip
-                append(path, rows)
-                print(f"std_steps {dataset} {scale}× seed {seed}: " + ", ".join(
-                    f"{r['steps']} steps: PCC {r['pcc']:.4f} within 2 std {r['within_2std']:.3f} {r['seconds']:.0f} s"
-                    for r in rows), flush=True)  # fmt: skip
+    for sdata, labels, rows in cells("std_steps", args.datasets, args):
+        seed = labels["seed"]
+        model = train(sdata, seed, args.quick, f"real_{labels['dataset']}{labels['scale']}_{seed}_default")
+        prep = Prepared.from_sdata(sdata, "diffst")
+        for steps in (20, 10):
+            model.config.sample_steps = steps
+            t0 = time.perf_counter()
+            model.guard = fit_guard(Validation(sdata, prep), model, seed=seed)
+            guard_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            dst.tl.super_resolve(sdata, model=model, n_samples=4, seed=seed, key_added="sr", overwrite=True)
+            rows.append(score(sdata, "sr", steps=steps, within_2std=calibration(sdata, "sr"),
+                              median_std_scale=float(np.median(model.guard.std_scale)), guard_s=guard_s,
+                              seconds=time.perf_counter() - t0, **labels))  # fmt: skip
 
 
 def precision(args) -> None:
     """Paired on the models of ``real`` (the default path, cached): ``super_resolve`` with its default arguments in
     float32 and in bfloat16 (``precision=``), same model, seed and tiles: test scores, wall time and the largest change
-    of the map. The guard is the one training fitted (in float32)."""
-    path = RESULTS / f"precision{'_quick' if args.quick else ''}.csv"
-    prev = done(path)
-    for dataset in args.datasets:
-        for scale in args.scales:
-            for seed in args.seeds:
-                labels = {"dataset": dataset, "scale": scale, "seed": seed}
-                if not prev.empty and ((prev.dataset == dataset) & (prev.scale == scale) & (prev.seed == seed)).any():
-                    continue
-                sdata = load(dataset, scale, seed, args.quick)
-                model = train(sdata, seed, args.quick, f"real_{dataset}{scale}_{seed}_default")
-                rows, maps = [], {}
-                for name in ("float32", "bfloat16"):
-                    t0 = time.perf_counter()
-                    dst.tl.super_resolve(sdata, model=model, seed=seed, precision=name, key_added=f"sr_{name}")
-                    seconds = time.perf_counter() - t0
-                    maps[name] = np.asarray(sdata[f"sr_{name}"].values)
-                    rows.append(score(sdata, f"sr_{name}", precision=name, seconds=seconds, **labels))
-                diff = float(np.abs(maps["bfloat16"] - maps["float32"]).max())
-                rows = [{**r, "max_abs_diff_counts": diff} for r in rows]
-                append(path, rows)
-                print(
-                    f"precision {dataset} {scale}× seed {seed}: "
-                    + ", ".join(f"{r['precision']} PCC {r['pcc']:.4f} {r['seconds']:.0f} s" for r in rows),
-                    flush=True,
-                )
+    of the map. The guard is the one training fitted."""
+    for sdata, labels, rows in cells("precision", args.datasets, args):
+        seed = labels["seed"]
+        model = train(sdata, seed, args.quick, f"real_{labels['dataset']}{labels['scale']}_{seed}_default")
+        maps = {}
+        for name in ("float32", "bfloat16"):
+            t0 = time.perf_counter()
+            dst.tl.super_resolve(sdata, model=model, seed=seed, precision=name, key_added=f"sr_{name}")
+            seconds = time.perf_counter() - t0
+            maps[name] = np.asarray(sdata[f"sr_{name}"].values)
+            rows.append(score(sdata, f"sr_{name}", precision=name, seconds=seconds, **labels))
+        diff = float(np.abs(maps["bfloat16"] - maps["float32"]).max())
+        for r in rows:
+            r["max_abs_diff_counts"] = diff
 
 
 def _arm(flips: pd.DataFrame, averaged: bool) -> pd.DataFrame:

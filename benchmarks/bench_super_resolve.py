@@ -180,7 +180,7 @@ def slides(quick: bool) -> None:
         # (n_samples=4 on the 4× slide is left out: some 20 minutes, and the 4× ratio is the defaults')
         for n, precision in ((1, "auto"), *([(4, "auto"), (1, "float32")] if factor == 1 else [])):
             r = child(["--run", str(store), str(n), precision])
-            if precision == "float32" and r["precision"] == results[factor, 1]["precision"]:
+            if precision == "float32" and r["precision"] == results[factor, 1, "auto"]["precision"]:
                 continue  # "auto" was float32 already
             results[factor, n, precision] = r
             # each slide's row as soon as it is measured: a long run stopped midway keeps what it measured
@@ -188,8 +188,6 @@ def slides(quick: bool) -> None:
                            "n_samples": n, "precision_asked": precision, "precision": r["precision"], "seconds": r["seconds"],
                            "peak_rss_gib": r["peak_rss_gib"], "calls": r["calls"],
                            "windows": r["windows_in_calls"]}])  # fmt: skip
-            if precision == "auto":
-                results[factor, n] = r
     print("\nwhole-slide super-resolution (25 genes at 10 µm, default preset, zarr-backed, a fresh process each; "
           "default arguments, then n_samples=4 for the calibrated std):")  # fmt: skip
     print(
@@ -197,17 +195,15 @@ def slides(quick: bool) -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     for key, r in results.items():
-        if len(key) == 2:
-            continue
         side = base * key[0] / 1000
         print(f"| {side:g} mm × {side:g} mm | {r['hr_shape'][0]}×{r['hr_shape'][1]} | {key[1]} | {r['precision']} | "
               f"{r['seconds']:.0f} | {r['peak_rss_gib']:.2f} | {r['calls']} | {r['windows_in_calls']} |")  # fmt: skip
-    a, b = results[1, 1], results[2, 1]
+    a, b = results[1, 1, "auto"], results[2, 1, "auto"]
     print(f"4× area, defaults: time × {b['seconds'] / a['seconds']:.2f}, "
           f"peak memory × {b['peak_rss_gib'] / a['peak_rss_gib']:.2f}")  # fmt: skip
     if (1, 1, "float32") in results:
         print(f"bfloat16 against float32 (6.5 mm, n_samples=1): time × "
-              f"{results[1, 1]['seconds'] / results[1, 1, 'float32']['seconds']:.2f}")  # fmt: skip
+              f"{a['seconds'] / results[1, 1, 'float32']['seconds']:.2f}")  # fmt: skip
     train_cost(quick)
 
 
