@@ -139,3 +139,28 @@ def test_tesla_runs_on_the_test_tiles(prepared):
     df = dst.tl.evaluate(sdata, key="tesla_sr")
     assert (df["method"] == "tesla").all()
     assert np.isfinite(df["lr_consistency"]).all()
+
+
+@pytest.mark.parametrize("degradation", ["bin", "visium"])
+def test_chunked_upsampling_equals_the_whole_grid_at_once(degradation):
+    """Every method, chunk by chunk (each chunk with its LR context and whole spot discs), gives the map one
+    computation over the whole grid gives: chunks of 30 HR pixels do not divide the LR pixels (10 HR) evenly."""
+    from diffst.tl._baselines import Upsampler
+
+    sdata = toy_xenium(seed=3, size_um=600)
+    extra = {"spot_pitch_um": 200} if degradation == "visium" else {}
+    dst.pp.prepare(sdata, genes=GENES[:3], tile_um=200, scale=10, degradation=degradation, **extra)
+    prep = Prepared.from_sdata(sdata, "diffst")
+    hh, ww = prep.grid.hr_shape
+    for method in ("bicubic", "nearest", "image"):
+        up = Upsampler.from_sdata(sdata, prep, method)
+        whole = up.block((0, hh), (0, ww))
+        chunked = np.asarray(up.slide(chunk_hr=30).compute(scheduler="synchronous"))
+        assert chunked.shape == whole.shape == (3, hh, ww)
+        assert whole.max() > 0
+        np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6 * whole.max(), err_msg=method)
+    # the floor keeps the LR counts exactly under the data's operator
+    lr = np.asarray(sdata["diffst_lr"].values)
+    obs = prep.coverage > 0
+    degraded = dst.tl._baselines.degradation_for(sdata, prep).degrade(chunked.astype(np.float64))
+    np.testing.assert_allclose(degraded[:, obs], lr[:, obs], rtol=1e-4)

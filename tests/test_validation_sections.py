@@ -252,6 +252,13 @@ def test_the_precision_is_resolved_per_device_and_checked_before_any_work(monkey
     assert resolve_precision("auto", cpu) is torch.bfloat16
     with pytest.raises(ValueError, match="not supported on MPS"):
         resolve_precision("bfloat16", torch.device("mps"))
+    monkeypatch.undo()
+
+    def missing():  # a torch build without oneDNN's private check
+        raise AttributeError("_is_mkldnn_bf16_supported")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", missing, raising=False)
+    assert _device.native_bf16(cpu) is False and resolve_precision("auto", cpu) is None
     with pytest.raises(ValueError, match="`precision` must be one of"):
         resolve_precision("fp8", cpu)
     sdata = _prepared()

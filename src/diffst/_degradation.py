@@ -271,6 +271,47 @@ def hex_lattice(grid: Grid, pitch_um: float) -> np.ndarray:
     return c[keep]
 
 
+def spot_halo(operator: BinDegradation | SpotDegradation | None, lr_um: float) -> int:
+    """LR pixels around a region whose counts a projection inside it depends on (the spot discs reaching it)."""
+    if isinstance(operator, SpotDegradation):
+        return int(np.ceil(operator.diameter_um / lr_um)) + 2
+    return 0
+
+
+def project_region(
+    operator: BinDegradation | SpotDegradation,
+    x: np.ndarray,
+    lr: np.ndarray,
+    observed: np.ndarray,
+    region: tuple[int, int, int, int],
+) -> np.ndarray:
+    """LR consistency of the map ``x`` of the LR pixels ``region = (r0, c0, r1, c1)`` of the slide.
+
+    ``lr`` ``(G, h, w)`` and ``observed`` ``(h, w)`` are the whole slide's; the region may reach past the grid (zero
+    padded there). With spots, an LR pixel is made exact only if none of its spots' discs is cut by the region's
+    border: a region widened by :func:`spot_halo` around the pixels kept gives them exactly the whole-slide result.
+    """
+    from ._contract import read_window
+
+    r0, c0, r1, c1 = region
+    lr_win = read_window(lr, (r0, r1), (c0, c1), dtype=np.float64)
+    obs = read_window(observed, (r0, r1), (c0, c1), dtype=bool)
+    if isinstance(operator, BinDegradation):
+        return operator.project(x, lr_win, obs)
+    # spots: work on the part of the region inside the grid (HR pixels beyond it do not exist)
+    h, w = operator.grid.lr_shape
+    s = operator.grid.scale
+    rr0, cc0, rr1, cc1 = max(r0, 0), max(c0, 0), min(r1, h), min(c1, w)
+    x = np.array(x, dtype=np.float64)
+    inner = (slice(None), slice((rr0 - r0) * s, (rr1 - r0) * s), slice((cc0 - c0) * s, (cc1 - c0) * s))
+    op, inside = operator.window(rr0, cc0, rr1, cc1)
+    whole = np.isclose(op.weights.sum(axis=(1, 2)), operator.weights[inside].sum(axis=(1, 2)))
+    sub_obs = obs[rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0]
+    cut = np.bincount(op.lr_index, weights=~whole, minlength=sub_obs.size).reshape(sub_obs.shape) > 0
+    x[inner] = op.project(x[inner], lr_win[:, rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0], sub_obs & ~cut)
+    return x
+
+
 def degradation_for(sdata, prep: Prepared) -> BinDegradation | SpotDegradation:
     """The degradation operator of data prepared by ``dst.pp.prepare``."""
     record = prep.record

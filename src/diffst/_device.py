@@ -67,12 +67,16 @@ def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes in bfloat16 natively.
 
     A CUDA GPU that supports it, or a CPU with AVX512-BF16/AMX (oneDNN's check); elsewhere bfloat16 is emulated and
-    slower than float32.
+    slower than float32. A torch without oneDNN's check (a private op) is taken to have no native bfloat16, so
+    ``"auto"`` then stays in float32: slower at worst, never different maps.
     """
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
     if device.type == "cpu":
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        try:
+            return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
     return False
 
 

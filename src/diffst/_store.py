@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Iterable
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from . import _logging as log
 
 if TYPE_CHECKING:
+    import dask.array as da
     from spatialdata import SpatialData
 
 _KINDS = ("images", "labels", "points", "shapes", "tables")
@@ -112,3 +119,48 @@ def _reload(sdata: SpatialData, elements: dict[str, tuple[str, Any]]) -> None:
     for name, (kind, _) in elements.items():
         if kind in kinds:
             getattr(sdata, kind)[name] = fresh[name]
+
+
+@contextlib.contextmanager
+def scratch_beside(sdata: SpatialData | None) -> Iterator[Path | None]:
+    """A temporary folder beside a zarr-backed SpatialData (same disk), else None."""
+    if sdata is None or sdata.path is None or not Path(sdata.path).exists():
+        yield None
+        return
+    path = Path(tempfile.mkdtemp(prefix=".diffst-tmp-", dir=Path(sdata.path).parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def distributed_client() -> bool:
+    """Whether a ``dask.distributed`` client is active (its scheduler then runs the graphs diffst computes)."""
+    try:
+        from distributed import get_client
+
+        get_client()
+    except (ImportError, ValueError):
+        return False
+    return True
+
+
+def materialise(stack: da.Array, scratch: Path | None) -> Any:
+    """Compute a lazy raster chunk by chunk, into a zarr store in ``scratch`` (read back lazily) or into memory.
+
+    With a ``scratch`` folder, memory stays bounded by a few chunks whatever the raster's size.
+
+    Without a ``dask.distributed`` client the chunks run one after the other in this thread (torch already uses every
+    core, and the network runs markedly slower in a worker thread than in the calling one); with one, on its cluster.
+    The result is written once, so a multiscale element built on it does not compute the chunks again per level.
+    """
+    import dask
+    import dask.array as da
+
+    local = contextlib.nullcontext() if distributed_client() else dask.config.set(scheduler="synchronous")
+    with local:
+        if scratch is not None:
+            target = str(scratch / "raster.zarr")
+            stack.to_zarr(target)
+            return da.from_zarr(target)
+        return np.asarray(stack.compute())

@@ -27,7 +27,7 @@ from .._contract import Prepared
 from .._device import resolve_precision
 from .._normalise import to_model_units
 from ..metrics import pearson, rmse
-from ._baselines import _interpolate, _project, slide_floor
+from ._baselines import Upsampler
 from ._features import feature_key
 from ._inference import DEFAULT_BLOCK_LR, InferencePipeline, predictive_std
 from ._model import Guard
@@ -147,9 +147,8 @@ def validation_maps(sdata: SpatialData, prep: Prepared, model: DiffST, *, split:
                                         average_flips=average_flips, guard=False, autocast=autocast)  # fmt: skip
     order = [prep.genes.index(g) for g in genes]
     lr = np.asarray(sdata[prep.elements["lr"]].values, dtype=np.float32)
-    gene_scale = prep.hr_scale
-    floor = slide_floor(sdata, prep, lr)[order]
-    bicubic = _project(sdata, prep, _interpolate(lr, prep.coverage, prep.grid.scale, gene_scale, "bicubic"), lr)[order]
+    floor = Upsampler.from_sdata(sdata, prep, "image", genes=genes, lr=lr)
+    bicubic = Upsampler.from_sdata(sdata, prep, "bicubic", genes=genes, lr=lr)
     hr = sdata[prep.elements["hr"]].data
     s = prep.grid.scale
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("mean", "std", "floor", "bicubic", "truth")}
@@ -159,8 +158,8 @@ def validation_maps(sdata: SpatialData, prep: Prepared, model: DiffST, *, split:
         cut = (slice(None), slice(*rows), slice(*cols))
         parts["mean"].append(out[0])
         parts["std"].append(out[1])
-        parts["floor"].append(floor[cut])
-        parts["bicubic"].append(bicubic[cut])
+        parts["floor"].append(floor.block(rows, cols))
+        parts["bicubic"].append(bicubic.block(rows, cols))
         parts["truth"].append(np.asarray(hr[(order, *cut[1:])], dtype=np.float32))
     return {k: np.concatenate([p.reshape(len(genes), -1) for p in v], axis=1) for k, v in parts.items()}
 

@@ -22,8 +22,6 @@ with the slide; a ``dask.distributed`` cluster can run it) and :func:`compute` r
 from __future__ import annotations
 
 import contextlib
-import shutil
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -38,12 +36,14 @@ import torch
 from scipy import ndimage
 
 from .. import _logging as log
-from .._contract import Prepared, read_window
-from .._degradation import BinDegradation, SpotDegradation, degradation_for
+from .._contract import Prepared
+from .._degradation import BinDegradation, SpotDegradation, degradation_for, project_region, spot_halo
 from .._grid import Grid
 from .._normalise import to_counts
 from .._settings import settings
+from .._store import distributed_client, materialise
 from ..model import Diffusion
+from ._baselines import Upsampler
 from ._data import TileSource
 from ._features import feature_key
 from ._model import Guard
@@ -79,7 +79,8 @@ def blend_weights(size: int, overlap: int) -> np.ndarray:
 class GuardBlend:
     """Step 6 for the genes written: the floor blend weights ``alpha``, std scales and the floor itself.
 
-    ``floor`` (expected counts ``(genes, H, W)`` on the HR grid) is only held when some weight is below 1.
+    ``floor`` (the image floor of the genes written, computed chunk by chunk) is only held when some weight is
+    below 1.
     ``poisson``: the std is the calibrated predictive std; otherwise (a guard fitted before the Poisson term) the
     sample spread scaled, ``α_g · c_g · std``.
     """
@@ -87,20 +88,18 @@ class GuardBlend:
     alpha: np.ndarray  # (genes, 1, 1) float32
     std_scale: np.ndarray  # (genes, 1, 1) float32
     poisson: bool
-    floor: np.ndarray | None
+    floor: Upsampler | None
 
     @classmethod
     def from_guard(
         cls, guard: Guard, sdata: SpatialData, prep: Prepared, model: DiffST, genes: list[str]
     ) -> GuardBlend:
-        from ._baselines import slide_floor
-
         idx = [model.genes.index(g) for g in genes]
         alpha = np.asarray(guard.alpha, dtype=np.float32)[idx][:, None, None]
         scale = np.asarray(guard.std_scale, dtype=np.float32)[idx][:, None, None]
         floor = None
         if np.any(alpha < 1):
-            floor = slide_floor(sdata, prep)[[prep.genes.index(g) for g in genes]]
+            floor = Upsampler.from_sdata(sdata, prep, "image", genes=genes)
             log.info(
                 f"guard: {int(np.sum(alpha[:, 0, 0] < 1))} of {len(genes)} genes blended with the image floor "
                 "(weights fitted on validation, see sdata.attrs[key_added]['guard'])"
@@ -115,7 +114,7 @@ class GuardBlend:
     def apply(self, mean: np.ndarray, std: np.ndarray, hr_rows: tuple[int, int], hr_cols: tuple[int, int]):
         """The guarded mean and std of one chunk (model maps in expected counts, ``(genes, rows, cols)``)."""
         if self.floor is not None:
-            floor = self.floor[:, slice(*hr_rows), slice(*hr_cols)]
+            floor = self.floor.block(hr_rows, hr_cols)
             mean = mean * self.alpha + floor * (1.0 - self.alpha)
         if self.poisson:
             return mean, self.std_scale * predictive_std(mean, std * self.alpha)
@@ -184,9 +183,7 @@ class InferencePipeline:
         ]
         blocks = [(r, c) for r in range(0, h, block_lr) for c in range(0, w, block_lr)]
         op = degradation_for(sdata, prep) if consistency else None
-        halo = 0
-        if isinstance(op, SpotDegradation):
-            halo = int(np.ceil(op.diameter_um / grid.lr_um)) + 2
+        halo = spot_halo(op, grid.lr_um)
         lr_all = np.asarray(sdata[prep.elements["lr"]].values, dtype=np.float32)
         model_index = np.array([prep.genes.index(g) for g in model.genes])
         resolved = cfg.sampler if sampler == "fast" else sampler
@@ -418,25 +415,7 @@ class InferencePipeline:
     # -------------------------------------------------------------- step 5: LR projection
     def _project(self, x: np.ndarray, r0: int, c0: int, r1: int, c1: int) -> np.ndarray:
         """LR-consistency on the region ``[r0, r1) × [c0, c1)`` of LR pixels (zero-padded outside the grid)."""
-        h, w = self.grid.lr_shape
-        rr0, cc0, rr1, cc1 = max(r0, 0), max(c0, 0), min(r1, h), min(c1, w)
-        lr = read_window(self.lr_counts, (r0, r1), (c0, c1), dtype=np.float64)
-        obs = read_window(self.observed, (r0, r1), (c0, c1), dtype=bool)
-        if isinstance(self.operator, BinDegradation):
-            return self.operator.project(x, lr, obs)
-        # spots: work on the part of the region inside the grid (HR pixels beyond it do not exist)
-        g = self.grid
-        s = g.scale
-        x = x.copy()
-        inner = (slice(None), slice((rr0 - r0) * s, (rr1 - r0) * s), slice((cc0 - c0) * s, (cc1 - c0) * s))
-        op, inside = self.operator.window(rr0, cc0, rr1, cc1)
-        # an LR pixel can be made exact here only if none of its spots' discs is cut by the region's border; the
-        # halo is wide enough that every spot reaching the chunk itself is whole, so neighbouring chunks agree
-        whole = np.isclose(op.weights.sum(axis=(1, 2)), self.operator.weights[inside].sum(axis=(1, 2)))
-        sub_obs = obs[rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0]
-        cut = np.bincount(op.lr_index, weights=~whole, minlength=sub_obs.size).reshape(sub_obs.shape) > 0
-        x[inner] = op.project(x[inner], lr[:, rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0], sub_obs & ~cut)
-        return x
+        return project_region(self.operator, x, self.lr_counts, self.observed, (r0, c0, r1, c1))
 
 
 class _Shared:
@@ -548,38 +527,11 @@ def _progress_bar(total: int, show: bool):
             _progress = None
 
 
-@contextlib.contextmanager
-def scratch_beside(sdata: SpatialData | None):
-    """A temporary folder beside a zarr-backed SpatialData (same disk), else None."""
-    if sdata is None or sdata.path is None or not Path(sdata.path).exists():
-        yield None
-        return
-    path = Path(tempfile.mkdtemp(prefix=".diffst-tmp-", dir=Path(sdata.path).parent))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def compute(stack: da.Array, scratch: Path | None, windows: int) -> Any:
-    """Run the graph: into a scratch zarr store (bounded memory, for zarr-backed data) or into memory.
+    """Run the graph with :func:`diffst._store.materialise` and a progress bar over ``windows`` window samplings.
 
-    Without a ``dask.distributed`` client the chunks run one after the other in this thread (torch already uses every
-    core, and the network runs markedly slower in a worker thread than in the calling one), with a progress bar over the ``windows`` window samplings; on a cluster,
-    its dashboard shows the progress.
+    On a cluster, its dashboard shows the progress instead.
     """
-    try:
-        from distributed import get_client
-
-        get_client()
-        distributed = True
-    except (ImportError, ValueError):
-        distributed = False
-    show = not distributed and settings.verbosity >= 1
-    local = contextlib.nullcontext() if distributed else dask.config.set(scheduler="synchronous")
-    with _progress_bar(windows, show), local:
-        if scratch is not None:
-            target = str(scratch / "sr.zarr")
-            stack.to_zarr(target)
-            return da.from_zarr(target)
-        return np.asarray(stack.compute())
+    show = not distributed_client() and settings.verbosity >= 1
+    with _progress_bar(windows, show):
+        return materialise(stack, scratch)

@@ -14,7 +14,8 @@ from .. import _logging as log
 from .._contract import Prepared, is_prepared, read_record
 from .._device import resolve_device, resolve_precision
 from .._genes import GeneError, resolve_genes
-from ._inference import DEFAULT_BLOCK_LR, SAMPLERS, InferencePipeline, compute, scratch_beside
+from .._store import scratch_beside
+from ._inference import DEFAULT_BLOCK_LR, SAMPLERS, InferencePipeline, compute
 from ._model import DiffST, Guard, fingerprint
 from ._output import Units, check_sr_free, sr_image, write_sr
 from ._run import on_interrupt
