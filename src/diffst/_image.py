@@ -86,6 +86,49 @@ def in_memory_level(image: Any, spec: ImageSpec, out_um: float, max_bytes: int =
     return image
 
 
+@dataclass
+class LevelRegion:
+    """A rectangle of one pyramid level held in memory, which :func:`read_tile` reads crops inside it from.
+
+    :func:`preload` makes it for the crops of a region (e.g. the windows of one output chunk), so that each is cut
+    from memory instead of re-reading (and decompressing) the store, with the same pixels as from the whole level:
+    the crop's source rectangle and resampling are computed in the whole level's coordinates either way.
+    """
+
+    data: np.ndarray  # (C, rows, cols): level rows [row0, row0 + rows) and cols [col0, col0 + cols)
+    row0: int
+    col0: int
+    level_shape: tuple[int, int]  # (ny, nx) of the whole level
+    matrix: np.ndarray  # the level's affine to the coordinate system
+    level_um: float
+
+
+def _source_rect(level_shape: tuple[int, int], minv: np.ndarray, spec: ImageSpec, bbox_um) -> tuple[int, int, int, int]:
+    """Rows ``[r0, r1)`` and cols ``[c0, c1)`` of a level that a crop over ``bbox_um`` reads (with a 2-pixel margin)."""
+    x0, y0, x1, y1 = bbox_um
+    u = spec.um_per_px
+    # intrinsic (x, y) of the four output corners, to know which part of the level to read
+    cx = np.array([x0, x1, x0, x1]) / u
+    cy = np.array([y0, y0, y1, y1]) / u
+    ix = minv[0, 0] * cx + minv[0, 1] * cy + minv[0, 2]
+    iy = minv[1, 0] * cx + minv[1, 1] * cy + minv[1, 2]
+    ny, nx = level_shape
+    r0 = int(max(0, np.floor(iy.min()) - 2))
+    r1 = int(min(ny, np.ceil(iy.max()) + 2))
+    c0 = int(max(0, np.floor(ix.min()) - 2))
+    c1 = int(min(nx, np.ceil(ix.max()) + 2))
+    return r0, r1, c0, c1
+
+
+def preload(image: Any, spec: ImageSpec, bbox_um: tuple[float, float, float, float], out_um: float) -> LevelRegion:
+    """The part of the level :func:`read_tile` reads at ``out_um`` that covers every crop inside ``bbox_um``."""
+    level, m, level_um = level_for(image, spec.cs, spec.um_per_px, out_um)
+    shape = (int(level.sizes["y"]), int(level.sizes["x"]))
+    r0, r1, c0, c1 = _source_rect(shape, np.linalg.inv(m), spec, bbox_um)
+    data = np.asarray(level.data[:, r0:r1, c0:c1])
+    return LevelRegion(data=data, row0=r0, col0=c0, level_shape=shape, matrix=m, level_um=level_um)
+
+
 def read_tile(
     image: Any, spec: ImageSpec, bbox_um: tuple[float, float, float, float], out_um: float, *, order: int = 1
 ) -> np.ndarray:
@@ -93,29 +136,33 @@ def read_tile(
 
     The crop is axis-aligned in the µm frame of the source coordinate system whatever the image's own affine
     (rotations and shears included), normalised to [0, 1] per channel, and filled with the background value where
-    the image does not reach. Returns ``(channels, rows, cols)`` float32.
+    the image does not reach. Returns ``(channels, rows, cols)`` float32. ``image`` may be a :class:`LevelRegion`
+    that holds the crop's part of the level (:func:`preload`).
     """
     x0, y0, x1, y1 = bbox_um
     out_h = int(round((y1 - y0) / out_um))
     out_w = int(round((x1 - x0) / out_um))
-    level, m, level_um = level_for(image, spec.cs, spec.um_per_px, out_um)
+    if isinstance(image, LevelRegion):
+        m, level_um, shape = image.matrix, image.level_um, image.level_shape
+    else:
+        level, m, level_um = level_for(image, spec.cs, spec.um_per_px, out_um)
+        shape = (int(level.sizes["y"]), int(level.sizes["x"]))
     minv = np.linalg.inv(m)
     u = spec.um_per_px
-    # intrinsic (x, y) of the four output corners, to know which part of the level to read
-    cx = np.array([x0, x1, x0, x1]) / u
-    cy = np.array([y0, y0, y1, y1]) / u
-    ix = minv[0, 0] * cx + minv[0, 1] * cy + minv[0, 2]
-    iy = minv[1, 0] * cx + minv[1, 1] * cy + minv[1, 2]
-    ny, nx = level.sizes["y"], level.sizes["x"]
-    r0 = int(max(0, np.floor(iy.min()) - 2))
-    r1 = int(min(ny, np.ceil(iy.max()) + 2))
-    c0 = int(max(0, np.floor(ix.min()) - 2))
-    c1 = int(min(nx, np.ceil(ix.max()) + 2))
-    n_c = level.sizes["c"]
+    r0, r1, c0, c1 = _source_rect(shape, minv, spec, bbox_um)
+    n_c = image.data.shape[0] if isinstance(image, LevelRegion) else level.sizes["c"]
     out = np.full((n_c, out_h, out_w), spec.background, dtype=np.float32)
     if r1 <= r0 or c1 <= c0:
         return out
-    src = np.asarray(level.data[:, r0:r1, c0:c1], dtype=np.float32)
+    if isinstance(image, LevelRegion):
+        rows, cols = image.data.shape[1:]
+        if r0 < image.row0 or c0 < image.col0 or r1 > image.row0 + rows or c1 > image.col0 + cols:
+            msg = "read_tile: the crop reaches past the preloaded part of the level (preload a larger bbox)."
+            raise ValueError(msg)
+        src = np.asarray(image.data[:, r0 - image.row0 : r1 - image.row0, c0 - image.col0 : c1 - image.col0],
+                         dtype=np.float32)  # fmt: skip
+    else:
+        src = np.asarray(level.data[:, r0:r1, c0:c1], dtype=np.float32)
     low = np.asarray(spec.low, dtype=np.float32)[:, None, None]
     high = np.asarray(spec.high, dtype=np.float32)[:, None, None]
     src = np.clip((src - low) / np.maximum(high - low, 1e-6), 0.0, 1.0)

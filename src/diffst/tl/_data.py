@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from .._contract import Prepared, read_window
 from .._grid import Grid
-from .._image import ImageSpec, in_memory_level, read_tile
+from .._image import ImageSpec, LevelRegion, in_memory_level, preload, read_tile
 from .._normalise import lr_to_model_units, to_model_units
 
 if TYPE_CHECKING:
@@ -103,6 +103,21 @@ class TileSource:
         self.image_element = in_memory_level(self.image_element, self.image, image_um, max_bytes)
         return self
 
+    def bbox_um(self, lr_row0: int, lr_col0: int, size_lr: tuple[int, int]) -> tuple[float, float, float, float]:
+        """``(x0, y0, x1, y1)`` in µm of the window whose top-left LR pixel is ``(lr_row0, lr_col0)``."""
+        g = self.grid
+        x0, y0 = g.origin_um[0] + lr_col0 * g.lr_um, g.origin_um[1] + lr_row0 * g.lr_um
+        return x0, y0, x0 + size_lr[1] * g.lr_um, y0 + size_lr[0] * g.lr_um
+
+    def preload(self, origins: np.ndarray, size_lr: int, image_um: float) -> LevelRegion:
+        """The part of the image level crops at ``image_um`` come from that holds the windows at ``origins``.
+
+        Memory is that of the windows' region, whatever the slide's size; their crops are those of the whole level.
+        """
+        boxes = np.array([self.bbox_um(int(r), int(c), (size_lr, size_lr)) for r, c in origins])
+        union = (boxes[:, 0].min(), boxes[:, 1].min(), boxes[:, 2].max(), boxes[:, 3].max())
+        return preload(self.image_element, self.image, union, image_um)
+
     def read(
         self,
         lr_row0: int,
@@ -112,6 +127,7 @@ class TileSource:
         gene_scale: np.ndarray,
         *,
         with_hr: bool = True,
+        image: LevelRegion | None = None,
     ) -> dict[str, np.ndarray]:
         """One model input window whose top-left LR pixel is ``(lr_row0, lr_col0)``, ``size_lr`` LR pixels wide.
 
@@ -119,7 +135,8 @@ class TileSource:
         ``mask`` ``(1, h, w)``, ``image`` ``(C, Hi, Wi)`` and, when available and asked for, ``x0`` ``(G, H, W)``;
         with a :attr:`footprint`, also ``foot`` ``(1, H, W)`` and ``offset`` ``(2, H, W)`` (its two parts) and
         ``area`` ``(1, h, w)``, each LR pixel's whole footprint in HR pixels (``coverage · scale²``).
-        Windows reaching past the grid are padded as unobserved.
+        Windows reaching past the grid are padded as unobserved. ``image``: the part of the image level that holds
+        the window's crop (:meth:`preload`), else it is read from :attr:`image_element`.
         """
         g = self.grid
         s = g.scale
@@ -131,9 +148,8 @@ class TileSource:
         out = {"lr": lr_to_model_units(lr, cov, s, gene_scale), "mask": np.clip(cov, 0.0, 1.0)[None]}
         if self.context is not None:
             out["context"] = lr_to_model_units(read_window(self.context, rows, cols), cov, s, self.context_scale)
-        x0, y0 = g.origin_um[0] + lr_col0 * g.lr_um, g.origin_um[1] + lr_row0 * g.lr_um
-        bbox = (x0, y0, x0 + size_c * g.lr_um, y0 + size_r * g.lr_um)
-        out["image"] = read_tile(self.image_element, self.image, bbox, image_um)
+        bbox = self.bbox_um(lr_row0, lr_col0, (size_r, size_c))
+        out["image"] = read_tile(self.image_element if image is None else image, self.image, bbox, image_um)
         if self.features is not None:
             feats = read_window(self.features, hr_rows, hr_cols)
             per_hr = int(round(g.hr_um / image_um))

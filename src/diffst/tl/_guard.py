@@ -177,7 +177,7 @@ def heldout_spots(sdata: SpatialData, prep: Prepared, model: DiffST, *, split: s
     """
     import torch
 
-    from ..model import Diffusion, weak
+    from ..model import weak
     from ._data import TileSource, WindowDataset
 
     where = Validation(sdata, prep, region, split)
@@ -190,7 +190,7 @@ def heldout_spots(sdata: SpatialData, prep: Prepared, model: DiffST, *, split: s
                                    context=model.context_genes).cache_image(cfg.image_um)  # fmt: skip
     source.hr = None
     ds = WindowDataset(source, origins, cfg.lr_px, image_um=cfg.image_um, gene_scale=gene_scale)
-    diffusion = Diffusion(cfg, gene_scale=torch.from_numpy(np.asarray(gene_scale, dtype=np.float32)))
+    diffusion = model.diffusion_for(prep)
     net = model.net.eval()
     device = next(net.parameters()).device
     gen = torch.Generator().manual_seed(seed)

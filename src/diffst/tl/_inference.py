@@ -39,6 +39,7 @@ from .. import _logging as log
 from .._contract import Prepared
 from .._degradation import BinDegradation, SpotDegradation, degradation_for, project_region, spot_halo
 from .._grid import Grid
+from .._image import LevelRegion
 from .._normalise import to_counts
 from .._settings import settings
 from .._store import distributed_client, materialise
@@ -192,7 +193,6 @@ class InferencePipeline:
         n_steps = steps or (cfg.num_train_timesteps if resolved == "ddpm" else cfg.sample_steps)
         source = TileSource.from_sdata(sdata, prep, genes=model.genes, footprint=cfg.supervision == "lr",
                                        features=feature_key(sdata, prep, model), context=model.context_genes)  # fmt: skip
-        source = source.cache_image(cfg.image_um)
         source.lr = lr_all  # small: keep it in the task instead of re-reading the store
         source.hr = None
         gene_scale = model.gene_scale_for(prep)
@@ -200,7 +200,7 @@ class InferencePipeline:
         pipe = cls(
             source=source,
             net=model.net.eval(),
-            diffusion=Diffusion(cfg, gene_scale=torch.from_numpy(np.asarray(gene_scale, dtype=np.float32))),
+            diffusion=model.diffusion_for(prep),
             grid=grid,
             windows=np.array(windows, dtype=np.int64).reshape(-1, 2),
             blocks=blocks,
@@ -318,9 +318,11 @@ class InferencePipeline:
         per_batch = 1 if self.sampler == "ddpm" else max(1, self.batch_size // self.n_samples)
         known = {key: maps for key in map(tuple, todo.tolist()) if (maps := self.shared.take(key)) is not None}
         fresh = np.array([w for w in todo.tolist() if tuple(w) not in known], dtype=np.int64).reshape(-1, 2)
+        # the image under this chunk's windows, read once: memory does not grow with the slide
+        region = self.source.preload(fresh, self.window_lr, self.image_um) if len(fresh) else None
         for i in range(0, len(fresh), per_batch):
             group = fresh[i : i + per_batch]
-            means, variances = self.window_maps(group)  # (len(group), G, size, size) counts each
+            means, variances = self.window_maps(group, region)  # (len(group), G, size, size) counts each
             for (wr0, wc0), m, v in zip(group, means, variances, strict=True):
                 known[(int(wr0), int(wc0))] = (m, v)
                 self.shared.keep((int(wr0), int(wc0)), (m, v))
@@ -340,12 +342,16 @@ class InferencePipeline:
         return acc, var, wsum
 
     # -------------------------------------------------------------- steps 1-3: one batch of windows
-    def window_maps(self, group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Mean map and variance over samples, in expected counts, of each window: two ``(n, G, size, size)``."""
+    def window_maps(self, group: np.ndarray, region: LevelRegion | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Mean map and variance over samples, in expected counts, of each window: two ``(n, G, size, size)``.
+
+        ``region``: the part of the image level that holds the windows' crops (:meth:`TileSource.preload`).
+        """
         items = [
-            self.source.read(int(r), int(c), self.window_lr, self.image_um, self.gene_scale, with_hr=False)
+            self.source.read(int(r), int(c), self.window_lr, self.image_um, self.gene_scale, with_hr=False,
+                             image=region)
             for r, c in group
-        ]
+        ]  # fmt: skip
         k = self.n_samples
         device = next(self.net.parameters()).device
         lr = torch.from_numpy(np.stack([it["lr"] for it in items])).to(device)

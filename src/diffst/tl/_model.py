@@ -66,7 +66,15 @@ class DiffST:
 
     def __post_init__(self) -> None:
         self.net.eval()
-        self.diffusion = Diffusion(self.config, gene_scale=torch.as_tensor(np.asarray(self.gene_scale, np.float32)))
+        self.diffusion = self.diffusion_for()
+
+    def diffusion_for(self, prep: Prepared | None = None) -> Diffusion:
+        """The diffusion process of this model in the per-gene units of ``prep``'s slide (:meth:`gene_scale_for`).
+
+        Without ``prep``, in those of its training slide. Inference and the guard build theirs here.
+        """
+        scale = self.gene_scale if prep is None else self.gene_scale_for(prep)
+        return Diffusion(self.config, gene_scale=np.asarray(scale, dtype=np.float32))
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.net.parameters())
