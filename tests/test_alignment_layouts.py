@@ -93,3 +93,27 @@ def test_cosmx_flipped_y():
     gene = sdata.attrs["diffst"]["genes"][0]
     x, y = _first_transcript(sdata, gene, "global")
     _check_point(sdata, "diffst", gene, x, y, "global", image_key)
+
+
+def test_crops_from_a_preloaded_region_equal_crops_from_the_whole_level():
+    """A rotated H&E read at a coarser resolution than its pixels (anti-aliasing on): the windows of one region cut
+    from :meth:`TileSource.preload` are the crops of the whole level, bit for bit; a crop beyond it is refused."""
+    from diffst._image import read_tile
+    from diffst.tl._data import Prepared, TileSource
+
+    sdata = dst.datasets.synthetic_xenium(size_um=800, boundaries=False, he_rotation_deg=2.0)
+    dst.pp.prepare(sdata, genes=3, tile_um=200, image_key="he_image")
+    prep = Prepared.from_sdata(sdata, "diffst")
+    source = TileSource.from_sdata(sdata, prep)
+    w = prep.grid.lr_shape[1]
+    origins = np.array([(r, c) for r in (-1, 1) for c in range(0, w - 3, 2)])  # the top rows, one past the edge
+    region = source.preload(origins, 4, 2.0)
+    assert region.data.shape[1] < 0.8 * region.level_shape[0]  # not the whole level
+    for r, c in origins:
+        bbox = source.bbox_um(int(r), int(c), (4, 4))
+        whole = read_tile(source.image_element, prep.image, bbox, 2.0)
+        assert whole.std() > 0
+        np.testing.assert_array_equal(read_tile(region, prep.image, bbox, 2.0), whole)
+    part = source.preload(origins[:1], 4, 2.0)
+    with pytest.raises(ValueError, match="preloaded part"):
+        read_tile(part, prep.image, source.bbox_um(int(origins[-1][0]), int(origins[-1][1]), (4, 4)), 2.0)

@@ -304,7 +304,7 @@ def test_windows_reaching_several_chunks_are_sampled_once_with_the_same_maps(pre
     sampled = []
     original = InferencePipeline.window_maps
     monkeypatch.setattr(
-        InferencePipeline, "window_maps", lambda self, group: sampled.extend(map(tuple, group)) or original(self, group)
+        InferencePipeline, "window_maps", lambda self, group, *a: sampled.extend(map(tuple, group)) or original(self, group, *a)
     )
     run = functools.partial(dst.tl.super_resolve, prepared, model=model, n_samples=2, inplace=False, block_lr=3)
     cached = run()
@@ -371,7 +371,7 @@ def test_std_map_has_no_window_border_structure(prepared, monkeypatch):
     prep = Prepared.from_sdata(prepared, "diffst")
     model = untrained(prep)
 
-    def flat(self, group):
+    def flat(self, group, region=None):
         shape = (len(group), len(self.gene_scale), self.window_lr * self.grid.scale, self.window_lr * self.grid.scale)
         return np.full(shape, 5.0), np.full(shape, 4.0)
 
@@ -476,7 +476,7 @@ def test_validation_maps_are_the_tile_by_tile_maps_with_fewer_windows(prepared, 
     sampled = []
     original = InferencePipeline.window_maps
     monkeypatch.setattr(
-        InferencePipeline, "window_maps", lambda self, group: sampled.append(len(group)) or original(self, group)
+        InferencePipeline, "window_maps", lambda self, group, *a: sampled.append(len(group)) or original(self, group, *a)
     )
     maps = validation_maps(prepared, prep, model, n_samples=2, seed=5)
     merged = sum(sampled)  # window samplings

@@ -164,9 +164,9 @@ def test_progress_bar_counts_every_window_sampling(monkeypatch):
     sampled = []
     original = _inference.InferencePipeline.window_maps
 
-    def counting(self, group):
+    def counting(self, group, *args):
         sampled.append(len(group))
-        return original(self, group)
+        return original(self, group, *args)
 
     bars = []
 
