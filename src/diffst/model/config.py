@@ -165,7 +165,7 @@ class DiffSTConfig:
     lr_weight: float = 0.0
     x0_range: tuple[float, float] = (-1.0, 3.0)
     sampler: str = "dpmsolver"
-    sample_steps: int = 10
+    sample_steps: int = 5
     # curriculum and objective
     curriculum_start: float = 0.0
     curriculum_end: float = 0.5
