@@ -53,6 +53,7 @@ import numpy as np
 import pandas as pd
 import torch
 from _common import append, guard_dict, markdown, run_experiments
+from _pooled import SECTIONS, SPOTS, pooled
 
 import diffst as dst
 from diffst.metrics import pearson, rmse
@@ -63,7 +64,6 @@ from diffst.tl._guard import heldout_spots, spot_blend
 
 RESULTS = Path(__file__).parent / "results"
 CACHE = Path(__file__).parent / ".cache"
-SECTIONS = ("B4", "C2", "C3", "C4", "C5", "C6")
 
 
 def load_simulated(dataset: str, seed: int):
@@ -182,7 +182,6 @@ def her2st(args) -> None:
             print(f"her2st {section} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-SPOTS = RESULTS / "her2st_spots"
 #: Genes ranked per section for the study's gene list, and the study's gene count.
 RANKED, STUDY_GENES = 200, 25
 
@@ -313,54 +312,6 @@ def slide(args) -> None:
            **{f"pcc_{k}": float(v) for k, v in pcc.items()}}  # fmt: skip
     append(path, [row])
     print(pd.DataFrame([row]).to_string())
-
-
-def pooled_scores(maps_by_section: list[dict], rng: np.random.Generator, n_boot: int = 2000) -> pd.DataFrame:
-    """Each method's PCC over the spots of all sections pooled, and its difference to nearest-spot with a 95 % interval.
-
-    Spots stay in their own section's model units; PCC per gene over the pooled spots, averaged over genes. The
-    interval resamples spots with replacement within each section (``n_boot`` times).
-    """
-    methods = [k for k in maps_by_section[0] if k != "truth" and all(k in m for m in maps_by_section)]
-
-    def score(idx: list[np.ndarray]) -> dict[str, float]:
-        truth = np.concatenate([m["truth"][:, i] for m, i in zip(maps_by_section, idx, strict=True)], axis=1)
-        out = {}
-        for k in methods:
-            pred = np.concatenate([m[k][:, i] for m, i in zip(maps_by_section, idx, strict=True)], axis=1)
-            out[k] = float(np.nanmean([pearson(p, t) for p, t in zip(pred, truth, strict=True)]))
-        return out
-
-    full = [np.arange(m["truth"].shape[1]) for m in maps_by_section]
-    base = score(full)
-    boots = [score([rng.integers(0, len(f), len(f)) for f in full]) for _ in range(n_boot)]
-    rows = []
-    for k in methods:
-        diff = np.array([b[k] - b["nearest"] for b in boots])
-        rows.append({"method": k, "pcc": base[k], "minus_nearest": base[k] - base["nearest"],
-                     "ci_low": float(np.quantile(diff, 0.025)), "ci_high": float(np.quantile(diff, 0.975))})  # fmt: skip
-    return pd.DataFrame(rows).set_index("method")
-
-
-NAMES = {"mean": "Diff-ST (spots only)", "guarded": "Diff-ST (guarded)", "bicubic": "bicubic of spots",
-         "nearest": "nearest spot", "floor": "image floor", "tesla": "TESLA"}  # fmt: skip
-
-
-def pooled(prefix: str, scope: str, seeds: list[int]) -> pd.DataFrame | None:
-    """:func:`pooled_scores` per seed over the six sections (``results/her2st_spots``), then the mean over seeds."""
-    per_seed = []
-    for seed in seeds:
-        files = [SPOTS / f"{prefix}_{section}_{seed}_{scope}.npz" for section in SECTIONS]
-        if not all(f.exists() for f in files):
-            continue
-        maps = [dict(np.load(f)) for f in files]
-        table = pooled_scores(maps, np.random.default_rng(seed))
-        per_seed.append(table.assign(seed=seed, spots=sum(m["truth"].shape[1] for m in maps)))
-    if not per_seed:
-        return None
-    df = pd.concat(per_seed).reset_index()
-    df["method"] = df["method"].map(NAMES)
-    return df
 
 
 def report(args) -> None:

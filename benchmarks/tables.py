@@ -200,13 +200,13 @@ def her2st_loso() -> str:
 
 def her2st_pooled() -> str:
     """The held-out spots of the six sections pooled: PCC, difference to nearest-spot and its bootstrap interval."""
-    import bench_visium
+    import _pooled
 
     parts = []
     for prefix, scope, title in (("loso", "all", "leave one section out, all spots of the held-out section"),
                                  ("loso", "test", "leave one section out, the test tiles' spots"),
                                  ("single", "test", "each section trained on its own, the test tiles' spots")):  # fmt: skip
-        df = bench_visium.pooled(prefix, scope, [0, 1, 2])
+        df = _pooled.pooled(prefix, scope, [0, 1, 2])
         if df is None:
             continue
         df = df.assign(

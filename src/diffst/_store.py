@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -164,3 +165,24 @@ def materialise(stack: da.Array, scratch: Path | None) -> Any:
             stack.to_zarr(target)
             return da.from_zarr(target)
         return np.asarray(stack.compute())
+
+
+def trim_memory() -> None:
+    """Give memory freed by large arrays back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Each chunk allocates and frees arrays of tens of MB; glibc keeps freed ones below its (growing) mmap threshold
+    in the heap, so without this the process's memory creeps up with the number of chunks (dask.distributed trims
+    its workers for the same reason).
+    """
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim  # noqa: B018 - not glibc: AttributeError
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc: Any = None

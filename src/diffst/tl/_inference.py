@@ -22,7 +22,6 @@ with the slide; a ``dask.distributed`` cluster can run it) and :func:`compute` r
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import threading
 import time
 from collections import OrderedDict
@@ -43,7 +42,7 @@ from .._grid import Grid
 from .._image import LevelRegion
 from .._normalise import to_counts
 from .._settings import settings
-from .._store import distributed_client, materialise
+from .._store import distributed_client, materialise, trim_memory
 from ..model import Diffusion
 from ._baselines import Upsampler
 from ._data import TileSource
@@ -226,6 +225,7 @@ class InferencePipeline:
             autocast=autocast,
         )
         pipe.shared = _Shared(pipe.chunks_per_window())
+        trim_memory()  # the floor's signal was read in slide-wide strips
         return pipe
 
     # -------------------------------------------------------------- the slide
@@ -473,27 +473,6 @@ def _run_block(block_info: dict | None = None, ctx: InferencePipeline | None = N
         out = ctx.block(loc[2], loc[3])
     trim_memory()
     return out
-
-
-def trim_memory() -> None:
-    """Give the memory freed by a chunk's arrays back to the system (glibc's ``malloc_trim``; elsewhere nothing).
-
-    Each chunk allocates and frees arrays of tens of MB; glibc keeps freed ones below its (growing) mmap threshold
-    in the heap, so without this the process's memory creeps up with the number of chunks (dask.distributed trims
-    its workers for the same reason).
-    """
-    global _libc
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL("libc.so.6")
-            _libc.malloc_trim  # noqa: B018 - not glibc: AttributeError
-        except (OSError, AttributeError):
-            _libc = False
-    if _libc:
-        _libc.malloc_trim(0)
-
-
-_libc: Any = None
 
 
 def window_seed(seed: int, row: int, col: int) -> int:
