@@ -550,6 +550,7 @@ def xenium_multimodal(tmp_path_factory):
 # pims (which dask_image.imread reads the OME series with) reads the planes of the other three files after tifffile has
 # closed them; tifffile reopens them and warns
 @pytest.mark.filterwarnings("ignore:.*reading array from closed file:UserWarning")
+@pytest.mark.slow  # writes and reads a four-file OME-TIFF Xenium folder twice
 @pytest.mark.parametrize("order", ["xoa", "dapi_third"])
 def test_xenium_multimodal_morphology_focus(xenium_multimodal, order):
     """XOA ≥ 2.0 with the multimodal segmentation kit: four morphology_focus_000k.ome.tif, which the reader combines

@@ -497,6 +497,7 @@ def test_bad_arguments(fn, kwargs, match):
         fn(**kwargs)
 
 
+@pytest.mark.slow  # three datasets written and read back: the slowest of the quick suite
 def test_zarr_round_trip(tmp_path):
     for name, sdata in {
         "xenium": dst.datasets.synthetic_xenium(size_um=150, seed=SEED),
@@ -554,6 +555,7 @@ def _digest(sdata) -> str:
     return h.hexdigest()[:16]
 
 
+@pytest.mark.slow  # digests of every element of three datasets
 def test_the_same_seed_gives_the_same_datasets_as_before_the_simulator_was_split(xen, vis, hd):
     """Pinned digests of every element, computed with the single-module simulator (diffst 0.1.0.dev0)."""
     assert _digest(xen) == "9ec53e0cf59b6813"
