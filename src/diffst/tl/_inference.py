@@ -317,20 +317,7 @@ class InferencePipeline:
         w1 = blend_weights(size, self.overlap_hr)
         weight = np.outer(w1, w1)
         per_batch = 1 if self.sampler == "ddpm" else max(1, self.batch_size // self.n_samples)
-        known = {key: maps for key in map(tuple, todo.tolist()) if (maps := self.shared.take(key)) is not None}
-        fresh = np.array([w for w in todo.tolist() if tuple(w) not in known], dtype=np.int64).reshape(-1, 2)
-        # the image under this chunk's windows, read once: memory does not grow with the slide
-        region = self.source.preload(fresh, self.window_lr, self.image_um) if len(fresh) else None
-        for i in range(0, len(fresh), per_batch):
-            group = fresh[i : i + per_batch]
-            means, variances = self.window_maps(group, region)  # (len(group), G, size, size) counts each
-            for (wr0, wc0), m, v in zip(group, means, variances, strict=True):
-                known[(int(wr0), int(wc0))] = (m, v)
-                self.shared.keep((int(wr0), int(wc0)), (m, v))
-            if _progress is not None:  # a local run's bar (workers of a cluster have none)
-                _progress.update(len(group))
-        for wr0, wc0 in todo.tolist():
-            m, v = known[(wr0, wc0)]
+        def add(wr0: int, wc0: int, m: np.ndarray, v: np.ndarray) -> None:
             # window rows/cols relative to the block, clipped to it
             ar0, ac0 = (wr0 - r0) * s, (wc0 - c0) * s
             sr0, sc0 = max(0, -ar0), max(0, -ac0)
@@ -340,6 +327,27 @@ class InferencePipeline:
             acc[(slice(None), *tgt)] += m[:, sr0:er, sc0:ec] * wpart
             var[(slice(None), *tgt)] += v[:, sr0:er, sc0:ec] * wpart
             wsum[tgt] += wpart
+
+        # windows another chunk computed first, then this chunk's own, each added as soon as it is there (only the
+        # windows later chunks need are kept: memory does not grow with the windows of a chunk)
+        fresh = []
+        for key in map(tuple, todo.tolist()):
+            maps = self.shared.take(key)
+            if maps is None:
+                fresh.append(key)
+            else:
+                add(*key, *maps)
+        fresh = np.array(fresh, dtype=np.int64).reshape(-1, 2)
+        # the image under this chunk's windows, read once: memory does not grow with the slide
+        region = self.source.preload(fresh, self.window_lr, self.image_um) if len(fresh) else None
+        for i in range(0, len(fresh), per_batch):
+            group = fresh[i : i + per_batch]
+            means, variances = self.window_maps(group, region)  # (len(group), G, size, size) counts each
+            for (wr0, wc0), m, v in zip(group, means, variances, strict=True):
+                self.shared.keep((int(wr0), int(wc0)), (m, v))
+                add(int(wr0), int(wc0), m, v)
+            if _progress is not None:  # a local run's bar (workers of a cluster have none)
+                _progress.update(len(group))
         return acc, var, wsum
 
     # -------------------------------------------------------------- steps 1-3: one batch of windows
