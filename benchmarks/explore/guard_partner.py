@@ -21,13 +21,14 @@ import bench_quality as bq
 
 import diffst as dst
 from diffst.model.floor import hr_stains, image_floor
-from diffst.tl import _baselines, _guard
-from diffst.tl._baselines import FLOOR_PX_PER_HR, _interpolate, _project, lr_per_hr_pixel, read_tile
+from diffst.tl._baselines import FLOOR_PX_PER_HR, Upsampler, _interpolate, lr_per_hr_pixel, read_tile
 from diffst.tl._guard import Validation, fit_guard
 
-TRAINING_FREE = _baselines.slide_floor
-#: The fitted exponents ``(G, K)`` in the prepared gene order; ``None``: the training-free floor.
+TRAINING_FREE = Upsampler._region
+#: The fitted exponents ``(G, K)`` in the model's gene order and the slide's stains ``(K, H, W)``; ``None``: the
+#: training-free floor.
 EXPONENTS: dict[str, torch.Tensor | None] = {"value": None}
+STAINS: dict[str, np.ndarray | None] = {"value": None}
 
 
 def slide_stains(sdata, prep, n_stains: int, per_hr: int = FLOOR_PX_PER_HR, strip_lr: int = 16) -> np.ndarray:
@@ -48,34 +49,32 @@ def slide_stains(sdata, prep, n_stains: int, per_hr: int = FLOOR_PX_PER_HR, stri
     return out[:, : h * s, : w * s]
 
 
-def partner_floor(sdata, prep, lr=None):
+def partner_region(self: Upsampler, r0: int, c0: int, r1: int, c1: int) -> np.ndarray:
+    """``Upsampler._region`` with the fitted floor's exponents for the image floor (the guard's and inference's floor:
+    both are made for the model's genes, in its order); ``Upsampler.block`` projects it as usual."""
     exponents = EXPONENTS["value"]
-    if exponents is None:
-        return TRAINING_FREE(sdata, prep, lr)
-    s = prep.grid.scale
-    gene_scale = prep.hr_scale if prep.hr_scale is not None else prep.lr_scale
-    lr = np.asarray(sdata[prep.elements["lr"]].values, dtype=np.float32) if lr is None else lr
-    cov = prep.coverage
-    base = _interpolate(lr, cov, s, gene_scale, "bicubic")
+    if self.method != "image" or exponents is None:
+        return TRAINING_FREE(self, r0, c0, r1, c1)
+    assert exponents.shape[0] == len(self.gene_scale), "the floor is not of the model's genes"
+    s = self.grid.scale
+    lr, cov = self.lr[:, r0:r1, c0:c1], self.coverage[r0:r1, c0:c1]
+    base = _interpolate(lr, cov, s, self.gene_scale, "bicubic")
     total = lr_per_hr_pixel(lr, cov, s) * s * s
-    stains = slide_stains(sdata, prep, exponents.shape[1])
+    stains = np.ascontiguousarray(STAINS["value"][:, r0 * s : r1 * s, c0 * s : c1 * s])
     with torch.no_grad():
-        floor = image_floor(torch.from_numpy(base)[None], torch.from_numpy(total)[None],
-                            torch.from_numpy((cov > 0)[None, None]), torch.from_numpy(stains)[None], s,
-                            exponents)[0].numpy()  # fmt: skip
-    return _project(sdata, prep, floor, lr)
+        return image_floor(torch.from_numpy(base)[None], torch.from_numpy(total)[None],
+                           torch.from_numpy((cov > 0)[None, None]), torch.from_numpy(stains)[None], s,
+                           exponents)[0].numpy()  # fmt: skip
 
 
 def main() -> None:
-    _guard.slide_floor = partner_floor
-    _baselines.slide_floor = partner_floor  # what super_resolve's guard imports
+    Upsampler._region = partner_region  # the floor of the guard's fit and of super_resolve's blend
     for spec in sys.argv[1:]:
         sdata, model, prep, seed = bq.cached_cell(spec)
         fitted = torch.tensor(model.config.stain_exponents, dtype=torch.float32)
-        full = torch.zeros(len(prep.genes), fitted.shape[1])
-        full[[prep.genes.index(g) for g in model.genes]] = fitted
+        STAINS["value"] = slide_stains(sdata, prep, fitted.shape[1])
         res = {}
-        for name, exponents in (("training-free floor", None), ("fitted floor", full)):
+        for name, exponents in (("training-free floor", None), ("fitted floor", fitted)):
             EXPONENTS["value"] = exponents
             model.guard = fit_guard(Validation(sdata, prep), model, n_samples=4, seed=seed)
             dst.tl.super_resolve(sdata, model=model, n_samples=4, seed=seed, key_added="diffst_sr", overwrite=True)
