@@ -137,7 +137,9 @@ def sections() -> str:
     return (
         markdown(pd.DataFrame(rows))
         + "\n\n"
-        + _provenance("sections.csv", command="cd benchmarks && python bench_quality.py sections --scales 10 --seeds 0 1 2")
+        + _provenance(
+            "sections.csv", command="cd benchmarks && python bench_quality.py sections --scales 10 --seeds 0 1 2"
+        )
     )
 
 

@@ -144,25 +144,21 @@ def read_tile(
     out_w = int(round((x1 - x0) / out_um))
     if isinstance(image, LevelRegion):
         m, level_um, shape = image.matrix, image.level_um, image.level_shape
-    else:
+        data, row0, col0 = image.data, image.row0, image.col0
+    else:  # the whole level: a region that starts at its origin
         level, m, level_um = level_for(image, spec.cs, spec.um_per_px, out_um)
         shape = (int(level.sizes["y"]), int(level.sizes["x"]))
+        data, row0, col0 = level.data, 0, 0
     minv = np.linalg.inv(m)
     u = spec.um_per_px
     r0, r1, c0, c1 = _source_rect(shape, minv, spec, bbox_um)
-    n_c = image.data.shape[0] if isinstance(image, LevelRegion) else level.sizes["c"]
-    out = np.full((n_c, out_h, out_w), spec.background, dtype=np.float32)
+    out = np.full((data.shape[0], out_h, out_w), spec.background, dtype=np.float32)
     if r1 <= r0 or c1 <= c0:
         return out
-    if isinstance(image, LevelRegion):
-        rows, cols = image.data.shape[1:]
-        if r0 < image.row0 or c0 < image.col0 or r1 > image.row0 + rows or c1 > image.col0 + cols:
-            msg = "read_tile: the crop reaches past the preloaded part of the level (preload a larger bbox)."
-            raise ValueError(msg)
-        src = np.asarray(image.data[:, r0 - image.row0 : r1 - image.row0, c0 - image.col0 : c1 - image.col0],
-                         dtype=np.float32)  # fmt: skip
-    else:
-        src = np.asarray(level.data[:, r0:r1, c0:c1], dtype=np.float32)
+    if r0 < row0 or c0 < col0 or r1 > row0 + data.shape[1] or c1 > col0 + data.shape[2]:
+        msg = "read_tile: the crop reaches past the preloaded part of the level (preload a larger bbox)."
+        raise ValueError(msg)
+    src = np.asarray(data[:, r0 - row0 : r1 - row0, c0 - col0 : c1 - col0], dtype=np.float32)
     low = np.asarray(spec.low, dtype=np.float32)[:, None, None]
     high = np.asarray(spec.high, dtype=np.float32)[:, None, None]
     src = np.clip((src - low) / np.maximum(high - low, 1e-6), 0.0, 1.0)
@@ -179,7 +175,7 @@ def read_tile(
     inside = ndimage.affine_transform(
         np.ones(src.shape[1:], dtype=np.float32), matrix, offset, output_shape=(out_h, out_w), order=0, cval=0.0
     )
-    for c in range(n_c):
+    for c in range(len(out)):
         out[c] = ndimage.affine_transform(
             src[c], matrix, offset, output_shape=(out_h, out_w), order=order, cval=spec.background, mode="nearest"
         )

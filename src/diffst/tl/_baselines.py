@@ -238,10 +238,8 @@ class Upsampler:
 
     def slide(self, chunk_hr: int = 512) -> da.Array:
         """``(G, H, W)`` lazy array of the whole grid, one task per ``chunk_hr × chunk_hr`` HR pixels."""
-        import dask.array as da
-
-        hh, ww = self.grid.hr_shape
-        chunks = ((len(self.gene_scale),), _chunks(hh, chunk_hr), _chunks(ww, chunk_hr))
+        g, (hh, ww) = len(self.gene_scale), self.grid.hr_shape
+        chunks = da.core.normalize_chunks((g, chunk_hr, chunk_hr), shape=(g, hh, ww))
         return da.map_blocks(_upsample_block, dtype=np.float32, chunks=chunks, source=self,
                              meta=np.zeros((0, 0, 0), np.float32))  # fmt: skip
 
@@ -249,20 +247,6 @@ class Upsampler:
 def _upsample_block(block_info: dict | None = None, source: Upsampler | None = None) -> np.ndarray:
     loc = block_info[None]["array-location"]
     return source.block(loc[1], loc[2])
-
-
-def _chunks(n: int, b: int) -> tuple[int, ...]:
-    return tuple([b] * (n // b) + ([n % b] if n % b else []))
-
-
-def slide_floor(sdata: SpatialData, prep: Prepared, lr: np.ndarray | None = None) -> np.ndarray:
-    """The image floor over the whole prepared grid, in expected counts per HR pixel ``(G, H, W)``, LR-consistent.
-
-    See ``diffst.model.floor``. Genes are in the prepared order. In memory at once: :class:`Upsampler` computes
-    any part of it.
-    """
-    up = Upsampler.from_sdata(sdata, prep, "image", lr=lr)
-    return up.block((0, prep.grid.hr_shape[0]), (0, prep.grid.hr_shape[1]))
 
 
 TESLA_INSTALL = "pip install --no-deps teslaforst && pip install opencv-python-headless scanpy"

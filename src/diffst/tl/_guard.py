@@ -190,7 +190,7 @@ def heldout_spots(sdata: SpatialData, prep: Prepared, model: DiffST, *, split: s
                                    context=model.context_genes).cache_image(cfg.image_um)  # fmt: skip
     source.hr = None
     ds = WindowDataset(source, origins, cfg.lr_px, image_um=cfg.image_um, gene_scale=gene_scale)
-    diffusion = model.diffusion_for(prep)
+    diffusion = model.diffusion_for(gene_scale)
     net = model.net.eval()
     device = next(net.parameters()).device
     gen = torch.Generator().manual_seed(seed)

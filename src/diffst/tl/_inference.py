@@ -200,7 +200,7 @@ class InferencePipeline:
         pipe = cls(
             source=source,
             net=model.net.eval(),
-            diffusion=model.diffusion_for(prep),
+            diffusion=model.diffusion_for(gene_scale),
             grid=grid,
             windows=np.array(windows, dtype=np.int64).reshape(-1, 2),
             blocks=blocks,
@@ -234,7 +234,7 @@ class InferencePipeline:
         s = self.grid.scale
         hh, ww = self.grid.hr_shape
         b = self.block_lr * s
-        chunks = ((2,), (len(self.out_index),), _chunks(hh, b), _chunks(ww, b))
+        chunks = da.core.normalize_chunks((2, len(self.out_index), b, b), shape=(2, len(self.out_index), hh, ww))
         ctx = dask.delayed(self, pure=True, traverse=False)
         return da.map_blocks(
             _run_block, dtype=np.float32, chunks=chunks, ctx=ctx, meta=np.zeros((0, 0, 0, 0), np.float32)
@@ -317,6 +317,7 @@ class InferencePipeline:
         w1 = blend_weights(size, self.overlap_hr)
         weight = np.outer(w1, w1)
         per_batch = 1 if self.sampler == "ddpm" else max(1, self.batch_size // self.n_samples)
+
         def add(wr0: int, wc0: int, m: np.ndarray, v: np.ndarray) -> None:
             # window rows/cols relative to the block, clipped to it
             ar0, ac0 = (wr0 - r0) * s, (wc0 - c0) * s
@@ -494,10 +495,6 @@ def _starts(n: int, size: int, stride: int) -> list[int]:
     if starts[-1] + size < n:
         starts.append(starts[-1] + stride)
     return starts
-
-
-def _chunks(n: int, b: int) -> tuple[int, ...]:
-    return tuple([b] * (n // b) + ([n % b] if n % b else []))
 
 
 class _LogProgress:

@@ -68,12 +68,12 @@ class DiffST:
         self.net.eval()
         self.diffusion = self.diffusion_for()
 
-    def diffusion_for(self, prep: Prepared | None = None) -> Diffusion:
-        """The diffusion process of this model in the per-gene units of ``prep``'s slide (:meth:`gene_scale_for`).
+    def diffusion_for(self, gene_scale: np.ndarray | None = None) -> Diffusion:
+        """The diffusion process of this model in the per-gene units ``gene_scale`` of a slide (:meth:`gene_scale_for`).
 
-        Without ``prep``, in those of its training slide. Inference and the guard build theirs here.
+        Without ``gene_scale``, in those of its training slide. Inference and the guard build theirs here.
         """
-        scale = self.gene_scale if prep is None else self.gene_scale_for(prep)
+        scale = self.gene_scale if gene_scale is None else gene_scale
         return Diffusion(self.config, gene_scale=np.asarray(scale, dtype=np.float32))
 
     def __repr__(self) -> str:
